@@ -1,0 +1,3 @@
+from latexblend.cli import main
+
+main()

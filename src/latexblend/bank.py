@@ -1,0 +1,269 @@
+"""The concept bank: one ``.safetensors`` file per concept holding its latent textual rows.
+
+Tensors are ``<attn2 module name>.k`` and ``.v``, each ``[L, C_l]`` and contiguous; the safetensors
+metadata (all strings) carries the format version, name, class noun and its token ids, ``L``, the
+extraction prompt, the base model and a fingerprint of its ``to_k`` weights, dtype and a training
+summary. See ``docs/BANK_FORMAT.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from latexblend import __version__
+from latexblend.errors import LatexBlendError
+from latexblend.fileio import atomic_path
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+FORMAT = "latexblend-bank"
+FORMAT_VERSION = 1
+SUFFIX = ".safetensors"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+@dataclass
+class ConceptBank:
+    """One concept's rows in every attn2 layer.
+
+    ``k[layer]`` and ``v[layer]`` are ``[L, C_layer]`` with ``L = 1 + len(noun_ids)``.
+    ``fingerprint`` is a :class:`latexblend.models.Fingerprint` JSON (``None`` when unknown, e.g. an
+    import without ``--model``).
+    """
+
+    name: str
+    class_noun: str
+    noun_ids: list[int]
+    k: dict[str, torch.Tensor]
+    v: dict[str, torch.Tensor]
+    extraction_prompt: str = ""
+    base_model: str = "unknown"
+    fingerprint: str | None = None
+    training: dict = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return 1 + len(self.noun_ids)
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.k)
+
+    @property
+    def dtype(self) -> str:
+        return str(next(iter(self.k.values())).dtype).replace("torch.", "")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for d in (self.k, self.v) for t in d.values())
+
+    @property
+    def fingerprint_digest(self) -> str:
+        if not self.fingerprint:
+            return "unknown"
+        from latexblend.models import Fingerprint
+
+        return Fingerprint.from_json(self.fingerprint).digest
+
+    def metadata(self) -> dict[str, str]:
+        return {
+            "format": FORMAT, "format_version": str(FORMAT_VERSION), "name": self.name,
+            "class_noun": self.class_noun, "noun_token_ids": json.dumps(self.noun_ids),
+            "num_tokens": str(self.num_tokens), "extraction_prompt": self.extraction_prompt,
+            "base_model": self.base_model, "base_fingerprint": self.fingerprint_digest,
+            "base_fingerprint_norms": self.fingerprint or "", "dtype": self.dtype,
+            "training": json.dumps(self.training), "latexblend_version": __version__,
+        }
+
+
+def check_name(name: str) -> str:
+    if not _NAME.match(name or ""):
+        raise LatexBlendError(f"concept name '{name}' is not allowed: use letters, digits, '_', '-' and '.'")
+    return name
+
+
+def _validate(bank: ConceptBank) -> None:
+    if set(bank.k) != set(bank.v) or not bank.k:
+        raise LatexBlendError(f"bank '{bank.name}': k and v must cover the same, non-empty set of layers")
+    for layer in bank.k:
+        k, v = bank.k[layer], bank.v[layer]
+        if k.ndim != 2 or k.shape != v.shape or k.shape[0] != bank.num_tokens:
+            raise LatexBlendError(
+                f"bank '{bank.name}', layer {layer}: k {tuple(k.shape)} and v {tuple(v.shape)} must both be "
+                f"[L={bank.num_tokens}, C]"
+            )
+
+
+def save_bank(bank: ConceptBank, path: str | Path) -> Path:
+    """Write ``bank`` to ``path`` atomically; tensors are stored as contiguous copies on the CPU."""
+    from safetensors.torch import save_file
+
+    check_name(bank.name)
+    _validate(bank)
+    tensors = {}
+    for layer in bank.k:
+        tensors[f"{layer}.k"] = bank.k[layer].detach().to("cpu").contiguous().clone()
+        tensors[f"{layer}.v"] = bank.v[layer].detach().to("cpu").contiguous().clone()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=bank.metadata())
+    return path
+
+
+def _open_checked(path: Path) -> Path:
+    if not path.exists():
+        raise LatexBlendError(f"bank file {path} not found")
+    if path.is_dir():
+        raise LatexBlendError(f"{path} is a directory; expected a {SUFFIX} bank file")
+    if not os.access(path, os.R_OK):
+        raise LatexBlendError(f"bank file {path} is not readable")
+    return path
+
+
+def load_bank(path: str | Path) -> ConceptBank:
+    """Read a bank file, with one clear error for a missing, corrupt, truncated or foreign file."""
+    from safetensors import safe_open
+
+    path = _open_checked(Path(path))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as err:
+        raise LatexBlendError(f"{path} is not a readable safetensors file (corrupt or truncated): {err}") from err
+    if meta.get("format") != FORMAT:
+        raise LatexBlendError(
+            f"{path} is not a latexblend concept bank (convert release .pt banks with `latexblend bank import`)"
+        )
+    if int(meta.get("format_version", "0")) > FORMAT_VERSION:
+        raise LatexBlendError(f"{path} has bank format {meta['format_version']}; upgrade latexblend to read it")
+    try:
+        k = {key[:-2]: t for key, t in tensors.items() if key.endswith(".k")}
+        v = {key[:-2]: t for key, t in tensors.items() if key.endswith(".v")}
+        bank = ConceptBank(
+            name=meta["name"], class_noun=meta["class_noun"], noun_ids=json.loads(meta["noun_token_ids"]),
+            k=k, v=v, extraction_prompt=meta.get("extraction_prompt", ""),
+            base_model=meta.get("base_model", "unknown"), fingerprint=meta.get("base_fingerprint_norms") or None,
+            training=json.loads(meta.get("training") or "{}"),
+        )
+    except (KeyError, ValueError) as err:
+        raise LatexBlendError(f"{path}: bank metadata is incomplete or malformed ({err})") from err
+    _validate(bank)
+    return bank
+
+
+# --------------------------------------------------------------------------- names and folders
+
+
+def bank_dir(directory: str | Path | None = None) -> Path:
+    """The concept-bank folder: ``directory``, else ``$LATEXBLEND_BANK``, else ``./concept_bank``."""
+    return Path(directory or os.environ.get("LATEXBLEND_BANK", "concept_bank"))
+
+
+def bank_path(name_or_path: str, directory: str | Path | None = None) -> Path:
+    """``corgi`` -> ``concept_bank/corgi.safetensors``; a path (with a suffix or a slash) is kept."""
+    if name_or_path.endswith(SUFFIX) or os.sep in name_or_path or "/" in name_or_path:
+        return Path(name_or_path)
+    path = bank_dir(directory) / f"{check_name(name_or_path)}{SUFFIX}"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in bank_dir(directory).glob(f"*{SUFFIX}"))) or "none"
+        raise LatexBlendError(f"no concept '{name_or_path}' in {bank_dir(directory)}/ (banks there: {known})")
+    return path
+
+
+def list_banks(directory: str | Path | None = None) -> list[tuple[Path, ConceptBank | LatexBlendError]]:
+    """Every ``*.safetensors`` in the bank folder with its bank, or the error that reading it gave."""
+    out: list[tuple[Path, ConceptBank | LatexBlendError]] = []
+    for path in sorted(bank_dir(directory).glob(f"*{SUFFIX}")):
+        try:
+            out.append((path, load_bank(path)))
+        except LatexBlendError as err:
+            out.append((path, err))
+    return out
+
+
+# --------------------------------------------------------------------------- verification
+
+
+def verify_bank(bank: ConceptBank, unet, tokenizer=None) -> None:
+    """Refuse a bank that does not fit ``unet`` (layer names, shapes, ``to_k`` fingerprint) or whose
+    noun tokenizes differently under ``tokenizer``. Raises :class:`LatexBlendError`; returns nothing."""
+    from latexblend.models import Fingerprint, attn2_shapes, fingerprint
+
+    shapes = attn2_shapes(unet)
+    missing, extra = sorted(set(shapes) - set(bank.k)), sorted(set(bank.k) - set(shapes))
+    if missing or extra:
+        raise LatexBlendError(
+            f"bank '{bank.name}' does not fit this model: {len(missing)} of its {len(shapes)} attn2 layers "
+            f"missing from the bank, {len(extra)} bank layers not in the model (e.g. {(missing + extra)[0]})"
+        )
+    for layer, dim in shapes.items():
+        if bank.k[layer].shape[1] != dim:
+            raise LatexBlendError(
+                f"bank '{bank.name}' does not fit this model: layer {layer} has width {bank.k[layer].shape[1]} "
+                f"in the bank and {dim} in the model"
+            )
+    if bank.fingerprint:
+        ours = fingerprint(unet)
+        if not Fingerprint.from_json(bank.fingerprint).matches(ours):
+            raise LatexBlendError(
+                f"bank '{bank.name}' was made for base model '{bank.base_model}' (fingerprint "
+                f"{bank.fingerprint_digest}), not this one (fingerprint {ours.digest})"
+            )
+    if tokenizer is not None:
+        ids = tokenizer(bank.class_noun, add_special_tokens=False).input_ids
+        if list(ids) != list(bank.noun_ids):
+            raise LatexBlendError(
+                f"bank '{bank.name}': class noun '{bank.class_noun}' tokenizes as {list(ids)} here but "
+                f"{bank.noun_ids} in the bank; this tokenizer does not match the bank's model"
+            )
+
+
+# --------------------------------------------------------------------------- release import
+
+
+def import_release_bank(path: str | Path, class_noun: str, name: str, tokenizer,
+                        base_model: str = "unknown", fingerprint: str | None = None) -> ConceptBank:
+    """Convert a bank saved by the authors' release (``torch.save`` of
+    ``{"<...>.attn2.processor": {"k": [L, C], "v": [L, C]}}``) into a :class:`ConceptBank`.
+
+    The file is read with ``weights_only=True`` (no arbitrary unpickling) onto the CPU; tensors that
+    are views of larger ones are copied down to their own rows, so nothing extra is kept.
+    """
+    import torch
+
+    path = _open_checked(Path(path))
+    try:
+        raw = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise LatexBlendError(f"{path} is not a loadable release bank (torch.save of tensors): {err}") from err
+    if not isinstance(raw, dict) or not raw:
+        raise LatexBlendError(f"{path} does not hold a dict of layers; not a release concept bank")
+    noun_ids = list(tokenizer(class_noun, add_special_tokens=False).input_ids)
+    k, v = {}, {}
+    for key, entry in raw.items():
+        layer = str(key).removesuffix(".processor")
+        if not layer.endswith("attn2") or not isinstance(entry, dict) or not {"k", "v"} <= set(entry):
+            raise LatexBlendError(f"{path}: entry '{key}' is not an attn2 layer with 'k' and 'v' tensors")
+        for store, tensor in ((k, entry["k"]), (v, entry["v"])):
+            t = tensor.detach()
+            while t.ndim > 2 and t.shape[0] == 1:
+                t = t[0]
+            store[layer] = t.contiguous().clone()
+    rows = next(iter(k.values())).shape[0]
+    if rows != 1 + len(noun_ids):
+        raise LatexBlendError(
+            f"{path} holds {rows} rows per layer, but '{class_noun}' is {len(noun_ids)} token(s) "
+            f"(expected {1 + len(noun_ids)} rows): is --class-noun right?"
+        )
+    bank = ConceptBank(name=check_name(name), class_noun=class_noun, noun_ids=noun_ids, k=k, v=v,
+                       extraction_prompt=f"photo of <new1> {class_noun}", base_model=base_model,
+                       fingerprint=fingerprint, training={"imported_from": path.name})
+    _validate(bank)
+    return bank

@@ -1,0 +1,201 @@
+"""The ``latexblend`` command: thin Typer commands over the library.
+
+Heavy imports (torch, diffusers) happen inside commands, so ``--help`` and ``--version`` are quick.
+Every :class:`LatexBlendError` becomes one ``error: ...`` line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from latexblend import __version__
+from latexblend.errors import LatexBlendError
+
+app = typer.Typer(
+    name="latexblend", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="Multi-concept customized generation by latent textual blending (LatexBlend, CVPR 2025).",
+)
+bank_app = typer.Typer(no_args_is_help=True, help="List, inspect, verify and import concept banks.")
+app.add_typer(bank_app, name="bank")
+
+ModelOpt = Annotated[str, typer.Option("--model", help="'tiny', 'sdxl', a diffusers folder, or a hub id.")]
+BankDirOpt = Annotated[
+    Path | None, typer.Option("--dir", help="Bank folder [default: $LATEXBLEND_BANK or ./concept_bank].")
+]
+
+
+def _quiet_libraries() -> None:
+    """Keep third-party progress bars and advice out of our output."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+
+
+def friendly(fn):
+    """Turn a :class:`LatexBlendError` (and Ctrl-C) into one line and an exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LatexBlendError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(err.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"latexblend {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """Train one concept, extract it into the concept bank, generate with several."""
+
+
+@app.command("tiny-model")
+@friendly
+def tiny_model(out_dir: Annotated[Path, typer.Argument(help="Folder to write (must not exist or be empty).")],
+               seed: int = 0) -> None:
+    """Write the embedded tiny SDXL-architecture model as a diffusers folder."""
+    _quiet_libraries()
+    from latexblend.models import save_tiny_model
+
+    path = save_tiny_model(out_dir, seed=seed)
+    typer.echo(f"wrote tiny SDXL model to {path}")
+
+
+# --------------------------------------------------------------------------- bank
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e6:.2f} MB" if nbytes >= 1e5 else f"{nbytes / 1e3:.1f} kB"
+
+
+@bank_app.command("ls")
+@friendly
+def bank_ls(directory: BankDirOpt = None) -> None:
+    """List the banks in the bank folder."""
+    from latexblend.bank import bank_dir, list_banks
+
+    rows = list_banks(directory)
+    if not rows:
+        typer.echo(f"no banks in {bank_dir(directory)}/")
+        return
+    typer.echo(f"{'name':<20} {'noun':<16} {'L':>2} {'layers':>6} {'dtype':<9} {'size':>9}  base model")
+    for path, bank in rows:
+        if isinstance(bank, LatexBlendError):
+            typer.echo(f"{path.stem:<20} unreadable: {bank}")
+            continue
+        typer.echo(f"{bank.name:<20} {bank.class_noun:<16} {bank.num_tokens:>2} {len(bank.layers):>6} "
+                   f"{bank.dtype:<9} {_size(bank.nbytes):>9}  {bank.base_model} ({bank.fingerprint_digest})")
+
+
+@bank_app.command("inspect")
+@friendly
+def bank_inspect(name: Annotated[str, typer.Argument(help="Bank name or path.")], directory: BankDirOpt = None,
+                 as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Show a bank's metadata, layers and size."""
+    from latexblend.bank import bank_path, load_bank
+
+    path = bank_path(name, directory)
+    bank = load_bank(path)
+    widths: dict[int, int] = {}
+    for t in bank.k.values():
+        widths[int(t.shape[1])] = widths.get(int(t.shape[1]), 0) + 1
+    info = {**bank.metadata(), "path": str(path), "file_bytes": path.stat().st_size, "tensor_bytes": bank.nbytes,
+            "layers_by_width": {str(w): n for w, n in sorted(widths.items())}}
+    info.pop("base_fingerprint_norms")
+    info["training"] = bank.training
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    for key, value in info.items():
+        typer.echo(f"{key:>20}: {value}")
+
+
+@bank_app.command("verify")
+@friendly
+def bank_verify(name: Annotated[str, typer.Argument(help="Bank name or path.")], model: ModelOpt = "tiny",
+                directory: BankDirOpt = None) -> None:
+    """Check that a bank fits a model (layer names, shapes, to_k fingerprint, noun tokens). Exit 2 if not."""
+    from latexblend.bank import bank_path, load_bank, verify_bank
+
+    bank = load_bank(bank_path(name, directory))
+    _quiet_libraries()
+    from latexblend.models import fingerprint, load_unet_and_tokenizer
+
+    unet, tokenizer = load_unet_and_tokenizer(model)
+    verify_bank(bank, unet, tokenizer)
+    typer.echo(f"ok: '{bank.name}' fits {model} ({len(bank.layers)} attn2 layers, fingerprint "
+               f"{fingerprint(unet).digest})")
+
+
+@bank_app.command("import")
+@friendly
+def bank_import(
+    file: Annotated[Path, typer.Argument(help="A .pt bank saved by the authors' release.")],
+    class_noun: Annotated[str, typer.Option("--class-noun", help="The concept's class noun, e.g. dog.")],
+    name: Annotated[str | None, typer.Option(help="Bank name [default: the file's stem].")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="Check against this model and record its fingerprint.")
+    ] = None,
+    directory: BankDirOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing bank of that name.")] = False,
+) -> None:
+    """Convert a release bank (torch.save dict of attn2 k/v) into a latexblend bank."""
+    from latexblend.bank import SUFFIX, bank_dir, check_name, import_release_bank, save_bank, verify_bank
+
+    name = check_name(name or file.stem)
+    out = bank_dir(directory) / f"{name}{SUFFIX}"
+    if out.exists() and not force:
+        raise LatexBlendError(f"{out} exists; pass --force to overwrite or --name to choose another name")
+    _quiet_libraries()
+    from latexblend.models import fingerprint, load_unet_and_tokenizer, shipped_tokenizer
+
+    unet, tokenizer = load_unet_and_tokenizer(model) if model else (None, shipped_tokenizer())
+    fp = fingerprint(unet).to_json() if unet is not None else None
+    bank = import_release_bank(file, class_noun, name, tokenizer, base_model=model or "unknown", fingerprint=fp)
+    if unet is not None:
+        verify_bank(bank, unet, tokenizer)
+    save_bank(bank, out)
+    size = _size(out.stat().st_size)
+    typer.echo(f"imported {file} -> {out} ({len(bank.layers)} layers, L={bank.num_tokens}, {size})")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except BrokenPipeError:  # pragma: no cover - e.g. `latexblend bank ls | head`
+        sys.exit(0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,299 @@
+"""Base models: a registry of specs, the embedded tiny SDXL, loading, and ``attn2`` bookkeeping.
+
+``--model`` accepts a registry name (``sdxl``, ``tiny``), a local diffusers folder, or a hub id.
+``tiny`` is an SDXL-architecture model with seeded random weights and the real CLIP tokenizers that
+the package builds offline, saves as an ordinary diffusers folder, and loads like any checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from latexblend.errors import LatexBlendError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+TINY_VERSION = 1
+SDXL_HUB_ID = "stabilityai/stable-diffusion-xl-base-1.0"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the toolkit needs to know about a base model family."""
+
+    name: str
+    source: str  # hub id, or "builtin" for the embedded tiny model
+    attn2_dims: dict[int, int] = field(default_factory=dict)  # inner dim -> number of attn2 layers
+    context_dim: int = 2048
+    resolution: int = 1024
+
+    @property
+    def num_attn2(self) -> int:
+        return sum(self.attn2_dims.values())
+
+    @property
+    def values_per_token(self) -> int:
+        """k and v values one concept token takes in a bank."""
+        return 2 * sum(dim * n for dim, n in self.attn2_dims.items())
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    "sdxl": ModelSpec("sdxl", SDXL_HUB_ID, {640: 10, 1280: 60}, 2048, 1024),
+    "tiny": ModelSpec("tiny", "builtin", {48: 3, 64: 8}, 64, 64),
+}
+
+
+# --------------------------------------------------------------------------- the tiny model
+
+
+def tiny_unet_config() -> dict:
+    """SDXL's UNet layout (text-time conditioning, linear projections, 3 levels) at toy width."""
+    return dict(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 48, 64), norm_num_groups=16, cross_attention_dim=64,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4, 4), transformer_layers_per_block=(1, 1, 2), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+    )
+
+
+def sdxl_unet_config() -> dict:
+    """SDXL-base 1.0's UNet configuration (for random-weight builds: benchmarks, shape checks)."""
+    return dict(
+        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280), norm_num_groups=32, cross_attention_dim=2048,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )
+
+
+def build_tiny_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
+    """All seven SDXL components at toy size, seeded, with the real CLIP tokenizers (~1 s on CPU)."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from latexblend.tokens import BOS_ID, EOS_ID, build_clip_tokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**tiny_unet_config())
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=64, norm_num_groups=8,
+        block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.13025,
+    )
+    text_cfg = dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                    num_hidden_layers=3, max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5,
+                    bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=1, projection_dim=32)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_cfg))
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        steps_offset=1, timestep_spacing="leading", prediction_type="epsilon",
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = build_clip_tokenizer(Path(tmp) / "t1")
+        tokenizer_2 = build_clip_tokenizer(Path(tmp) / "t2", pad_token="!")
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+    )
+
+
+def save_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write the tiny model as a diffusers folder, atomically (a complete folder or none)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise LatexBlendError(f"{out_dir} exists and is not empty; choose a new folder")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out_dir.parent))
+    try:
+        pipe = build_tiny_pipeline(seed)
+        pipe.save_pretrained(tmp)
+        (tmp / "latexblend_tiny.json").write_text(json.dumps({"version": TINY_VERSION, "seed": seed}))
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def cache_home() -> Path:
+    """Where latexblend keeps what it builds (``$LATEXBLEND_HOME``, else ``~/.cache/latexblend``)."""
+    return Path(os.environ.get("LATEXBLEND_HOME", Path.home() / ".cache" / "latexblend"))
+
+
+def tiny_model_dir() -> Path:
+    """The cached tiny-model folder, built on first use."""
+    path = cache_home() / f"tiny-sdxl-v{TINY_VERSION}"
+    if not (path / "model_index.json").exists():
+        shutil.rmtree(path, ignore_errors=True)
+        try:
+            save_tiny_model(path)
+        except FileExistsError:  # pragma: no cover - another process built it first
+            pass
+        except OSError as err:
+            if not (path / "model_index.json").exists():
+                raise LatexBlendError(f"cannot build the tiny model in {path}: {err}") from err
+    return path
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def resolve_model(model: str) -> str:
+    """A registry name, local folder or hub id -> what ``from_pretrained`` takes."""
+    if model == "tiny":
+        return str(tiny_model_dir())
+    if model in REGISTRY:
+        return REGISTRY[model].source
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "model_index.json").exists():
+            raise LatexBlendError(f"model folder {path} has no model_index.json: not a diffusers SDXL folder")
+        return str(path)
+    if model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise LatexBlendError(f"model '{model}' is neither a local folder nor a hub id (owner/name)")
+    return model
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """``auto`` is bf16 on CUDA when supported (else fp16) and fp32 on CPU."""
+    import torch
+
+    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
+             "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if dtype == "auto":
+        if str(device).startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in names:
+        raise LatexBlendError(f"unknown dtype '{dtype}'; choose one of auto, fp32, fp16, bf16")
+    return names[dtype]
+
+
+def load_pipeline(model: str = "tiny", device: str | None = None, dtype: str = "auto") -> StableDiffusionXLPipeline:
+    """The stock ``StableDiffusionXLPipeline`` for ``model`` on ``device`` in ``dtype``.
+
+    A hub id that is not in the local cache (offline machine, typo, gated repo) is one clear error
+    naming the model and how to provide it as a local folder.
+    """
+    from diffusers import StableDiffusionXLPipeline
+
+    device = device or default_device()
+    source = resolve_model(model)
+    torch_dtype = resolve_dtype(dtype, device)
+    try:
+        pipe = StableDiffusionXLPipeline.from_pretrained(source, dtype=torch_dtype)
+    except Exception as err:  # hub, file-system and format errors all mean the same to a user
+        raise _load_error(model, source, err) from err
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def _load_error(model: str, source: str, err: Exception) -> LatexBlendError:
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return LatexBlendError(
+        f"cannot load model '{model}' ({type(err).__name__}: {first[:200]}); download it with "
+        f"`hf download {source} --local-dir DIR` on a machine with network and pass --model DIR"
+    )
+
+
+def load_unet_and_tokenizer(model: str, device: str = "cpu", dtype: str = "fp32"):
+    """Only the UNet and the first tokenizer of ``model`` (what bank verification needs)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTokenizer
+
+    source = resolve_model(model)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", dtype=resolve_dtype(dtype, device))
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+    except Exception as err:
+        raise _load_error(model, source, err) from err
+    return unet.to(device), tokenizer
+
+
+def shipped_tokenizer():
+    """SDXL's first tokenizer, built from the vocabulary shipped with the package (no model needed)."""
+    from latexblend.tokens import build_clip_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return build_clip_tokenizer(tmp)
+
+
+# --------------------------------------------------------------------------- attn2 layers and fingerprint
+
+
+def attn2_modules(unet: UNet2DConditionModel) -> dict[str, torch.nn.Module]:
+    """Every cross-attention module (``...attn2``) of ``unet`` by name, in module order."""
+    layers = {name: mod for name, mod in unet.named_modules() if name.endswith("attn2")}
+    if not layers:
+        raise LatexBlendError("this UNet has no cross-attention (attn2) layers: not an SDXL-style model")
+    return layers
+
+
+def attn2_shapes(unet: UNet2DConditionModel) -> dict[str, int]:
+    """Inner dim (rows of ``to_k``) of every attn2 layer."""
+    return {name: int(mod.to_k.weight.shape[0]) for name, mod in attn2_modules(unet).items()}
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """Identity of a base model's ``to_k`` weights, robust to the dtype the model is loaded in.
+
+    ``norms`` are the Frobenius norms of every attn2 ``to_k`` weight (computed in float64); ``digest``
+    is a short hash of them at 3 significant digits, for display.
+    """
+
+    norms: tuple[float, ...]
+
+    @property
+    def digest(self) -> str:
+        text = json.dumps([float(f"{n:.3g}") for n in self.norms])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def matches(self, other: Fingerprint, rtol: float = 2e-3) -> bool:
+        if len(self.norms) != len(other.norms):
+            return False
+        pairs = zip(self.norms, other.norms, strict=True)
+        return all(abs(a - b) <= rtol * max(abs(a), abs(b), 1e-12) for a, b in pairs)
+
+    def to_json(self) -> str:
+        return json.dumps([float(f"{n:.7g}") for n in self.norms])
+
+    @classmethod
+    def from_json(cls, text: str) -> Fingerprint:
+        return cls(tuple(float(x) for x in json.loads(text)))
+
+
+def fingerprint(unet: UNet2DConditionModel) -> Fingerprint:
+    """:class:`Fingerprint` of ``unet``'s attn2 ``to_k`` weights."""
+    import torch
+
+    with torch.no_grad():
+        norms = tuple(float(m.to_k.weight.detach().double().norm()) for m in attn2_modules(unet).values())
+    return Fingerprint(norms)

@@ -1,0 +1,64 @@
+"""Shared fixtures: everything offline, the tiny model built once per session in a temp folder."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # no test may reach a hub
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_home(tmp_path_factory):
+    """Keep the tiny-model cache and concept banks of the tests out of the user's folders."""
+    home = tmp_path_factory.mktemp("latexblend-home")
+    old = {k: os.environ.get(k) for k in ("LATEXBLEND_HOME", "LATEXBLEND_BANK")}
+    os.environ["LATEXBLEND_HOME"] = str(home)
+    os.environ["LATEXBLEND_BANK"] = str(home / "concept_bank")
+    yield home
+    for key, value in old.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(_isolated_home):
+    """The tiny model as a diffusers folder (the same folder `--model tiny` resolves to)."""
+    from latexblend.models import tiny_model_dir
+
+    return tiny_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tiny_dir):
+    """The stock SDXL pipeline loaded from the tiny folder (shared: tests must not modify it)."""
+    from latexblend.models import load_pipeline
+
+    return load_pipeline(str(tiny_dir), device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_pipe):
+    return tiny_pipe.tokenizer
+
+
+def random_bank(unet, name="corgi", noun="dog", noun_ids=(1929,), seed=0, with_fingerprint=True):
+    """A bank with random rows shaped for ``unet``."""
+    from latexblend.bank import ConceptBank
+    from latexblend.models import attn2_shapes, fingerprint
+
+    g = torch.Generator().manual_seed(seed)
+    shapes = attn2_shapes(unet)
+    rows = 1 + len(noun_ids)
+    k = {n: torch.randn(rows, c, generator=g) for n, c in shapes.items()}
+    v = {n: torch.randn(rows, c, generator=g) for n, c in shapes.items()}
+    fp = fingerprint(unet).to_json() if with_fingerprint else None
+    return ConceptBank(name=name, class_noun=noun, noun_ids=list(noun_ids), k=k, v=v,
+                       extraction_prompt=f"photo of <new1> {noun}", base_model="tiny", fingerprint=fp,
+                       training={"steps": 0})
