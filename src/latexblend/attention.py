@@ -1,0 +1,164 @@
+"""Attention processors for the ``attn2`` (cross-attention) layers.
+
+Everything the method does happens in the latent textual space, i.e. on the rows of ``K = c W_k^T``
+and ``V = c W_v^T``: a processor computes (or fetches) K and V, edits rows, and runs the stock
+scaled-dot-product attention. Self-attention (``attn1``) keeps diffusers' own processor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from latexblend.tokens import Span
+
+
+def project_kv(attn, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(to_k(c), to_v(c))``: the latent textual features of ``context`` [B, 77, D] -> 2 x [B, 77, C]."""
+    if attn.norm_cross:
+        context = attn.norm_encoder_hidden_states(context)
+    return attn.to_k(context), attn.to_v(context)
+
+
+def attend(attn, hidden_states: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+           attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-attention of ``hidden_states`` [B, N, C_q] over given ``key``/``value`` [B, 77, C].
+
+    The same computation as diffusers' ``AttnProcessor2_0`` once K and V are known (SDPA, output
+    projection, residual and rescale as configured on ``attn``).
+    """
+    residual = hidden_states
+    input_ndim = hidden_states.ndim
+    if input_ndim == 4:
+        b, ch, h, w = hidden_states.shape
+        hidden_states = hidden_states.view(b, ch, h * w).transpose(1, 2)
+    batch = key.shape[0]
+    if attention_mask is not None:
+        attention_mask = attn.prepare_attention_mask(attention_mask, key.shape[1], batch)
+        attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    query = attn.to_q(hidden_states)
+    head_dim = key.shape[-1] // attn.heads
+    query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+    out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+    out = attn.to_out[1](attn.to_out[0](out))
+    if input_ndim == 4:
+        out = out.transpose(-1, -2).reshape(b, ch, h, w)
+    if attn.residual_connection:
+        out = out + residual
+    return out / attn.rescale_output_factor
+
+
+class KVProcessor:
+    """Base processor: ``kv()`` supplies K and V, :func:`attend` does the rest."""
+
+    def __init__(self, layer: str):
+        self.layer = layer
+
+    def kv(self, attn, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return project_kv(attn, context)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        if encoder_hidden_states is None:
+            raise RuntimeError(f"{self.layer}: latexblend processors are for cross-attention (attn2) only")
+        key, value = self.kv(attn, encoder_hidden_states)
+        return attend(attn, hidden_states, key, value, attention_mask)
+
+
+def install_processors(unet, factory: Callable[[str], object]) -> Callable[[], None]:
+    """Give every attn2 layer ``factory(layer_name)``; returns a function restoring the old processors."""
+    from latexblend.models import attn2_modules
+
+    old = dict(unet.attn_processors)
+    new = {}
+    for key, proc in old.items():
+        layer = key.removesuffix(".processor")
+        new[key] = factory(layer) if layer.endswith("attn2") else proc
+    attn2_modules(unet)  # raises a clear error for a UNet without cross-attention
+    unet.set_attn_processor(new)
+    return lambda: unet.set_attn_processor(old)
+
+
+# --------------------------------------------------------------------------- blending (METHOD section 4)
+
+
+@dataclass
+class BlendState:
+    """What the blend processors share during one pipeline call.
+
+    ``rows[name]`` holds a concept's bank rows ``(k, v)`` per layer, each ``[L, C]``. ``row_spans[i]``
+    lists the spans of conditional sample ``i`` (the i-th prompt embedding the pipeline built).
+    ``t_frac`` is the current ``t / T``, set by a UNet pre-forward hook; rows are replaced while
+    ``t_frac < blend_start``.
+    """
+
+    rows: dict[str, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = field(default_factory=dict)
+    row_spans: list[list[Span]] = field(default_factory=list)
+    blend_start: float = 0.9
+    bind: bool = True
+    t_frac: float = 0.0
+    cache: dict = field(default_factory=dict)
+
+    def reset(self, row_spans: Sequence[Sequence[Span]]) -> None:
+        self.row_spans = [list(s) for s in row_spans]
+        self.cache.clear()
+
+    @property
+    def active(self) -> bool:
+        return self.t_frac < self.blend_start
+
+    def blended(self, layer: str, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``k``, ``v`` [B, 77, C] with every conditional span's rows replaced by its bank rows.
+
+        The batch is ``[uncond..., cond...]`` (classifier-free guidance) or ``[cond...]``; the
+        unconditional half is never touched. Returns ``None`` when there is nothing to replace.
+        """
+        n = len(self.row_spans)
+        if not any(self.row_spans):
+            return None
+        if k.shape[0] not in (n, 2 * n):
+            raise RuntimeError(f"{layer}: batch of {k.shape[0]} does not match {n} conditional prompts")
+        offset = k.shape[0] - n
+        kb, vb = k.clone(), v.clone()
+        for i, spans in enumerate(self.row_spans):
+            row = offset + i
+            for span in spans:
+                bank_k, bank_v = self.rows[span.name]
+                kb[row, span.start : span.stop] = bank_k[layer].to(kb.dtype)
+                vb[row, span.start : span.stop] = bank_v[layer].to(vb.dtype)
+                if self.bind:  # V* attends where the noun attends: slot K row := last noun K row
+                    kb[row, span.start] = kb[row, span.stop - 1]
+        return kb, vb
+
+
+class BlendProcessor(KVProcessor):
+    """Per-prompt K/V computed once (plain and blended) and reused at every denoising step."""
+
+    def __init__(self, layer: str, state: BlendState):
+        super().__init__(layer)
+        self.state = state
+
+    def kv(self, attn, context):
+        key = (self.layer, context.data_ptr(), tuple(context.shape), context.dtype, context.device)
+        entry = self.state.cache.get(key)
+        if entry is None:
+            with torch.no_grad():
+                k, v = project_kv(attn, context)
+                entry = (k, v, self.state.blended(self.layer, k, v))
+            self.state.cache[key] = entry
+        k, v, blended = entry
+        if blended is not None and self.state.active:
+            return blended
+        return k, v
