@@ -70,7 +70,7 @@ def test_repeated_noun_is_taken_in_order(tokenizer):
     c = concepts(tokenizer, ("corgi", "dog"), ("husky", "dog"))
     _, spans = locate_spans(tokenizer, "a dog next to a dog", c)
     assert spans == [Span("corgi", 1, 2), Span("husky", 5, 2)]
-    with pytest.raises(LatexBlendError, match="placeholders such as <corgi>"):
+    with pytest.raises(LatexBlendError, match="'corgi' and 'husky' claim the same 'dog' span"):
         locate_spans(tokenizer, "a dog on grass", c)
 
 

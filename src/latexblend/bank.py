@@ -46,6 +46,7 @@ class ConceptBank:
     base_model: str = "unknown"
     fingerprint: str | None = None
     training: dict = field(default_factory=dict)
+    source: str | None = None  # the file it was loaded from (not stored in the file)
 
     @property
     def num_tokens(self) -> int:
@@ -150,7 +151,7 @@ def load_bank(path: str | Path) -> ConceptBank:
             name=meta["name"], class_noun=meta["class_noun"], noun_ids=json.loads(meta["noun_token_ids"]),
             k=k, v=v, extraction_prompt=meta.get("extraction_prompt", ""),
             base_model=meta.get("base_model", "unknown"), fingerprint=meta.get("base_fingerprint_norms") or None,
-            training=json.loads(meta.get("training") or "{}"),
+            training=json.loads(meta.get("training") or "{}"), source=str(path),
         )
     except (KeyError, ValueError) as err:
         raise LatexBlendError(f"{path}: bank metadata is incomplete or malformed ({err})") from err

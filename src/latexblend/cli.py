@@ -189,6 +189,81 @@ def bank_import(
     typer.echo(f"imported {file} -> {out} ({len(bank.layers)} layers, L={bank.num_tokens}, {size})")
 
 
+# ---- generate
+
+
+def _read_prompts(path: Path) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise LatexBlendError(f"cannot read prompts file {path}: {err.strerror or err}") from err
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise LatexBlendError(f"prompts file {path} has no prompts")
+    return prompts
+
+
+def _generate_settings(config: Path | None, flags: dict) -> dict:
+    """Layer the --config file (ours, YAML/JSON mapping; or the authors' inference JSON list) under flags."""
+    from latexblend.config import load_mapping
+
+    if config is None:
+        return {}
+    if config.suffix == ".json" and config.is_file() and config.read_text(encoding="utf-8").lstrip().startswith("["):
+        from latexblend.generate import release_config
+
+        return release_config(config, flags.get("bank_dir"))
+    return load_mapping(config)
+
+
+@app.command("generate")
+@friendly
+def generate_cmd(
+    prompt: Annotated[
+        list[str] | None, typer.Option("--prompt", "-p", help="Prompt (repeatable). <name> places a concept.")
+    ] = None,
+    prompts_file: Annotated[Path | None, typer.Option(help="One prompt per line ('#' lines skipped).")] = None,
+    concepts: Annotated[
+        str | None, typer.Option(help="Comma-separated bank names or paths, each in every prompt.")
+    ] = None,
+    negative_prompt: Annotated[str | None, typer.Option(help="Negative prompt.")] = None,
+    num_images: Annotated[int | None, typer.Option(help="Images per prompt [1].")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per pipeline call [4].")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of image 0; image j uses seed+j [0].")] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps [100].")] = None,
+    cfg: Annotated[float | None, typer.Option("--cfg", help="Classifier-free guidance scale [6.0].")] = None,
+    height: Annotated[int | None, typer.Option(help="Image height [model default].")] = None,
+    width: Annotated[int | None, typer.Option(help="Image width [model default].")] = None,
+    scheduler: Annotated[str | None, typer.Option(help="default, euler, euler_a, ddim, dpmpp_2m, unipc.")] = None,
+    blend_start: Annotated[float | None, typer.Option(help="Replace rows while t/T < this [0.9].")] = None,
+    bind: Annotated[bool | None, typer.Option("--bind/--no-bind", help="Slot K row := noun K row [on].")] = None,
+    model: Annotated[str | None, typer.Option(help="'tiny', 'sdxl', a diffusers folder, or a hub id [tiny].")] = None,
+    device: Annotated[str | None, typer.Option(help="cuda, cpu, ... [cuda if available].")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto, fp32, fp16, bf16 [auto].")] = None,
+    out: Annotated[str | None, typer.Option(help="Output folder [out/generate-<time>].")] = None,
+    directory: BankDirOpt = None,
+    config: Annotated[
+        Path | None, typer.Option(help="Settings file (YAML/JSON), or the authors' inference JSON.")
+    ] = None,
+) -> None:
+    """Generate images with any combination of banked concepts blended in."""
+    from latexblend.config import GenerateConfig, merge
+
+    flags = dict(prompts=(prompt or None), negative_prompt=negative_prompt, num_images=num_images,
+                 batch_size=batch_size, seed=seed, steps=steps, cfg=cfg, height=height, width=width,
+                 scheduler=scheduler, blend_start=blend_start, bind=bind, model=model, device=device, dtype=dtype,
+                 out=out, bank_dir=str(directory) if directory else None,
+                 concepts=[c.strip() for c in concepts.split(",") if c.strip()] if concepts else None)
+    if prompts_file is not None:
+        flags["prompts"] = (flags["prompts"] or []) + _read_prompts(prompts_file)
+    settings = merge(GenerateConfig, _generate_settings(config, flags), flags, source="generate setting")
+    _quiet_libraries()
+    from latexblend.generate import generate
+
+    path = generate(settings)
+    typer.echo(f"wrote {len(settings.prompts) * settings.num_images} image(s) to {path}/ (metadata.json)")
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

@@ -161,20 +161,23 @@ def locate_noun_spans(tokenizer, ids: Sequence[int], concepts: Sequence[tuple[st
     claimed = list(taken)
     for name, noun in concepts:
         noun_text = tokenizer.decode(list(noun)).strip()
-        found = None
+        found, owners = None, []
         for pos in find_sublist(ids, noun, start=1):
             if not _is_word_end(tokenizer, ids[pos - 1]):
                 continue  # inside a longer word
-            candidate = Span(name, pos - 1, 1 + len(noun))
-            if any(_noun_of(c).start <= pos < c.stop for c in claimed):
-                continue  # this occurrence already belongs to another concept
-            found = candidate
+            owner = next((c.name for c in claimed if _noun_of(c).start <= pos < c.stop), None)
+            if owner is not None:
+                owners.append(owner)  # this occurrence already belongs to another concept
+                continue
+            found = Span(name, pos - 1, 1 + len(noun))
             break
+        if found is None and owners:
+            raise LatexBlendError(
+                f"concepts {', '.join(repr(o) for o in owners)} and '{name}' claim the same '{noun_text}' span; "
+                f"write '{noun_text}' once per concept or use placeholders such as <{name}>"
+            )
         if found is None:
-            same = [n for n, nn in concepts if list(nn) == list(noun)]
-            hint = (f"; {len(same)} concepts of class '{noun_text}' need as many occurrences, or use "
-                    f"placeholders such as <{same[0]}>" if len(same) > 1 else "")
-            raise LatexBlendError(f"concept '{name}': its noun '{noun_text}' is not in the prompt{hint}")
+            raise LatexBlendError(f"concept '{name}': its noun '{noun_text}' is not in the prompt")
         if found.start == 0:
             raise LatexBlendError(
                 f"concept '{name}': the prompt starts with '{noun_text}', so its slot would be the start "

@@ -1,0 +1,306 @@
+"""Stage 3: blended multi-concept generation on the stock ``StableDiffusionXLPipeline`` (METHOD section 4).
+
+The pipeline is extended, never forked: :func:`apply` installs :class:`~latexblend.attention.BlendProcessor`
+on every ``attn2`` layer, a UNet pre-forward hook that records ``t / T``, and a wrapper around
+``pipe.encode_prompt`` that expands ``<name>`` placeholders and locates each concept's span.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from latexblend import __version__
+from latexblend.attention import BlendProcessor, BlendState, install_processors
+from latexblend.bank import ConceptBank, bank_dir, bank_path, load_bank, verify_bank
+from latexblend.config import GenerateConfig, to_dict
+from latexblend.errors import LatexBlendError
+from latexblend.fileio import atomic_path, write_text_atomic
+from latexblend.tokens import Span, locate_spans, placeholder_names
+
+
+class Blender:
+    """Concept banks applied to a pipeline; use :func:`apply` to make one, :meth:`remove` to undo.
+
+    ``required`` concepts must appear in every prompt (by noun or placeholder); any other loaded
+    concept is blended where a prompt names it as ``<name>``.
+    """
+
+    def __init__(self, pipe, banks: dict[str, ConceptBank], required: Sequence[str] = (),
+                 blend_start: float = 0.9, bind: bool = True):
+        if not 0.0 <= blend_start <= 1.0:
+            raise LatexBlendError(f"blend_start must be in [0, 1], got {blend_start}")
+        self.pipe, self.banks, self.required = pipe, dict(banks), list(required)
+        for name in self.required:
+            if name not in self.banks:
+                raise LatexBlendError(f"concept '{name}' is required but was not loaded")
+        device, dtype = pipe.unet.device, pipe.unet.dtype
+        for bank in self.banks.values():
+            verify_bank(bank, pipe.unet, pipe.tokenizer)
+        self.state = BlendState(blend_start=blend_start, bind=bind)
+        self.state.rows = {
+            name: ({k: t.to(device, dtype) for k, t in b.k.items()}, {k: t.to(device, dtype) for k, t in b.v.items()})
+            for name, b in self.banks.items()
+        }
+        self.last_prompts: list[str] = []
+        self.last_spans: list[list[Span]] = []
+        num_train = int(pipe.scheduler.config.num_train_timesteps)
+        self._restore = install_processors(pipe.unet, lambda layer: BlendProcessor(layer, self.state))
+        self._hook = pipe.unet.register_forward_pre_hook(self._on_unet, with_kwargs=True)
+        self._num_train = num_train
+        self._encode = pipe.encode_prompt
+        pipe.encode_prompt = self._encode_prompt
+
+    def _on_unet(self, module, args, kwargs):
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        t = t if isinstance(t, torch.Tensor) else torch.tensor(t)
+        self.state.t_frac = float(t.flatten()[0]) / self._num_train
+
+    def concepts_for(self, prompt: str) -> list[str]:
+        """Names blended into ``prompt``: the required ones, then its placeholders."""
+        names = list(self.required)
+        for name in placeholder_names(prompt):
+            if name in self.banks and name not in names:
+                names.append(name)
+        return names
+
+    def prepare(self, prompt: str) -> tuple[str, list[Span]]:
+        """Expanded prompt and spans for ``prompt`` (errors are :class:`LatexBlendError`)."""
+        concepts = [(n, self.banks[n].class_noun, self.banks[n].noun_ids) for n in self.concepts_for(prompt)]
+        return locate_spans(self.pipe.tokenizer, prompt, concepts)
+
+    def _encode_prompt(self, prompt=None, prompt_2=None, *args, num_images_per_prompt: int = 1, **kwargs):
+        if prompt is None:
+            raise LatexBlendError("latexblend needs the prompt text (not prompt_embeds) to find concept spans")
+        if prompt_2 is not None:
+            raise LatexBlendError("prompt_2 is not supported with blended concepts: give one prompt")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prepared = [self.prepare(p) for p in prompts]
+        self.last_prompts = [text for text, _ in prepared]
+        self.last_spans = [spans for _, spans in prepared]
+        self.state.reset([spans for spans in self.last_spans for _ in range(num_images_per_prompt)])
+        expanded = self.last_prompts[0] if isinstance(prompt, str) else self.last_prompts
+        return self._encode(expanded, None, *args, num_images_per_prompt=num_images_per_prompt, **kwargs)
+
+    def remove(self) -> None:
+        """Restore the pipeline's processors and ``encode_prompt``."""
+        self._restore()
+        self._hook.remove()
+        self.pipe.__dict__.pop("encode_prompt", None)
+
+    def __enter__(self) -> Blender:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def load_banks(names: Sequence[str | Path | ConceptBank],
+               directory: str | Path | None = None) -> dict[str, ConceptBank]:
+    """Banks by name (``concept_bank/<name>.safetensors``), path, or already loaded; names must be unique."""
+    banks: dict[str, ConceptBank] = {}
+    for item in names:
+        bank = item if isinstance(item, ConceptBank) else load_bank(bank_path(str(item), directory))
+        if bank.name in banks:
+            raise LatexBlendError(f"concept '{bank.name}' given twice")
+        banks[bank.name] = bank
+    return banks
+
+
+def apply(pipe, concepts: Sequence[str | Path | ConceptBank], blend_start: float = 0.9, bind: bool = True,
+          bank_dir: str | Path | None = None, optional: Sequence[str | Path | ConceptBank] = ()) -> Blender:
+    """Blend concept banks into an existing SDXL pipeline; call it as usual afterwards.
+
+    >>> blender = latexblend.apply(pipe, ["corgi", "castle"])   # doctest: +SKIP
+    >>> pipe("a dog in front of a castle").images[0]            # doctest: +SKIP
+    >>> blender.remove()                                         # doctest: +SKIP
+
+    ``concepts`` must appear in every prompt (by class noun, or as ``<name>``); ``optional`` ones only
+    where a prompt writes ``<name>``.
+    """
+    required = load_banks(concepts, bank_dir)
+    extra = load_banks(optional, bank_dir)
+    return Blender(pipe, {**extra, **required}, required=list(required), blend_start=blend_start, bind=bind)
+
+
+# --------------------------------------------------------------------------- the generate stage
+
+
+SCHEDULERS = {
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "ddim": "DDIMScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+
+
+def set_scheduler(pipe, name: str) -> None:
+    if name == "default":
+        return
+    if name not in SCHEDULERS:
+        raise LatexBlendError(f"unknown scheduler '{name}'; choose default, {', '.join(SCHEDULERS)}")
+    import diffusers
+
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
+
+
+def prepare_out(out: str | Path | None) -> Path:
+    """Create (or accept an empty) output folder; refuse one that already holds a run."""
+    path = Path(out or f"out/generate-{time.strftime('%Y%m%d-%H%M%S')}")
+    if (path / "metadata.json").exists():
+        raise LatexBlendError(f"{path} already holds a generation (metadata.json); choose another --out")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path / ".write-test", "")
+        (path / ".write-test").unlink()
+    except (OSError, LatexBlendError) as err:
+        raise LatexBlendError(f"cannot write to output folder {path}: {getattr(err, 'strerror', None) or err}") from err
+    return path
+
+
+def make_grid(images: Sequence, cols: int | None = None):
+    """PIL images of one size -> one PIL grid image."""
+    from PIL import Image
+
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, img in enumerate(images):
+        grid.paste(img, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def _save_png(image, path: Path, text: dict[str, str]) -> None:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in text.items():
+        info.add_text(key, value)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
+
+
+def run_prompts(pipe, cfg: GenerateConfig, blender: Blender | None, on_image=None) -> list[dict]:
+    """Generate ``cfg.num_images`` images per prompt; image ``j`` of every prompt uses seed ``cfg.seed + j``.
+
+    ``on_image(record, pil_image, array)`` is called for each image (``array`` is the float
+    ``[H, W, 3]`` output in [0, 1]). Returns one record per image.
+    """
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    records = []
+    total = len(cfg.prompts) * cfg.num_images
+    with tqdm(total=total, desc="generate", unit="img", disable=total < 2) as bar:
+        for p, prompt in enumerate(cfg.prompts):
+            if blender is not None:
+                blender.prepare(prompt)  # fail before any sampling on a bad prompt
+            for first in range(0, cfg.num_images, cfg.batch_size):
+                seeds = [cfg.seed + j for j in range(first, min(cfg.num_images, first + cfg.batch_size))]
+                gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+                arrays = pipe(
+                    prompt=prompt, negative_prompt=cfg.negative_prompt or None, num_inference_steps=cfg.steps,
+                    guidance_scale=cfg.cfg, height=cfg.height, width=cfg.width, num_images_per_prompt=len(seeds),
+                    generator=gens, output_type="np",
+                ).images
+                for seed, array in zip(seeds, arrays, strict=True):
+                    expanded = blender.last_prompts[0] if blender is not None else prompt
+                    record = {"file": f"p{p:03d}_s{seed:07d}.png", "prompt_index": p, "prompt": prompt,
+                              "expanded_prompt": expanded,
+                              "concepts": blender.concepts_for(prompt) if blender is not None else [],
+                              "seed": seed}
+                    pil = pipe.numpy_to_pil(np.asarray(array)[None])[0]
+                    if on_image:
+                        on_image(record, pil, array)
+                    records.append(record)
+                    bar.update(1)
+    return records
+
+
+def generate(cfg: GenerateConfig, pipe=None) -> Path:
+    """Run Stage 3 as configured and write the output folder of ``docs/OUTPUT_FORMAT.md``."""
+    from latexblend.models import load_pipeline
+
+    start = time.perf_counter()
+    banks = load_banks(cfg.concepts, cfg.bank_dir)
+    placeholders = {n for p in cfg.prompts for n in placeholder_names(p)} - set(banks)
+    extra = load_banks(sorted(placeholders), cfg.bank_dir)
+    out = prepare_out(cfg.out)
+    pipe = pipe or load_pipeline(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    set_scheduler(pipe, cfg.scheduler)
+    default_size = pipe.default_sample_size * pipe.vae_scale_factor
+    cfg.height, cfg.width = cfg.height or default_size, cfg.width or default_size
+    blender = Blender(pipe, {**extra, **banks}, required=list(banks), blend_start=cfg.blend_start, bind=cfg.bind)
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in ("prompts", "concepts", "out", "bank_dir")}
+    settings.update(dtype=str(pipe.unet.dtype).replace("torch.", ""), device=str(pipe.unet.device))
+    per_prompt: dict[int, list] = {}
+
+    def save(record, pil, _array):
+        text = {"latexblend": json.dumps({**settings, **record}), "parameters": record["expanded_prompt"]}
+        _save_png(pil, out / record["file"], text)
+        per_prompt.setdefault(record["prompt_index"], []).append(pil)
+
+    try:
+        images = run_prompts(pipe, cfg, blender, on_image=save)
+    finally:
+        blender.remove()
+    grids = {}
+    if cfg.grid:
+        for p, pils in per_prompt.items():
+            grids[str(p)] = f"p{p:03d}_grid.png"
+            _save_png(make_grid(pils), out / grids[str(p)], {"parameters": cfg.prompts[p]})
+    elapsed = time.perf_counter() - start
+    concepts = {name: {"class_noun": b.class_noun, "fingerprint": b.fingerprint_digest,
+                       "bank": b.source, "references": b.training.get("images")}
+                for name, b in {**extra, **banks}.items()}
+    meta = {"format": "latexblend-samples", "format_version": 1, "latexblend_version": __version__,
+            "model": cfg.model, "settings": settings, "concepts": concepts, "images": images, "grids": grids,
+            "timings": {"total_s": round(elapsed, 3), "per_image_s": round(elapsed / max(len(images), 1), 3)}}
+    write_text_atomic(out / "metadata.json", json.dumps(meta, indent=2))
+    return out
+
+
+# --------------------------------------------------------------------------- the authors' inference JSON
+
+
+def release_config(path: str | Path, directory: str | Path | None = None) -> dict:
+    """Settings from the authors' ``inference.json`` (its first element), with banks converted by
+    ``latexblend bank import`` (``concept_bank/n_2_dog_1500.pt`` -> ``<bank dir>/n_2_dog_1500.safetensors``)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise LatexBlendError(f"cannot read release config {path}: {err}") from err
+    entry = data[0] if isinstance(data, list) and data else data
+    if not isinstance(entry, dict) or "prompt" not in entry:
+        raise LatexBlendError(f"{path}: expected a list whose first element has a 'prompt'")
+    if entry.get("blending_guidance") or entry.get("self_rectification"):
+        raise LatexBlendError(f"{path}: blending_guidance / self_rectification are not available in this version")
+    concepts = []
+    for i in range(1, int(entry.get("concept_num", 0)) + 1):
+        spec = entry.get(f"concept{i}") or {}
+        if "concept_bank" not in spec or "class_noun" not in spec:
+            raise LatexBlendError(f"{path}: concept{i} needs 'concept_bank' and 'class_noun'")
+        stem = Path(spec["concept_bank"]).stem
+        found = [p for p in (Path(spec["concept_bank"]).with_suffix(".safetensors"),
+                             bank_dir(directory) / f"{stem}.safetensors") if p.is_file()]
+        if not found:
+            raise LatexBlendError(
+                f"{path}: concept{i} bank {spec['concept_bank']} has no converted bank; run `latexblend bank "
+                f"import {spec['concept_bank']} --class-noun {spec['class_noun']} --name {stem}`"
+            )
+        bank = load_bank(found[0])
+        if bank.class_noun != spec["class_noun"]:
+            raise LatexBlendError(f"{path}: concept{i} class noun '{spec['class_noun']}' but its bank's is "
+                                  f"'{bank.class_noun}'")
+        concepts.append(str(found[0]))
+    out = {"prompts": [entry["prompt"]], "concepts": concepts, "num_images": entry.get("batch_size"),
+           "steps": entry.get("num_inference_steps"), "blend_start": entry.get("blending_start")}
+    return {k: v for k, v in out.items() if v is not None}

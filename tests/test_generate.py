@@ -1,0 +1,277 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+import latexblend
+from conftest import random_bank
+from latexblend.attention import BlendProcessor, project_kv
+from latexblend.bank import ConceptBank, save_bank
+from latexblend.cli import app
+from latexblend.config import GenerateConfig
+from latexblend.errors import LatexBlendError
+from latexblend.generate import apply, generate
+from latexblend.models import attn2_modules, build_tiny_pipeline, fingerprint
+from latexblend.tokens import locate_spans, token_ids
+
+runner = CliRunner()
+STEPS = 3
+
+
+def stock(pipe, prompt, seed=0, **kw):
+    g = torch.Generator().manual_seed(seed)
+    return pipe(prompt, num_inference_steps=STEPS, generator=g, output_type="np", **kw).images
+
+
+def bank_for(pipe, name, noun, seed):
+    return random_bank(pipe.unet, name=name, noun=noun, noun_ids=tuple(token_ids(pipe.tokenizer, noun)), seed=seed)
+
+
+def own_rows_bank(pipe, prompt, noun, name="plain"):
+    """A bank holding the base model's own K/V rows of `[a, noun]` in `prompt` (stock encode_prompt)."""
+    _, spans = locate_spans(pipe.tokenizer, prompt, [(name, noun, token_ids(pipe.tokenizer, noun))])
+    with torch.no_grad():
+        ctx = pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)[0]
+        k, v = {}, {}
+        for layer, attn in attn2_modules(pipe.unet).items():
+            kk, vv = project_kv(attn, ctx)
+            k[layer], v[layer] = kk[0, spans[0].positions], vv[0, spans[0].positions]
+    return ConceptBank(name=name, class_noun=noun, noun_ids=token_ids(pipe.tokenizer, noun), k=k, v=v,
+                       base_model="tiny", fingerprint=fingerprint(pipe.unet).to_json())
+
+
+@pytest.fixture()
+def banks_dir(tiny_pipe, tmp_path):
+    for i, (name, noun) in enumerate([("corgi", "dog"), ("husky", "dog"), ("castle", "castle")]):
+        save_bank(bank_for(tiny_pipe, name, noun, seed=i), tmp_path / f"{name}.safetensors")
+    return tmp_path
+
+
+def test_no_concepts_matches_stock_pipeline(tiny_pipe, tmp_path):
+    expected = stock(tiny_pipe, "a photo of a dog on the beach", seed=3, guidance_scale=6.0)
+    arrays = []
+    cfg = GenerateConfig(prompts=["a photo of a dog on the beach"], steps=STEPS, seed=3, out=str(tmp_path / "o"))
+    from latexblend.generate import Blender, run_prompts
+
+    blender = Blender(tiny_pipe, {})
+    try:
+        run_prompts(tiny_pipe, cfg, blender, on_image=lambda r, p, a: arrays.append(a))
+    finally:
+        blender.remove()
+    assert np.abs(arrays[0] - expected[0]).max() <= 1e-5
+    assert np.abs(stock(tiny_pipe, "a photo of a dog on the beach", seed=3, guidance_scale=6.0) - expected).max() == 0
+
+
+def test_bank_of_the_models_own_rows_is_a_no_op(tiny_pipe):
+    prompt = "a dog on the beach"
+    expected = stock(tiny_pipe, prompt)
+    with apply(tiny_pipe, [own_rows_bank(tiny_pipe, prompt, "dog")], bind=False):
+        got = stock(tiny_pipe, prompt)
+    assert np.abs(got - expected).max() <= 1e-5
+
+
+def test_random_bank_changes_the_image_and_remove_restores(tiny_pipe):
+    expected = stock(tiny_pipe, "a dog on the beach")
+    blender = apply(tiny_pipe, [bank_for(tiny_pipe, "corgi", "dog", 0)])
+    changed = stock(tiny_pipe, "a dog on the beach")
+    blender.remove()
+    assert np.abs(changed - expected).max() > 1e-3
+    assert np.array_equal(stock(tiny_pipe, "a dog on the beach"), expected)
+
+
+def _record_kv(monkeypatch):
+    calls = []
+    original = BlendProcessor.kv
+
+    def spy(self, attn, context):
+        k, v = original(self, attn, context)
+        plain_k, plain_v = project_kv(attn, context)
+        calls.append((self.layer, self.state.t_frac, k.detach().clone(), v.detach().clone(), plain_k, plain_v))
+        return k, v
+
+    monkeypatch.setattr(BlendProcessor, "kv", spy)
+    return calls
+
+
+@pytest.mark.parametrize("bind", [False, True])
+def test_rows_are_the_bank_rows_only_in_the_window_and_on_the_conditional_branch(tiny_pipe, monkeypatch, bind):
+    calls = _record_kv(monkeypatch)
+    bank = bank_for(tiny_pipe, "corgi", "dog", 0)
+    with apply(tiny_pipe, [bank], blend_start=0.5, bind=bind):
+        stock(tiny_pipe, "photo of a dog")
+    fracs = sorted({c[1] for c in calls})
+    assert any(f < 0.5 for f in fracs) and any(f >= 0.5 for f in fracs)
+    span = slice(3, 5)  # [BOS, photo, of, a, dog, EOS]
+    for layer, frac, k, v, pk, pv in calls:
+        assert k.shape[0] == 2  # [uncond, cond]
+        assert torch.equal(k[0], pk[0]) and torch.equal(v[0], pv[0])  # unconditional branch untouched
+        outside = [i for i in range(77) if i not in (3, 4)]
+        assert torch.equal(k[1, outside], pk[1, outside]) and torch.equal(v[1, outside], pv[1, outside])
+        if frac < 0.5:
+            assert torch.equal(v[1, span], bank.v[layer])
+            if bind:
+                assert torch.equal(k[1, 3], bank.k[layer][1]) and torch.equal(k[1, 4], bank.k[layer][1])
+            else:
+                assert torch.equal(k[1, span], bank.k[layer])
+        else:
+            assert torch.equal(k[1], pk[1]) and torch.equal(v[1], pv[1])
+
+
+def test_text_is_projected_once_per_prompt_not_per_step(tiny_pipe):
+    calls = []
+    hooks = [m.to_k.register_forward_hook(lambda *a: calls.append(1)) for m in attn2_modules(tiny_pipe.unet).values()]
+    try:
+        stock(tiny_pipe, "a dog")
+        per_stock = len(calls)
+        calls.clear()
+        with apply(tiny_pipe, [bank_for(tiny_pipe, "corgi", "dog", 0)]):
+            stock(tiny_pipe, "a dog")
+    finally:
+        for h in hooks:
+            h.remove()
+    assert per_stock == 11 * STEPS and len(calls) == 11
+
+
+def test_two_concepts_of_one_class_through_placeholders(tiny_pipe, monkeypatch):
+    calls = _record_kv(monkeypatch)
+    corgi, husky = bank_for(tiny_pipe, "corgi", "dog", 1), bank_for(tiny_pipe, "husky", "dog", 2)
+    with apply(tiny_pipe, [], optional=[corgi, husky]) as blender:
+        stock(tiny_pipe, "<husky> playing with <corgi>")
+        assert blender.last_prompts == ["a dog playing with a dog"]
+    layer, _, k, v, _, _ = next(c for c in calls if c[1] < 0.9)
+    assert torch.equal(v[1, 1:3], husky.v[layer]) and torch.equal(v[1, 5:7], corgi.v[layer])
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_one_to_eight_concepts(tiny_pipe, monkeypatch, n):
+    nouns = ["dog", "cat", "car", "tree", "house", "cup", "boat", "bird"][:n]
+    calls = _record_kv(monkeypatch)
+    banks = [bank_for(tiny_pipe, f"c{i}", noun, i) for i, noun in enumerate(nouns)]
+    prompt = ", ".join(f"a {noun}" for noun in nouns)
+    with apply(tiny_pipe, banks, bind=False):
+        img = stock(tiny_pipe, prompt)
+    assert np.isfinite(img).all()
+    layer, _, k, v, _, _ = next(c for c in calls if c[1] < 0.9)
+    for i, bank in enumerate(banks):
+        start = 1 + 3 * i  # "a noun ," repeats every 3 tokens after BOS
+        assert torch.equal(k[1, start : start + 2], bank.k[layer]), bank.name
+
+
+def test_batch_of_prompts_and_images_per_prompt(tiny_pipe, monkeypatch):
+    calls = _record_kv(monkeypatch)
+    bank = bank_for(tiny_pipe, "corgi", "dog", 0)
+    with apply(tiny_pipe, [bank], bind=False):
+        g = [torch.Generator().manual_seed(s) for s in range(4)]
+        tiny_pipe(["a dog", "photo of a dog"], num_inference_steps=2, num_images_per_prompt=2, generator=g,
+                  output_type="np")
+    layer, _, k, _, pk, _ = next(c for c in calls if c[1] < 0.9)
+    assert k.shape[0] == 8 and torch.equal(k[:4], pk[:4])
+    for row, start in ((4, 1), (5, 1), (6, 3), (7, 3)):
+        assert torch.equal(k[row, start : start + 2], bank.k[layer])
+
+
+def test_generate_writes_images_metadata_and_grid(tiny_pipe, banks_dir, tmp_path):
+    cfg = GenerateConfig(prompts=["<corgi> in front of a castle", "<husky> and <corgi>"], concepts=["castle"],
+                         num_images=2, seed=10, steps=2, out=str(tmp_path / "out"), bank_dir=str(banks_dir))
+    with pytest.raises(LatexBlendError, match="noun 'castle' is not in the prompt"):
+        generate(cfg, pipe=tiny_pipe)  # castle is required in every prompt; the second lacks it
+    cfg.prompts[1] = "<husky> and <corgi> at a castle"
+    cfg.out = str(tmp_path / "out2")
+    out = generate(cfg, pipe=tiny_pipe)
+    meta = json.loads((out / "metadata.json").read_text())
+    assert [im["seed"] for im in meta["images"]] == [10, 11, 10, 11]
+    assert meta["images"][0]["expanded_prompt"] == "a dog in front of a castle"
+    assert meta["images"][0]["concepts"] == ["castle", "corgi"]
+    assert meta["images"][2]["concepts"] == ["castle", "husky", "corgi"]
+    assert set(meta["concepts"]) == {"castle", "corgi", "husky"}
+    assert meta["concepts"]["corgi"]["bank"].endswith("corgi.safetensors")
+    assert meta["settings"]["height"] == 64 and meta["settings"]["steps"] == 2
+    for im in meta["images"]:
+        png = Image.open(out / im["file"])
+        assert png.size == (64, 64)
+        assert json.loads(png.text["latexblend"])["seed"] == im["seed"]
+    assert Image.open(out / meta["grids"]["0"]).size == (128, 64)
+    first = np.asarray(Image.open(out / meta["images"][0]["file"]))
+    assert not np.array_equal(first, np.asarray(Image.open(out / meta["images"][1]["file"])))  # seeds differ
+    cfg.out = str(tmp_path / "out3")
+    again = generate(cfg, pipe=tiny_pipe)
+    assert np.array_equal(first, np.asarray(Image.open(again / meta["images"][0]["file"])))  # same seed, same image
+
+
+def _cli(*args):
+    return runner.invoke(app, ["generate", "--steps", "2", *[str(a) for a in args]])
+
+
+def test_cli_generate_end_to_end(banks_dir, tmp_path, tiny_dir):
+    r = _cli("-p", "a dog near a castle", "--concepts", "corgi,castle", "--dir", banks_dir, "--out", tmp_path / "o",
+             "--model", tiny_dir)
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "o" / "metadata.json").read_text())
+    assert meta["images"][0]["concepts"] == ["corgi", "castle"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-p", "a dog", "--concepts", "nobody"], "no concept 'nobody'"),
+        (["-p", "a cat on a sofa", "--concepts", "corgi"], "noun 'dog' is not in the prompt"),
+        (["-p", "a dog " + "very " * 80, "--concepts", "corgi"], "over CLIP's limit of 77"),
+        (["-p", "a dog on grass", "--concepts", "corgi,husky"], "claim the same 'dog' span"),
+        (["-p", "a dog", "--concepts", "other"], "made for base model"),
+        (["-p", "a dog", "--height", "60"], "multiple of 8"),
+        (["-p", "a dog", "--blend-start", "1.5"], "blend_start must be in"),
+        (["--concepts", "corgi"], "no prompt given"),
+    ],
+)
+def test_cli_bad_input_is_one_line(banks_dir, tmp_path, args, message):
+    other = build_tiny_pipeline(seed=9)
+    save_bank(random_bank(other.unet, name="other"), banks_dir / "other.safetensors")
+    r = _cli(*args, "--dir", banks_dir, "--out", tmp_path / "o")
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith("error: ") and message in r.output and r.output.count("\n") == 1, r.output
+    assert not (tmp_path / "o" / "metadata.json").exists()
+
+
+def test_cli_unwritable_out(banks_dir, tmp_path):
+    (tmp_path / "file").write_text("x")
+    r = _cli("-p", "a dog", "--out", tmp_path / "file" / "sub", "--dir", banks_dir)
+    assert r.exit_code == 2 and "cannot write to output folder" in r.output
+
+
+def test_cli_refuses_existing_run(banks_dir, tmp_path):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "metadata.json").write_text("{}")
+    r = _cli("-p", "a dog", "--out", tmp_path / "o", "--dir", banks_dir)
+    assert r.exit_code == 2 and "already holds a generation" in r.output
+    assert (tmp_path / "o" / "metadata.json").read_text() == "{}"
+
+
+def test_release_inference_json(tiny_pipe, banks_dir, tmp_path):
+    from latexblend.models import attn2_shapes
+
+    shapes = attn2_shapes(tiny_pipe.unet)
+    pt = banks_dir / "n_2_dog_1500.pt"
+    torch.save({f"{n}.processor": {"k": torch.randn(2, c), "v": torch.randn(2, c)} for n, c in shapes.items()}, pt)
+    release = [{"prompt": "a dog in front of a castle", "batch_size": 2, "num_inference_steps": 2,
+                "blending_start": 0.8, "concept_num": 2,
+                "concept1": {"concept_bank": str(pt), "class_noun": "dog"},
+                "concept2": {"concept_bank": str(banks_dir / "castle.pt"), "class_noun": "castle"}}]
+    cfg_file = tmp_path / "inference.json"
+    cfg_file.write_text(json.dumps(release))
+    r = _cli("--config", cfg_file, "--dir", banks_dir, "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "bank import" in r.output and "n_2_dog_1500" in r.output
+    r = runner.invoke(app, ["bank", "import", str(pt), "--class-noun", "dog", "--dir", str(banks_dir)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["generate", "--config", str(cfg_file), "--dir", str(banks_dir),
+                            "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "o" / "metadata.json").read_text())
+    assert meta["settings"]["blend_start"] == 0.8 and meta["settings"]["steps"] == 2 and len(meta["images"]) == 2
+    assert meta["images"][0]["concepts"] == ["n_2_dog_1500", "castle"]
+
+
+def test_package_exposes_apply():
+    assert latexblend.apply is apply
