@@ -120,6 +120,23 @@ def test_rows_are_the_bank_rows_only_in_the_window_and_on_the_conditional_branch
             assert torch.equal(k[1], pk[1]) and torch.equal(v[1], pv[1])
 
 
+@pytest.mark.parametrize("scheduler", ["default", "ddim", "dpmpp_2m"])
+def test_recorded_t_over_T_follows_the_schedule(tiny_pipe, monkeypatch, scheduler):
+    from latexblend.generate import set_scheduler
+
+    calls = _record_kv(monkeypatch)
+    old = tiny_pipe.scheduler
+    set_scheduler(tiny_pipe, scheduler)
+    try:
+        with apply(tiny_pipe, []):
+            stock(tiny_pipe, "a dog")
+        expected = [float(t) / 1000 for t in tiny_pipe.scheduler.timesteps]
+    finally:
+        tiny_pipe.scheduler = old
+    per_step = [c[1] for c in calls][:: len(attn2_modules(tiny_pipe.unet))]
+    assert per_step == pytest.approx(expected) and len(per_step) == STEPS
+
+
 def test_text_is_projected_once_per_prompt_not_per_step(tiny_pipe):
     calls = []
     hooks = [m.to_k.register_forward_hook(lambda *a: calls.append(1)) for m in attn2_modules(tiny_pipe.unet).values()]

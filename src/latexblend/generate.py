@@ -53,13 +53,28 @@ class Blender:
         self._restore = install_processors(pipe.unet, lambda layer: BlendProcessor(layer, self.state))
         self._hook = pipe.unet.register_forward_pre_hook(self._on_unet, with_kwargs=True)
         self._num_train = num_train
+        self._schedule: tuple = (None, [])
         self._encode = pipe.encode_prompt
         pipe.encode_prompt = self._encode_prompt
 
     def _on_unet(self, module, args, kwargs):
+        """Record ``t / T`` before every UNet call, without a device sync where the scheduler allows."""
         t = args[1] if len(args) > 1 else kwargs["timestep"]
-        t = t if isinstance(t, torch.Tensor) else torch.tensor(t)
-        self.state.t_frac = float(t.flatten()[0]) / self._num_train
+        self.state.t_frac = self._host_timestep(t) / self._num_train
+
+    def _host_timestep(self, t) -> float:
+        if not isinstance(t, torch.Tensor):
+            return float(t)
+        scheduler = self.pipe.scheduler
+        index = getattr(scheduler, "step_index", None)
+        schedule = getattr(scheduler, "timesteps", None)
+        if isinstance(index, int) and isinstance(schedule, torch.Tensor):
+            key = (schedule.data_ptr(), schedule.numel())
+            if self._schedule[0] != key:  # once per generation: copy the schedule to the host
+                self._schedule = (key, schedule.detach().float().cpu().tolist())
+            if index < len(self._schedule[1]):
+                return self._schedule[1][index]
+        return float(t.flatten()[0])  # schedulers without step_index pay one device sync per step
 
     def concepts_for(self, prompt: str) -> list[str]:
         """Names blended into ``prompt``: the required ones, then its placeholders."""

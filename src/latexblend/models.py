@@ -117,6 +117,40 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     )
 
 
+def build_sdxl_random(device: str = "cuda", dtype: str = "bf16", seed: int = 0) -> StableDiffusionXLPipeline:
+    """The full SDXL-base architecture (UNet, VAE, CLIP-L and bigG encoders) with random weights,
+    built directly on ``device``: speed and memory figures without a checkpoint."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from latexblend.tokens import BOS_ID, EOS_ID, build_clip_tokenizer
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+                  pad_token_id=1, layer_norm_eps=1e-5)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**sdxl_unet_config())
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2,
+                            sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+        te1 = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                                           num_hidden_layers=12, hidden_act="quick_gelu", projection_dim=768, **common))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120,
+                                                         num_attention_heads=20, num_hidden_layers=32,
+                                                         hidden_act="gelu", projection_dim=1280, **common))
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        steps_offset=1, timestep_spacing="leading", prediction_type="epsilon",
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        tok1, tok2 = build_clip_tokenizer(Path(tmp) / "t1"), build_clip_tokenizer(Path(tmp) / "t2", pad_token="!")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1,
+                                     tokenizer_2=tok2, unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device, resolve_dtype(dtype, device))
+
+
 def save_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     """Write the tiny model as a diffusers folder, atomically (a complete folder or none)."""
     out_dir = Path(out_dir)

@@ -1,0 +1,31 @@
+import csv
+import json
+
+from typer.testing import CliRunner
+
+from latexblend.cli import app
+
+runner = CliRunner()
+
+
+def test_bench_generate_writes_well_formed_results(tiny_dir, tmp_path):
+    out = tmp_path / "b.json"
+    r = runner.invoke(app, ["bench", "generate", "--model", str(tiny_dir), "--concepts", "0,2", "--steps", "1",
+                            "--repeats", "1", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "generate" and data["steps"] == 1 and data["size"] == 64
+    assert [row["concepts"] for row in data["rows"]] == [0, 2]
+    for row in data["rows"]:
+        assert row["stock_s"] > 0 and row["ours_s"] > 0
+        assert abs(row["ratio"] - row["ours_s"] / row["stock_s"]) < 1e-3
+    rows = list(csv.DictReader(out.with_suffix(".csv").open()))
+    assert [int(row["concepts"]) for row in rows] == [0, 2]
+    assert "| concepts |" in r.output
+
+
+def test_bench_generate_rejects_bad_counts(tmp_path):
+    r = runner.invoke(app, ["bench", "generate", "--concepts", "1,x", "--out", str(tmp_path / "b.json")])
+    assert r.exit_code == 2 and "comma-separated integers" in r.output
+    r = runner.invoke(app, ["bench", "generate", "--concepts", "9", "--out", str(tmp_path / "b.json")])
+    assert r.exit_code == 2 and "between 0 and 8" in r.output
