@@ -290,5 +290,22 @@ def test_release_inference_json(tiny_pipe, banks_dir, tmp_path):
     assert meta["images"][0]["concepts"] == ["n_2_dog_1500", "castle"]
 
 
+def test_encode_prompt_wrapper_binds_positional_arguments_and_passes_embeds(tiny_pipe):
+    bank = bank_for(tiny_pipe, "corgi", "dog", 0)
+    with apply(tiny_pipe, [bank]) as blender:
+        embeds = tiny_pipe.encode_prompt("a dog", None, "cpu", 1, False)[0]  # stock positional order
+        assert embeds.shape == (1, 77, 64) and blender.last_prompts == ["a dog"]
+        with pytest.raises(LatexBlendError, match="needs the prompt text"):
+            tiny_pipe(prompt_embeds=embeds, pooled_prompt_embeds=torch.zeros(1, 32), num_inference_steps=1)
+    with apply(tiny_pipe, [], optional=[bank]):  # nothing required: precomputed embeddings pass through
+        g = torch.Generator().manual_seed(0)
+        out = tiny_pipe(prompt_embeds=embeds, pooled_prompt_embeds=torch.zeros(1, 32), num_inference_steps=2,
+                        guidance_scale=1.0, generator=g, output_type="np").images
+    g = torch.Generator().manual_seed(0)
+    ref = tiny_pipe(prompt_embeds=embeds, pooled_prompt_embeds=torch.zeros(1, 32), num_inference_steps=2,
+                    guidance_scale=1.0, generator=g, output_type="np").images
+    assert np.abs(out - ref).max() <= 1e-5
+
+
 def test_package_exposes_apply():
     assert latexblend.apply is apply

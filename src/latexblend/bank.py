@@ -192,9 +192,10 @@ def list_banks(directory: str | Path | None = None) -> list[tuple[Path, ConceptB
 # --------------------------------------------------------------------------- verification
 
 
-def verify_bank(bank: ConceptBank, unet, tokenizer=None) -> None:
+def verify_bank(bank: ConceptBank, unet, tokenizer=None, model_fingerprint=None) -> None:
     """Refuse a bank that does not fit ``unet`` (layer names, shapes, ``to_k`` fingerprint) or whose
-    noun tokenizes differently under ``tokenizer``. Raises :class:`LatexBlendError`; returns nothing."""
+    noun tokenizes differently under ``tokenizer``. Raises :class:`LatexBlendError`; returns nothing.
+    ``model_fingerprint`` saves recomputing ``fingerprint(unet)`` when verifying several banks."""
     from latexblend.models import Fingerprint, attn2_shapes, fingerprint
 
     shapes = attn2_shapes(unet)
@@ -211,7 +212,7 @@ def verify_bank(bank: ConceptBank, unet, tokenizer=None) -> None:
                 f"in the bank and {dim} in the model"
             )
     if bank.fingerprint:
-        ours = fingerprint(unet)
+        ours = model_fingerprint or fingerprint(unet)
         if not Fingerprint.from_json(bank.fingerprint).matches(ours):
             raise LatexBlendError(
                 f"bank '{bank.name}' was made for base model '{bank.base_model}' (fingerprint "

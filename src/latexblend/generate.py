@@ -7,6 +7,7 @@ on every ``attn2`` layer, a UNet pre-forward hook that records ``t / T``, and a 
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import time
@@ -21,6 +22,7 @@ from latexblend.bank import ConceptBank, bank_dir, bank_path, load_bank, verify_
 from latexblend.config import GenerateConfig, to_dict
 from latexblend.errors import LatexBlendError
 from latexblend.fileio import atomic_path, write_text_atomic
+from latexblend.models import fingerprint
 from latexblend.tokens import Span, locate_spans, placeholder_names
 
 
@@ -40,8 +42,9 @@ class Blender:
             if name not in self.banks:
                 raise LatexBlendError(f"concept '{name}' is required but was not loaded")
         device, dtype = pipe.unet.device, pipe.unet.dtype
+        model_fp = fingerprint(pipe.unet) if self.banks else None
         for bank in self.banks.values():
-            verify_bank(bank, pipe.unet, pipe.tokenizer)
+            verify_bank(bank, pipe.unet, pipe.tokenizer, model_fingerprint=model_fp)
         self.state = BlendState(blend_start=blend_start, bind=bind)
         self.state.rows = {
             name: ({k: t.to(device, dtype) for k, t in b.k.items()}, {k: t.to(device, dtype) for k, t in b.v.items()})
@@ -89,18 +92,25 @@ class Blender:
         concepts = [(n, self.banks[n].class_noun, self.banks[n].noun_ids) for n in self.concepts_for(prompt)]
         return locate_spans(self.pipe.tokenizer, prompt, concepts)
 
-    def _encode_prompt(self, prompt=None, prompt_2=None, *args, num_images_per_prompt: int = 1, **kwargs):
+    def _encode_prompt(self, *args, **kwargs):
+        bound = inspect.signature(self._encode).bind(*args, **kwargs)
+        bound.apply_defaults()
+        call = bound.arguments
+        prompt, copies = call.get("prompt"), int(call.get("num_images_per_prompt") or 1)
         if prompt is None:
-            raise LatexBlendError("latexblend needs the prompt text (not prompt_embeds) to find concept spans")
-        if prompt_2 is not None:
+            if self.required:
+                raise LatexBlendError("latexblend needs the prompt text (not prompt_embeds) to find concept spans")
+            self.state.reset([])
+            return self._encode(**call)
+        if call.get("prompt_2") is not None:
             raise LatexBlendError("prompt_2 is not supported with blended concepts: give one prompt")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prepared = [self.prepare(p) for p in prompts]
         self.last_prompts = [text for text, _ in prepared]
         self.last_spans = [spans for _, spans in prepared]
-        self.state.reset([spans for spans in self.last_spans for _ in range(num_images_per_prompt)])
-        expanded = self.last_prompts[0] if isinstance(prompt, str) else self.last_prompts
-        return self._encode(expanded, None, *args, num_images_per_prompt=num_images_per_prompt, **kwargs)
+        self.state.reset([spans for spans in self.last_spans for _ in range(copies)])
+        call["prompt"] = self.last_prompts[0] if isinstance(prompt, str) else self.last_prompts
+        return self._encode(**call)
 
     def remove(self) -> None:
         """Restore the pipeline's processors and ``encode_prompt``."""
