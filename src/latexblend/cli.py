@@ -189,6 +189,50 @@ def bank_import(
     typer.echo(f"imported {file} -> {out} ({len(bank.layers)} layers, L={bank.num_tokens}, {size})")
 
 
+# ---- evaluate
+
+ClipOpt = Annotated[str, typer.Option("--clip-model", help="CLIP ViT-B/32: a local folder or hub id.")]
+DinoOpt = Annotated[str, typer.Option("--dino-model", help="DINO ViT-S/16: a local folder or hub id.")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="cuda, cpu, ... [default: cuda if available].")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
+_DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+_DEFAULT_DINO = "facebook/dino-vits16"
+
+
+@app.command("evaluate")
+@friendly
+def evaluate_cmd(
+    samples: Annotated[Path, typer.Option("--samples", help="A `latexblend generate` output folder.")],
+    references: Annotated[list[str] | None, typer.Option(
+        "--references", help="NAME=DIR (repeatable), or DIR if there is one concept; overrides metadata.json.")
+    ] = None,
+    clip_model: ClipOpt = _DEFAULT_CLIP,
+    dino_model: DinoOpt = _DEFAULT_DINO,
+    text_policy: Annotated[str, typer.Option(
+        "--text-policy", help="CLIP-T text: 'expanded' (placeholders -> 'a <noun>') or 'raw' (as written).")
+    ] = "expanded",
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable images (reported) instead of failing.")
+    ] = False,
+    report: Annotated[bool, typer.Option("--report/--no-report", help="Write report.html.")] = True,
+    batch_size: BatchOpt = 32,
+    device: DeviceOpt = None,
+) -> None:
+    """CLIP-T (cosine and CLIPScore), CLIP-I and DINO per image and per concept; metrics.json/.csv, report.html."""
+    from latexblend import evaluate as ev
+
+    if text_policy not in ev.TEXT_POLICIES:
+        raise LatexBlendError(f"--text-policy must be one of {', '.join(ev.TEXT_POLICIES)}, not '{text_policy}'")
+    parsed = ev.read_samples(samples)  # check the folder and the references before loading any model
+    overrides = ev.parse_reference_flags(references or [], sorted(parsed.concepts))
+    ev.resolve_references(parsed, overrides)
+    _quiet_libraries()
+    models = ev.load_models(clip_model, dino_model, device)
+    metrics = ev.evaluate_samples(samples, models, overrides, text_policy, skip_bad, batch_size)
+    written = ev.write_outputs(metrics, samples, report=report)
+    typer.echo("\n".join(ev.table_lines(metrics)))
+    typer.echo("wrote " + ", ".join(str(p) for p in written))
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
