@@ -119,22 +119,35 @@ def fake_generate(job: dict, prompts: list[str] | None = None) -> None:
 def test_runner_is_resumable(bench, tmp_path):
     jobs = cc101.make_jobs(bench, ["all"], ["all"], tmp_path / "out")
     fake_generate(jobs[1])  # pet_dog1 already complete
-    fake_generate(jobs[2], jobs[2]["prompts"][:1])  # the pair: a prompt missing -> incomplete
+    fake_generate(jobs[2], jobs[2]["prompts"][:1])  # the pair: a prompt missing -> does not match the job
     generated, evaluated = [], []
 
     def evaluate(job):
         evaluated.append(job["name"])
-        metrics = {"overall": {"n_images": 1, "clip_t": 0.2, "clipscore": 0.5, "n_pairs": len(job["concepts"]),
+        refs = {n: {"n": 1, "files": [str(Path(d) / "0.jpg")]} for n, d in job["references"].items()}
+        metrics = {"settings": {"references": refs},
+                   "overall": {"n_images": 1, "clip_t": 0.2, "clipscore": 0.5, "n_pairs": len(job["concepts"]),
                                "clip_i": 0.5 + 0.1 * len(evaluated), "dino": None}}
         (Path(job["out"]) / "metrics.json").write_text(json.dumps(metrics))
         return metrics
 
-    rows = cc101.run_jobs(jobs, lambda job: (generated.append(job["name"]), fake_generate(job)), evaluate,
-                          log=lambda _: None)
-    assert generated == ["pet_cat1", "pet_cat1+pet_dog1"] and evaluated == [j["name"] for j in jobs]
+    def generate(job):
+        generated.append(job["name"])
+        fake_generate(job)
+
+    quiet = {"log": lambda _: None}
+    with pytest.raises(LatexBlendError, match=r"pet_cat1\+pet_dog1 .* does not match the job"):
+        cc101.run_jobs(jobs, generate, evaluate, **quiet)
+    (Path(jobs[2]["out"]) / "metadata.json").unlink()
+    rows = cc101.run_jobs(jobs, generate, evaluate, **quiet)
+    assert generated == ["pet_cat1", "pet_cat1+pet_dog1"]
+    assert evaluated == ["pet_cat1", "pet_dog1", "pet_cat1+pet_dog1"]  # the first two kept from the failed run
     assert [r["clip_i"] for r in rows] == pytest.approx([0.6, 0.7, 0.8])
-    again = cc101.run_jobs(jobs, lambda job: generated.append(job["name"]), evaluate, log=lambda _: None)
+    again = cc101.run_jobs(jobs, generate, evaluate, **quiet)
     assert len(generated) == 2 and len(evaluated) == 3 and again == rows  # nothing redone
+    jobs[1]["references"]["pet_dog1"] = str(bench / "benchmark_dataset" / "pet_cat1")  # other references
+    assert cc101.run_jobs(jobs, generate, evaluate, **quiet)[1]["clip_i"] == pytest.approx(0.9)
+    assert evaluated[3:] == ["pet_dog1"]
     table = cc101.results_table(rows)
     assert [r["name"] for r in table] == [*(j["name"] for j in jobs), "mean (single)", "mean (pair)"]
     assert table[3]["clip_i"] == pytest.approx(0.65) and table[3]["n_pairs"] == 2 and table[3]["dino"] is None

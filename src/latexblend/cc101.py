@@ -200,15 +200,20 @@ def job_complete(job: Mapping) -> bool:
     return samples_complete(job["out"], num_prompts=len(job["prompts"]))
 
 
-def _fresh_metrics(out: Path) -> dict | None:
-    """``metrics.json`` if it exists and is newer than ``metadata.json`` (else it must be recomputed)."""
-    metrics, meta = out / "metrics.json", out / "metadata.json"
-    if not metrics.is_file() or metrics.stat().st_mtime < meta.stat().st_mtime:
+def _fresh_metrics(job: Mapping) -> dict | None:
+    """The job's ``metrics.json`` if it is newer than ``metadata.json`` and used the job's references."""
+    out = Path(job["out"])
+    metrics_path, meta = out / "metrics.json", out / "metadata.json"
+    if not metrics_path.is_file() or metrics_path.stat().st_mtime < meta.stat().st_mtime:
         return None
     try:
-        return json.loads(metrics.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+        refs = metrics["settings"]["references"]
+        used = {name: {Path(f).parent.resolve() for f in ref["files"]} for name, ref in refs.items()}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
         return None
+    wanted = {name: {Path(folder).resolve()} for name, folder in job["references"].items()}
+    return metrics if used == wanted else None
 
 
 def run_jobs(jobs: Sequence[dict], generate: Callable[[dict], None],
@@ -223,6 +228,9 @@ def run_jobs(jobs: Sequence[dict], generate: Callable[[dict], None],
         tag = f"[{i}/{len(jobs)}] {job['name']}"
         if job_complete(job):
             log(f"{tag}: samples complete, not generating again")
+        elif (Path(job["out"]) / "metadata.json").exists():
+            raise LatexBlendError(f"job {job['name']}: {job['out']} holds a generation that does not match the job "
+                                  "(missing images or prompts); move it away and run again")
         else:
             log(f"{tag}: generating {len(job['prompts'])} prompts into {job['out']}")
             generate(job)
@@ -230,7 +238,7 @@ def run_jobs(jobs: Sequence[dict], generate: Callable[[dict], None],
                 raise LatexBlendError(f"job {job['name']}: generate left no complete metadata.json in {job['out']}")
         if evaluate is None:
             continue
-        metrics = _fresh_metrics(Path(job["out"]))
+        metrics = _fresh_metrics(job)
         if metrics is None:
             log(f"{tag}: evaluating")
             metrics = evaluate(job)
