@@ -62,3 +62,21 @@ def random_bank(unet, name="corgi", noun="dog", noun_ids=(1929,), seed=0, with_f
     return ConceptBank(name=name, class_noun=noun, noun_ids=list(noun_ids), k=k, v=v,
                        extraction_prompt=f"photo of <new1> {noun}", base_model="tiny", fingerprint=fp,
                        training={"steps": 0})
+
+
+@pytest.fixture(scope="session")
+def eval_model_dirs(tmp_path_factory):
+    """A tiny random CLIP (real 49,408-token tokenizer) and a tiny DINO-shaped ViT, saved as folders."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, ViTConfig, ViTModel
+
+    from latexblend.tokens import write_clip_tokenizer_files
+
+    root = tmp_path_factory.mktemp("eval-models")
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+    config = CLIPConfig(text_config=dict(vocab_size=49408, max_position_embeddings=77, **small),
+                        vision_config=dict(image_size=224, patch_size=32, **small), projection_dim=16)
+    CLIPModel(config).save_pretrained(root / "clip")
+    CLIPTokenizer.from_pretrained(str(write_clip_tokenizer_files(root / "vocab"))).save_pretrained(root / "clip")
+    ViTModel(ViTConfig(image_size=224, patch_size=16, **small)).save_pretrained(root / "dino")
+    return root / "clip", root / "dino"

@@ -17,6 +17,7 @@ import typer
 
 from latexblend import __version__
 from latexblend.errors import LatexBlendError
+from latexblend.fileio import write_text_atomic
 
 app = typer.Typer(
     name="latexblend", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -298,6 +299,156 @@ def bench_generate_cmd(
     typer.echo(format_table(result))
     typer.echo(f"{result['device_name']}, {result['dtype']}, {result['size']} px, {steps} steps; "
                f"wrote {json_path} and {csv_path}")
+
+
+# ---- evaluate
+
+cc101_app = typer.Typer(no_args_is_help=True, help="CustomConcept101 protocol: benchmark -> jobs -> one table.")
+app.add_typer(cc101_app, name="cc101")
+
+ClipOpt = Annotated[str, typer.Option("--clip-model", help="CLIP ViT-B/32: a local folder or hub id.")]
+DinoOpt = Annotated[str, typer.Option("--dino-model", help="DINO ViT-S/16: a local folder or hub id.")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="cuda, cpu, ... [default: cuda if available].")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
+_DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+_DEFAULT_DINO = "facebook/dino-vits16"
+
+
+@app.command("evaluate")
+@friendly
+def evaluate_cmd(
+    samples: Annotated[Path, typer.Option("--samples", help="A `latexblend generate` output folder.")],
+    references: Annotated[list[str] | None, typer.Option(
+        "--references", help="NAME=DIR (repeatable), or DIR if there is one concept; overrides metadata.json.")
+    ] = None,
+    clip_model: ClipOpt = _DEFAULT_CLIP,
+    dino_model: DinoOpt = _DEFAULT_DINO,
+    text_policy: Annotated[str, typer.Option(
+        "--text-policy", help="CLIP-T text: 'expanded' (placeholders -> 'a <noun>') or 'raw' (as written).")
+    ] = "expanded",
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable images (reported) instead of failing.")
+    ] = False,
+    report: Annotated[bool, typer.Option("--report/--no-report", help="Write report.html.")] = True,
+    batch_size: BatchOpt = 32,
+    device: DeviceOpt = None,
+) -> None:
+    """CLIP-T (cosine and CLIPScore), CLIP-I and DINO per image and per concept; metrics.json/.csv, report.html."""
+    from latexblend import evaluate as ev
+
+    if text_policy not in ev.TEXT_POLICIES:
+        raise LatexBlendError(f"--text-policy must be one of {', '.join(ev.TEXT_POLICIES)}, not '{text_policy}'")
+    parsed = ev.read_samples(samples)  # check the folder and the references before loading any model
+    overrides = ev.parse_reference_flags(references or [], sorted(parsed.concepts))
+    ev.resolve_references(parsed, overrides)
+    _quiet_libraries()
+    models = ev.load_models(clip_model, dino_model, device)
+    metrics = ev.evaluate_samples(samples, models, overrides, text_policy, skip_bad, batch_size)
+    written = ev.write_outputs(metrics, samples, report=report)
+    typer.echo("\n".join(ev.table_lines(metrics)))
+    typer.echo("wrote " + ", ".join(str(p) for p in written))
+
+
+@cc101_app.command("jobs")
+@friendly
+def cc101_jobs(
+    root: Annotated[Path, typer.Option("--root", help="The customconcept101 folder (dataset.json, prompts/).")],
+    out: Annotated[Path, typer.Option("--out", help="Jobs file to write (JSON).")],
+    concepts: Annotated[str, typer.Option("--concepts", help="Comma-separated concept names, or 'all'.")] = "",
+    pairs: Annotated[str, typer.Option("--pairs", help="Comma-separated pairs 'a+b', or 'all'.")] = "",
+    samples_root: Annotated[Path, typer.Option("--samples-root", help="Where the jobs' output folders go.")
+    ] = Path("cc101_samples"),
+) -> None:
+    """Turn a selection of CustomConcept101 concepts and pairs into generate jobs."""
+    from latexblend.cc101 import make_jobs, write_jobs
+
+    split = lambda text: [t.strip() for t in text.split(",") if t.strip()]  # noqa: E731
+    jobs = make_jobs(root, split(concepts), split(pairs), samples_root)
+    write_jobs(jobs, out)
+    prompts = sum(len(j["prompts"]) for j in jobs)
+    typer.echo(f"wrote {len(jobs)} jobs ({prompts} prompts) to {out}")
+
+
+def _generate_runner(template: str):
+    """A ``generate(job)`` callable running ``template`` (``{prompts_file} {concepts} {out} {name}``) per job."""
+    import shlex
+    import subprocess
+
+    def command(fields: dict) -> list[str]:
+        try:
+            args = [a.format(**fields) for a in shlex.split(template)]
+        except (KeyError, IndexError, ValueError) as err:
+            raise LatexBlendError(f"--generate-cmd '{template}': use only {{prompts_file}}, {{concepts}}, "
+                                  f"{{out}}, {{name}} ({type(err).__name__}: {err})") from None
+        if not args:
+            raise LatexBlendError("--generate-cmd is empty")
+        return [sys.executable, "-m", "latexblend", *args[1:]] if args[0] == "latexblend" else args
+
+    def generate(job: dict) -> None:
+        prompts_file = Path(job["out"]).parent / f"{job['name']}.prompts.txt"
+        write_text_atomic(prompts_file, "\n".join(job["prompts"]) + "\n")
+        args = command({"prompts_file": str(prompts_file), "concepts": ",".join(job["concepts"]),
+                        "out": job["out"], "name": job["name"]})
+        try:
+            code = subprocess.run(args).returncode
+        except OSError as err:
+            raise LatexBlendError(f"job {job['name']}: cannot run `{shlex.join(args)}`: {err}") from err
+        if code != 0:
+            raise LatexBlendError(f"job {job['name']}: `{shlex.join(args)}` exited with {code}; "
+                                  "fix it and run again (finished jobs are kept)")
+
+    command({"prompts_file": "", "concepts": "", "out": "", "name": ""})  # a bad template fails before any job
+    return generate
+
+
+@cc101_app.command("run")
+@friendly
+def cc101_run(
+    jobs_file: Annotated[Path, typer.Option("--jobs", help="A jobs file from `latexblend cc101 jobs`.")],
+    generate_cmd: Annotated[str, typer.Option(
+        "--generate-cmd", help="Command per job; {prompts_file}, {concepts}, {out}, {name} are filled in.")
+    ] = "latexblend generate --prompts-file {prompts_file} --concepts {concepts} --out {out}",
+    results: Annotated[Path | None, typer.Option(
+        "--results", help="Folder for cc101_results.csv/.json [default: the jobs file's folder].")] = None,
+    evaluate: Annotated[bool, typer.Option("--evaluate/--no-evaluate", help="Evaluate each job.")] = True,
+    clip_model: ClipOpt = _DEFAULT_CLIP,
+    dino_model: DinoOpt = _DEFAULT_DINO,
+    batch_size: BatchOpt = 32,
+    device: DeviceOpt = None,
+) -> None:
+    """Run the jobs (resumable: complete outputs and fresh metrics are kept) and write one table."""
+    from latexblend.cc101 import read_jobs, results_table, run_jobs, write_results
+
+    jobs = read_jobs(jobs_file)
+    evaluator = _job_evaluator(clip_model, dino_model, device, batch_size) if evaluate else None
+    rows = run_jobs(jobs, _generate_runner(generate_cmd), evaluator, log=typer.echo)
+    if evaluate:
+        table = results_table(rows)
+        written = write_results(table, results or jobs_file.parent)
+        for row in table:
+            typer.echo(f"{row['name'][:40]:<40} CLIP-T {_num(row['clip_t'])}  CLIP-I {_num(row['clip_i'])}  "
+                       f"DINO {_num(row['dino'])}")
+        typer.echo("wrote " + ", ".join(str(p) for p in written))
+
+
+def _num(value: float | None) -> str:
+    return "n/a   " if value is None else f"{value:.4f}"
+
+
+def _job_evaluator(clip_model: str, dino_model: str, device: str | None, batch_size: int):
+    """An ``evaluate(job)`` callable that loads the models on first use and writes each job's outputs."""
+    loaded = {}
+
+    def evaluate(job: dict) -> dict:
+        from latexblend import evaluate as ev
+
+        if not loaded:
+            _quiet_libraries()
+            loaded["models"] = ev.load_models(clip_model, dino_model, device)
+        metrics = ev.evaluate_samples(job["out"], loaded["models"], job["references"], batch_size=batch_size)
+        ev.write_outputs(metrics, job["out"])
+        return metrics
+
+    return evaluate
 
 
 def main() -> None:
