@@ -309,3 +309,32 @@ def test_encode_prompt_wrapper_binds_positional_arguments_and_passes_embeds(tiny
 
 def test_package_exposes_apply():
     assert latexblend.apply is apply
+
+
+def csv_rows_of(folder):
+    import csv
+
+    with open(folder / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_generate_output_feeds_evaluate(tiny_pipe, tmp_path, eval_model_dirs):
+    """Real generate output (references recorded in the bank) -> evaluate -> metrics and report."""
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for i in range(2):
+        Image.new("RGB", (64, 64), (40 * i, 120, 200)).save(refs / f"{i}.png")
+    bank = bank_for(tiny_pipe, "corgi", "dog", 0)
+    bank.training = {"images": str(refs)}
+    save_bank(bank, tmp_path / "banks" / "corgi.safetensors")
+    cfg = GenerateConfig(prompts=["<corgi> on a beach", "a cat"], num_images=2, steps=2, out=str(tmp_path / "s"),
+                         bank_dir=str(tmp_path / "banks"))
+    out = generate(cfg, pipe=tiny_pipe)
+    clip, dino = eval_model_dirs
+    r = runner.invoke(app, ["evaluate", "--samples", str(out), "--clip-model", str(clip), "--dino-model", str(dino)])
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    text = json.dumps(metrics)
+    assert "corgi" in text and (out / "report.html").exists() and (out / "metrics.csv").exists()
+    rows = list(csv_rows_of(out))
+    assert sum(1 for row in rows if row.get("concept") == "corgi") == 2  # the two <corgi> images
