@@ -1,0 +1,12 @@
+# Sourced by scripts/test.sh and scripts/demo.sh: create .venv if needed, install latexblend into it.
+# On a CPU-only machine torch is pinned to the CPU build 2.13.0; set LATEXBLEND_TORCH to override
+# (e.g. LATEXBLEND_TORCH="torch" on a CUDA machine). Set LATEXBLEND_VENV to use another folder.
+VENV="${LATEXBLEND_VENV:-.venv}"
+TORCH_SPEC="${LATEXBLEND_TORCH:-torch==2.13.0}"
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+echo "== installing ($TORCH_SPEC, latexblend${1:-})"
+python -m pip install --quiet "$TORCH_SPEC" -e ".${1:-}"
