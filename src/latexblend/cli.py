@@ -242,6 +242,8 @@ def train_cmd(
     from latexblend.train import train
 
     run = train(cfg)
+    if run is None:  # not the main process
+        return
     info = json.loads((run / "run.json").read_text())
     typer.echo(f"trained '{cfg.name}': {run}/ ({info['steps_per_s']:.2f} steps/s), bank {info['bank']}")
 

@@ -310,8 +310,9 @@ def step_loss(setup: Setup, step: int, rank: int = 0) -> tuple[torch.Tensor, tor
 # --------------------------------------------------------------------------- the loop
 
 
-def train(cfg: TrainConfig, progress: bool = True, on_step=None) -> Path:
-    """Train one concept; write ``runs/<name>/`` and ``concept_bank/<name>.safetensors``. Returns the run folder.
+def train(cfg: TrainConfig, progress: bool = True, on_step=None) -> Path | None:
+    """Train one concept; write ``runs/<name>/`` and ``concept_bank/<name>.safetensors``. Returns the run
+    folder on the main process (``None`` on the others).
 
     ``on_step(step, loss)`` is called after every optimizer step (``step`` counts from 1).
     """
@@ -319,7 +320,7 @@ def train(cfg: TrainConfig, progress: bool = True, on_step=None) -> Path:
     from tqdm.auto import tqdm
 
     mixed = _mixed_precision(cfg.mixed_precision)
-    acc = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=1)
+    acc = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=1, cpu=not torch.cuda.is_available())
     images, prior = check_inputs(cfg)
     run, resume_from = _check_run_folder(cfg)
     steps = cfg.steps or 3000 // acc.num_processes
@@ -350,8 +351,9 @@ def train(cfg: TrainConfig, progress: bool = True, on_step=None) -> Path:
         done, rate = step + 1, (step + 1 - start) / (time.perf_counter() - t0)
         bar.set_postfix(loss=f"{loss_value:.4f}", steps_per_s=f"{rate:.2f}")
         if acc.is_main_process and (done % cfg.log_every == 0 or done == steps):
-            bar.write(f"step {done}/{steps} | loss {loss_value:.4f} (instance {float(inst):.4f}, prior "
-                      f"{float(prior_loss):.4f}) | {rate:.2f} steps/s | peak mem {_peak_memory() / 2**30:.2f} GiB")
+            parts = f"instance {float(inst.detach()):.4f}, prior {float(prior_loss.detach()):.4f}"
+            bar.write(f"step {done}/{steps} | loss {loss_value:.4f} ({parts}) | {rate:.2f} steps/s | "
+                      f"peak mem {_peak_memory() / 2**30:.2f} GiB")
             if writer:
                 writer.add_scalar("loss", loss_value, done)
         if acc.is_main_process and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < steps:
@@ -363,7 +365,7 @@ def train(cfg: TrainConfig, progress: bool = True, on_step=None) -> Path:
     if acc.is_main_process:
         _finish(setup, run, start, steps, wall, loss_value)
     acc.wait_for_everyone()
-    return run
+    return run if acc.is_main_process else None
 
 
 def _mixed_precision(name: str) -> str:
