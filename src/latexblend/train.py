@@ -323,9 +323,9 @@ def train(cfg: TrainConfig, progress: bool = True, on_step=None) -> Path | None:
     acc = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=1, cpu=not torch.cuda.is_available())
     images, prior = check_inputs(cfg)
     run, resume_from = _check_run_folder(cfg)
+    summary_writer = _tensorboard() if cfg.log_tensorboard else None
     steps = cfg.steps or 3000 // acc.num_processes
     lr = cfg.lr * (cfg.batch_size * (2 if cfg.use_prior else 1) * acc.num_processes if cfg.scale_lr else 1)
-    writer = _tensorboard(cfg, run) if cfg.log_tensorboard and acc.is_main_process else None
     setup = build_setup(cfg, images, prior, acc.device, {"no": torch.float32, "bf16": torch.bfloat16,
                                                          "fp16": torch.float16}[mixed])
     setup.extra.update(steps=steps, lr=lr, num_processes=acc.num_processes, mixed_precision=mixed)
@@ -334,6 +334,7 @@ def train(cfg: TrainConfig, progress: bool = True, on_step=None) -> Path | None:
     start = load_checkpoint(setup, optimizer, resume_from) if resume_from else 0
     if acc.is_main_process:
         _start_run_folder(cfg, run, resume_from)
+    writer = summary_writer(str(run / "tb")) if summary_writer and acc.is_main_process else None
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=cfg.name,
                disable=not (progress and acc.is_main_process))
     t0, loss_value = time.perf_counter(), float("nan")
@@ -386,12 +387,13 @@ def _optimizer(cfg: TrainConfig, params, lr: float):
     return bnb.optim.AdamW8bit(params, **kwargs)
 
 
-def _tensorboard(cfg: TrainConfig, run: Path):
+def _tensorboard():
+    """tensorboard's ``SummaryWriter`` class, or a clear error when tensorboard is not installed."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as err:
         raise LatexBlendError("--log-tensorboard needs tensorboard (pip install tensorboard)") from err
-    return SummaryWriter(str(run / "tb"))
+    return SummaryWriter
 
 
 def _peak_memory() -> int:
