@@ -162,3 +162,57 @@ class BlendProcessor(KVProcessor):
         if blended is not None and self.state.active:
             return blended
         return k, v
+
+
+# --------------------------------------------------------------------------- training splice (METHOD section 2)
+
+
+@dataclass
+class SpliceState:
+    """What the splice processors share during one training step.
+
+    The UNet batch is ``[instance..., prior...]``. For instance sample ``i`` (when ``base_kv`` is
+    given) ``base_kv[i][layer]`` holds the frozen base flow's ``(k, v)`` [77, C] of its replace prompt;
+    ``concept_spans[i]`` is the span ``[<new1>, noun...]`` in the instance prompt and
+    ``replace_spans[i]`` the span ``[a, noun...]`` in the replace prompt (equal lengths). ``record``
+    (tests, debugging): a dict that receives every layer's final ``(k, v)``.
+    """
+
+    base_kv: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
+    concept_spans: list[Span] = field(default_factory=list)
+    replace_spans: list[Span] = field(default_factory=list)
+    record: dict | None = None
+
+    def spliced(self, layer: str, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Concept-flow ``k``, ``v`` [B, 77, C] -> what the UNet attends to: for each instance sample the
+        base-flow rows with the replace span overwritten by the concept flow's span rows; the other
+        samples keep the concept flow. Row 0 (BOS) never carries gradient."""
+        ks, vs = [], []
+        for i in range(k.shape[0]):
+            ki, vi = k[i], v[i]
+            if i < len(self.base_kv):
+                cs, rs = self.concept_spans[i], self.replace_spans[i]
+                if cs.length != rs.length:
+                    raise RuntimeError(f"{layer}: concept span {cs} and replace span {rs} differ in length")
+                bk, bv = (t.to(ki.dtype) for t in self.base_kv[i][layer])
+                ki = torch.cat([bk[: rs.start], ki[cs.start : cs.stop], bk[rs.stop :]])
+                vi = torch.cat([bv[: rs.start], vi[cs.start : cs.stop], bv[rs.stop :]])
+            ks.append(torch.cat([ki[:1].detach(), ki[1:]]))
+            vs.append(torch.cat([vi[:1].detach(), vi[1:]]))
+        out = torch.stack(ks), torch.stack(vs)
+        if self.record is not None:
+            self.record[layer] = out
+        return out
+
+
+class SpliceProcessor(KVProcessor):
+    """Dual-flow training: trainable ``to_k``/``to_v`` (the concept flow) on the whole batch, spliced
+    into the cached base flow at the span for instance samples (:meth:`SpliceState.spliced`)."""
+
+    def __init__(self, layer: str, state: SpliceState):
+        super().__init__(layer)
+        self.state = state
+
+    def kv(self, attn, context):
+        k, v = project_kv(attn, context)
+        return self.state.spliced(self.layer, k, v)

@@ -451,6 +451,113 @@ def _job_evaluator(clip_model: str, dino_model: str, device: str | None, batch_s
     return evaluate
 
 
+# ---- train / extract / prior
+
+Opt = typer.Option
+
+
+@app.command("train")
+@friendly
+def train_cmd(
+    concept: Annotated[str | None, Opt(help="Concept name: reads <concepts-dir>/<name>.yaml.")] = None,
+    concepts_dir: Annotated[Path, Opt(help="Folder of concept YAML files.")] = Path("configs/concepts"),
+    images: Annotated[str | None, Opt(help="Folder of instance images.")] = None,
+    class_noun: Annotated[str | None, Opt(help="The concept's class noun, e.g. dog.")] = None,
+    name: Annotated[str | None, Opt(help="Concept (bank and run) name.")] = None,
+    model: Annotated[str | None, Opt(help="'tiny', 'sdxl', a diffusers folder, or a hub id [default: tiny].")] = None,
+    prior: Annotated[str | None, Opt(help="Prior images folder [default: reg_data/<class noun>].")] = None,
+    no_prior: Annotated[bool, Opt("--no-prior", help="Train without prior preservation.")] = False,
+    steps: Annotated[int | None, Opt(help="Optimizer steps [default: 3000 / processes].")] = None,
+    lr: Annotated[float | None, Opt(help="Base learning rate [default: 1e-5].")] = None,
+    no_scale_lr: Annotated[bool, Opt("--no-scale-lr", help="Do not scale lr by batch x processes.")] = False,
+    batch_size: Annotated[int | None, Opt(help="Instance (and prior) images per process [default: 1].")] = None,
+    resolution: Annotated[int | None, Opt(help="Training resolution [default: 512, tiny: 64].")] = None,
+    seed: Annotated[int | None, Opt(help="Seed [default: 42].")] = None,
+    no_base_flow: Annotated[bool, Opt("--no-base-flow", help="Ablation: plain Custom-Diffusion training.")] = False,
+    fixed_template: Annotated[bool, Opt("--fixed-template", help="Ablation: 'photo of {}' for both flows.")] = False,
+    kv_rank: Annotated[int | None, Opt(help="LoRA rank on to_k/to_v (0: full weights).")] = None,
+    gradient_checkpointing: Annotated[bool, Opt("--gradient-checkpointing")] = False,
+    use_8bit_adam: Annotated[bool, Opt("--use-8bit-adam", help="8-bit AdamW (needs bitsandbytes).")] = False,
+    mixed_precision: Annotated[str | None, Opt(help="auto, no, bf16 or fp16 [default: auto].")] = None,
+    checkpoint_every: Annotated[int | None, Opt(help="Checkpoint period in steps, 0: off [default: 500].")] = None,
+    resume: Annotated[str | None, Opt(help="'latest' or a checkpoint folder.")] = None,
+    log_tensorboard: Annotated[bool, Opt("--log-tensorboard", help="Write tensorboard logs.")] = False,
+    runs_dir: Annotated[str | None, Opt(help="Folder of run folders [default: runs].")] = None,
+    bank_dir: Annotated[str | None, Opt(help="Bank folder [default: $LATEXBLEND_BANK or ./concept_bank].")] = None,
+    overwrite: Annotated[bool, Opt("--overwrite", help="Replace an existing run and bank of this name.")] = False,
+    sets: Annotated[list[str] | None, Opt("--set", help="Any training setting, KEY=VALUE (repeatable).")] = None,
+) -> None:
+    """Stage 1: train one concept (dual flow), then write its bank (Stage 2)."""
+    from latexblend.config import train_settings
+
+    flags = dict(images=images, class_noun=class_noun, name=name, model=model, prior=prior, steps=steps, lr=lr,
+                 batch_size=batch_size, resolution=resolution, seed=seed, kv_rank=kv_rank, resume=resume,
+                 mixed_precision=mixed_precision, checkpoint_every=checkpoint_every, runs_dir=runs_dir,
+                 bank_dir=bank_dir)
+    switches = dict(use_prior=not no_prior, scale_lr=not no_scale_lr, base_flow=not no_base_flow,
+                    fixed_template=fixed_template, gradient_checkpointing=gradient_checkpointing,
+                    use_8bit_adam=use_8bit_adam, log_tensorboard=log_tensorboard, overwrite=overwrite)
+    defaults = dict(use_prior=True, scale_lr=True, base_flow=True)
+    flags.update({k: v for k, v in switches.items() if v != defaults.get(k, False)})
+    cfg = train_settings(concept, concepts_dir, flags, sets)
+    _quiet_libraries()
+    from latexblend.train import train
+
+    run = train(cfg)
+    if run is None:  # not the main process
+        return
+    info = json.loads((run / "run.json").read_text())
+    typer.echo(f"trained '{cfg.name}': {run}/ ({info['steps_per_s']:.2f} steps/s), bank {info['bank']}")
+
+
+@app.command("extract")
+@friendly
+def extract_cmd(
+    run: Annotated[Path, Opt("--run", help="A training run folder, runs/<name>.")],
+    checkpoint: Annotated[int | None, Opt(help="Use checkpoints/step_<N> instead of the final weights.")] = None,
+    prompt: Annotated[str | None, Opt(help="Extraction prompt [default: 'photo of <new1> <noun>'].")] = None,
+    out: Annotated[Path | None, Opt(help="Bank file to write [default: the bank folder/<name>.safetensors].")] = None,
+    device: Annotated[str | None, Opt(help="cpu or cuda [default: cuda if available].")] = None,
+    dtype: Annotated[str, Opt(help="Bank dtype: auto (fp16 on CUDA, else fp32), fp32, fp16, bf16.")] = "auto",
+) -> None:
+    """Stage 2: re-extract a trained run into the concept bank (one text-side pass, no UNet)."""
+    _quiet_libraries()
+    from latexblend.extract import extract_run
+
+    bank, path = extract_run(run, checkpoint=checkpoint, prompt=prompt, out=out, device=device, dtype=dtype)
+    typer.echo(f"extracted '{bank.name}' ({bank.extraction_prompt!r}, {len(bank.layers)} layers, "
+               f"L={bank.num_tokens}, {bank.dtype}) -> {path}")
+
+
+@app.command("prior")
+@friendly
+def prior_cmd(
+    class_noun: Annotated[str, Opt("--class-noun", help="Class to generate, e.g. dog (also the caption).")],
+    num: Annotated[int, Opt(help="Number of images.")] = 200,
+    model: ModelOpt = "tiny",
+    out: Annotated[Path | None, Opt(help="Output folder [default: reg_data/<class noun>].")] = None,
+    seed: Annotated[int, Opt(help="Image i uses seed + i.")] = 0,
+    steps: Annotated[int, Opt(help="Denoising steps.")] = 50,
+    cfg: Annotated[float, Opt(help="Guidance scale.")] = 6.0,
+    device: Annotated[str | None, Opt(help="cpu or cuda [default: cuda if available].")] = None,
+) -> None:
+    """Generate prior-preservation images of a class with the base model (resumable)."""
+    from latexblend.data import generate_prior, prior_missing
+
+    out = out or Path("reg_data") / class_noun
+    if num < 1:
+        raise LatexBlendError(f"--num must be at least 1, got {num}")
+    if not prior_missing(out, num) and (out / "captions.txt").is_file():
+        typer.echo(f"{out}: all {num} prior images exist; nothing to do")
+        return
+    _quiet_libraries()
+    from latexblend.models import load_pipeline
+
+    made, _ = generate_prior(load_pipeline(model, device=device), class_noun, num, out, seed=seed, steps=steps,
+                             cfg=cfg)
+    typer.echo(f"generated {made} prior images of '{class_noun}' in {out}/ ({num} in all)")
+
+
 def main() -> None:
     """Console-script entry point."""
     try:

@@ -103,3 +103,104 @@ class GenerateConfig:
             value = getattr(self, side)
             if value is not None and (value <= 0 or value % 8):
                 raise LatexBlendError(f"{side} must be a positive multiple of 8, got {value}")
+
+
+# --------------------------------------------------------------------------- training (METHOD sections 2-3)
+
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Stage 1 settings. Defaults are the authors' recipe (METHOD section 2): lr 1e-5 scaled by the
+    batch (instance + prior) and the number of processes, AdamW, constant schedule, grad clip 1.0,
+    3000 steps on one process (1500 on two), seed 42, 512 px on SDXL (64 px on the tiny model)."""
+
+    name: str | None = None
+    images: str | None = None
+    class_noun: str | None = None
+    prior: str | None = None  # prior folder [default: reg_data/<class_noun>]
+    prior_captions: str | None = None
+    use_prior: bool = True
+    model: str = "tiny"
+    resolution: int | None = None  # None: min(512, the UNet's native size)
+    steps: int | None = None  # None: 3000 // processes
+    batch_size: int = 1  # instance images per process (and as many prior images)
+    lr: float = 1e-5
+    scale_lr: bool = True
+    weight_decay: float = 1e-2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    prior_loss_weight: float = 1.0
+    seed: int = 42
+    base_flow: bool = True
+    fixed_template: bool = False
+    token: str = "<new1>"
+    init_token: str = "pll"
+    kv_rank: int = 0  # > 0: LoRA of this rank on to_k/to_v instead of full weights
+    gradient_checkpointing: bool = False
+    use_8bit_adam: bool = False
+    mixed_precision: str = "auto"  # auto: bf16 on CUDA, none on CPU
+    checkpoint_every: int = 500  # 0: no intermediate checkpoints
+    log_every: int = 10
+    log_tensorboard: bool = False
+    runs_dir: str = "runs"
+    bank_dir: str | None = None  # [default: $LATEXBLEND_BANK or ./concept_bank]
+    extract_prompt: str = "photo of {token} {noun}"
+    bank_dtype: str = "auto"  # auto: fp16 on CUDA, else the compute dtype
+    resume: str | None = None  # "latest" or a checkpoint folder
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        from latexblend.bank import check_name
+
+        for key in ("name", "images", "class_noun"):
+            if not getattr(self, key):
+                raise LatexBlendError(f"no {key.replace('_', ' ')} given (use --concept, or --images, "
+                                      f"--class-noun and --name)")
+        check_name(self.name)
+        if not str(self.class_noun).strip():
+            raise LatexBlendError("class noun is empty")
+        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
+            raise LatexBlendError(f"resolution must be a positive multiple of 8, got {self.resolution}")
+        if self.steps is not None:
+            check_range("steps", self.steps, 1)
+        check_range("batch_size", self.batch_size, 1)
+        check_range("lr", self.lr, 0)
+        check_range("kv_rank", self.kv_rank, 0)
+        check_range("checkpoint_every", self.checkpoint_every, 0)
+        check_range("log_every", self.log_every, 1)
+        check_range("prior_loss_weight", self.prior_loss_weight, 0)
+        check_range("max_grad_norm", self.max_grad_norm, 0)
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise LatexBlendError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}")
+        if "{token}" not in self.extract_prompt or "{noun}" not in self.extract_prompt:
+            raise LatexBlendError("extract_prompt must contain {token} and {noun}")
+
+
+def concept_settings(name: str, concepts_dir: str | Path = "configs/concepts") -> dict[str, Any]:
+    """The settings in ``<concepts_dir>/<name>.yaml`` (``name`` defaults to the file's stem)."""
+    path = Path(concepts_dir) / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in Path(concepts_dir).glob("*.yaml"))) or "none"
+        raise LatexBlendError(f"unknown concept '{name}': no {path} (concepts there: {known})")
+    data = load_mapping(path)
+    data.setdefault("name", path.stem)
+    return data
+
+
+def train_settings(concept: str | None, concepts_dir: str | Path, flags: dict[str, Any],
+                   sets: list[str] | None = None) -> TrainConfig:
+    """Defaults < ``<concepts_dir>/<concept>.yaml`` < ``--set key=value`` < explicit flags."""
+    import yaml
+
+    layers: list[dict[str, Any]] = [concept_settings(concept, concepts_dir) if concept else {}]
+    extra: dict[str, Any] = {}
+    for item in sets or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise LatexBlendError(f"--set takes KEY=VALUE, got '{item}'")
+        extra[key.strip()] = yaml.safe_load(value)
+    return merge(TrainConfig, *layers, extra, flags, source="training")

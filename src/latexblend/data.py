@@ -1,0 +1,226 @@
+"""Training data (METHOD section 2, "Data"): the template pool, instance and prior images, augmentation.
+
+Every random draw takes an explicit ``torch.Generator``: the training loop seeds one per step from
+``(seed, step, process)``, so a resumed run sees exactly the draws an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from latexblend.errors import LatexBlendError
+from latexblend.fileio import atomic_path, write_text_atomic
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from PIL import Image
+
+#: The replace/instance template pool (METHOD section 2, step 1). Drawn independently per flow.
+TEMPLATES = ("{}", "a {}", "photo of {}", "a photo of {}", "a photo of a {}", "a fancy photo of a {}",
+             "A close-up, detailed photo of {}")
+FIXED_TEMPLATE = "photo of {}"  # --fixed-template: both flows always use it
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+#: Text files allowed beside images (prior captions, the release's list files).
+SIDE_FILES = ("captions.txt", "caption.txt", "images.txt")
+
+
+def template_pool(fixed: bool) -> tuple[str, ...]:
+    return (FIXED_TEMPLATE,) if fixed else TEMPLATES
+
+
+# --------------------------------------------------------------------------- reading images
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """An RGB image with its EXIF orientation applied; a corrupt file is one clear error naming it."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise LatexBlendError(f"{path} is not a readable image ({type(err).__name__}): remove or replace it") from err
+
+
+def list_images(folder: str | Path, what: str = "image") -> list[Path]:
+    """The image files of ``folder`` in sorted order, each checked to decode.
+
+    Refused with one line: a missing folder, a folder without images, a file that is not an image
+    (other than the caption/list files in :data:`SIDE_FILES`), an image that does not decode.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LatexBlendError(f"{what} folder {folder} does not exist")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    images = []
+    for path in files:
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            open_image(path)
+            images.append(path)
+        elif path.name not in SIDE_FILES:
+            raise LatexBlendError(f"{path} is not an image (expected {', '.join(IMAGE_SUFFIXES)}); move it out of "
+                                  f"the {what} folder")
+    if not images:
+        raise LatexBlendError(f"{what} folder {folder} holds no images")
+    return images
+
+
+def _read_lines(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def load_prior(folder: str | Path, class_noun: str, captions: str | Path | None = None) -> list[tuple[Path, str]]:
+    """``(image path, caption)`` pairs of the prior (class) data.
+
+    Two layouts: the release's ``images.txt`` (one path per line, relative ones against ``folder``)
+    with ``caption.txt``; or a folder of images with an optional captions file (``captions`` or
+    ``folder/captions.txt``, one line per image in sorted file order). Without captions every
+    caption is the class noun.
+    """
+    folder = Path(folder)
+    listing = folder / "images.txt"
+    if listing.is_file():
+        paths = [p if p.is_absolute() else folder / p for p in map(Path, _read_lines(listing))]
+        for p in paths:
+            if not p.is_file():
+                raise LatexBlendError(f"{listing} lists {p}, which does not exist")
+            open_image(p)
+        if not paths:
+            raise LatexBlendError(f"{listing} lists no images")
+        captions = captions or folder / "caption.txt"
+    else:
+        paths = list_images(folder, "prior")
+        captions = captions or folder / "captions.txt"
+    texts = [class_noun] * len(paths)
+    if Path(captions).is_file():
+        texts = _read_lines(Path(captions))
+        if len(texts) != len(paths):
+            raise LatexBlendError(f"{captions} has {len(texts)} captions for {len(paths)} prior images")
+    elif captions not in (folder / "caption.txt", folder / "captions.txt"):
+        raise LatexBlendError(f"prior captions file {captions} does not exist")
+    return list(zip(paths, texts, strict=True))
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+@dataclass
+class Sample:
+    """One augmented image: ``pixels`` [3, H, W] in [-1, 1], ``mask`` [1, H/f, W/f] (latent grid, 1 where
+    the loss counts), and SDXL's ``time_ids`` (original h, w, crop top, left, target h, w)."""
+
+    pixels: torch.Tensor
+    mask: torch.Tensor
+    time_ids: tuple[int, int, int, int, int, int]
+
+
+def _randint(g: torch.Generator, lo: int, hi: int) -> int:
+    """Uniform integer in ``[lo, hi]`` (inclusive) from ``g``."""
+    import torch
+
+    return int(torch.randint(lo, hi + 1, (1,), generator=g))
+
+
+def _to_tensor(img: Image.Image) -> torch.Tensor:
+    import numpy as np
+    import torch
+
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def _square(img: Image.Image, side: int) -> Image.Image:
+    """Centre-crop to a square and resize to ``side`` (bicubic)."""
+    from PIL import Image
+
+    w, h = img.size
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    return img.crop((left, top, left + s, top + s)).resize((side, side), Image.Resampling.BICUBIC)
+
+
+def augment(img: Image.Image, size: int, factor: int, g: torch.Generator) -> Sample:
+    """Custom Diffusion's augmentation: random hflip; with probability 2/3 shrink to a side in
+    ``[size/3, size]`` and paste at a random place on a blank (mid-grey) canvas, the loss masked to the
+    latent cells the object covers; otherwise enlarge to ``[1.2, 1.4] x size`` and random-crop (mask
+    all ones). ``factor`` is the VAE's downsampling (8)."""
+    import torch
+    from PIL import Image
+
+    orig = (img.height, img.width)
+    if float(torch.rand((), generator=g)) < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    lat = size // factor
+    mask = torch.zeros(1, lat, lat)
+    if float(torch.rand((), generator=g)) < 2 / 3:
+        side = _randint(g, size // 3, size)
+        top, left = _randint(g, 0, size - side), _randint(g, 0, size - side)
+        pixels = torch.zeros(3, size, size)
+        pixels[:, top : top + side, left : left + side] = _to_tensor(_square(img, side))
+        r0, r1 = -(-top // factor), (top + side) // factor  # latent cells fully inside the object
+        c0, c1 = -(-left // factor), (left + side) // factor
+        if r1 <= r0 or c1 <= c0:  # object smaller than one cell: keep the cells it touches
+            r0, r1, c0, c1 = top // factor, -(-(top + side) // factor), left // factor, -(-(left + side) // factor)
+        mask[:, r0:r1, c0:c1] = 1.0
+        return Sample(pixels, mask, (*orig, 0, 0, size, size))
+    side = _randint(g, int(1.2 * size), int(1.4 * size))
+    top, left = _randint(g, 0, side - size), _randint(g, 0, side - size)
+    pixels = _to_tensor(_square(img, side))[:, top : top + size, left : left + size].contiguous()
+    return Sample(pixels, mask + 1.0, (*orig, top, left, size, size))
+
+
+def prior_sample(img: Image.Image, size: int, factor: int, g: torch.Generator) -> Sample:
+    """A class image: centre square at ``size``, random hflip, loss everywhere."""
+    import torch
+    from PIL import Image
+
+    orig = (img.height, img.width)
+    if float(torch.rand((), generator=g)) < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    lat = size // factor
+    return Sample(_to_tensor(_square(img, size)), torch.ones(1, lat, lat), (*orig, 0, 0, size, size))
+
+
+# --------------------------------------------------------------------------- prior generation
+
+
+def prior_missing(out: str | Path, num: int) -> list[int]:
+    """Indices of the prior images ``out/00000.png``... that do not exist yet."""
+    return [i for i in range(num) if not (Path(out) / f"{i:05d}.png").is_file()]
+
+
+def generate_prior(pipe, class_noun: str, num: int, out: str | Path, seed: int = 0, steps: int = 50,
+                   cfg: float = 6.0, resolution: int | None = None, progress: bool = True) -> tuple[int, Path]:
+    """Generate ``num`` class images ``00000.png``... into ``out`` with the base model.
+
+    Image ``i`` uses seed ``seed + i``, so the set is deterministic and a stopped run resumes: existing
+    images are kept. ``captions.txt`` (the class noun per image) is written once all exist.
+    Returns ``(number generated now, out)``; 0 means the set was already complete.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    todo = prior_missing(out, num)
+    captions = out / "captions.txt"
+    if not todo and captions.is_file():
+        return 0, out
+    size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    for i in tqdm(todo, desc=f"prior '{class_noun}'", disable=not progress):
+        g = torch.Generator("cpu").manual_seed(seed + i)
+        image = pipe(class_noun, num_inference_steps=steps, guidance_scale=cfg, height=size, width=size,
+                     generator=g).images[0]
+        with atomic_path(out / f"{i:05d}.png") as tmp:
+            image.save(tmp, format="PNG")
+    write_text_atomic(captions, "\n".join([class_noun] * num) + "\n")
+    return len(todo), out
+
+
+def draw(g: torch.Generator, options: Sequence):
+    """One element of ``options`` drawn uniformly with ``g``."""
+    return options[_randint(g, 0, len(options) - 1)]

@@ -1,0 +1,435 @@
+"""Stage 1 (dual-flow training) and Stage 2 (extraction): mechanics, exactness, resume, CLI, bad input."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from latexblend.attention import project_kv
+from latexblend.bank import load_bank, verify_bank
+from latexblend.cli import app
+from latexblend.config import TrainConfig, merge, train_settings
+from latexblend.data import TEMPLATES, augment, list_images, load_prior, open_image
+from latexblend.errors import LatexBlendError
+from latexblend.models import attn2_modules
+from latexblend.train import build_setup, check_inputs, encode_batch, make_batch, step_generator, train, unet_loss
+
+runner = CliRunner()
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def draw_concept(path: Path, i: int, size=(80, 72)) -> Path:
+    img = Image.new("RGB", size, (40 + 20 * i, 170, 90))
+    d = ImageDraw.Draw(img)
+    d.ellipse((8 + i, 6, 52, 60), fill=(220, 40, 40))
+    d.rectangle((30, 30 + i, 70, 50), fill=(30, 30, 200))
+    img.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def concept_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("concept")
+    for i in range(3):
+        draw_concept(folder / f"{i}.png", i)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def prior_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("prior")
+    for i in range(2):
+        Image.new("RGB", (64, 64), (90, 60 * i, 30)).save(folder / f"{i:05d}.png")
+    (folder / "captions.txt").write_text("a dog\na dog on grass\n")
+    return folder
+
+
+def config(tiny_dir, concept_dir, prior_dir=None, **kw):
+    base = dict(name="c", images=str(concept_dir), class_noun="dog", model=str(tiny_dir), steps=2, checkpoint_every=0,
+                use_prior=prior_dir is not None, prior=str(prior_dir) if prior_dir else None)
+    return merge(TrainConfig, {**base, **kw})
+
+
+def setup_for(cfg):
+    images, prior = check_inputs(cfg)
+    return build_setup(cfg, images, prior, torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_dir, concept_dir, prior_dir):
+    return setup_for(config(tiny_dir, concept_dir, prior_dir))
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_augmentation_is_seeded_and_masks_the_pasted_object(concept_dir):
+    img = open_image(concept_dir / "0.png")
+    a = augment(img, 64, 8, torch.Generator().manual_seed(3))
+    b = augment(img, 64, 8, torch.Generator().manual_seed(3))
+    assert torch.equal(a.pixels, b.pixels) and torch.equal(a.mask, b.mask) and a.time_ids == b.time_ids
+    pasted = cropped = 0
+    for seed in range(40):
+        s = augment(img, 64, 8, torch.Generator().manual_seed(seed))
+        assert s.pixels.shape == (3, 64, 64) and s.mask.shape == (1, 8, 8)
+        assert s.time_ids[:2] == (72, 80) and s.time_ids[4:] == (64, 64)
+        if s.mask.sum() < 64:  # paste branch: the canvas is exactly 0 (mid-grey), image pixels never are
+            pasted += 1
+            assert s.mask.sum() >= 1
+            blocks = s.pixels.abs().sum(0).reshape(8, 8, 8, 8).permute(0, 2, 1, 3).reshape(8, 8, 64)
+            inside = (blocks > 0).all(-1)
+            assert bool(inside[s.mask[0] > 0].all())
+            assert float((s.pixels.abs().sum(0) == 0).float().mean()) > 0  # some canvas shows
+        else:
+            cropped += 1
+            assert float((s.pixels.abs().sum(0) == 0).float().mean()) == 0
+    assert pasted > 15 and cropped > 5  # roughly 2/3 vs 1/3 of 40
+
+
+def test_images_are_exif_rotated_rgb(tmp_path):
+    img = Image.new("L", (40, 20), 128)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    img.save(tmp_path / "r.jpg", exif=exif)
+    out = open_image(tmp_path / "r.jpg")
+    assert out.mode == "RGB" and out.size == (20, 40)
+
+
+def test_image_folder_errors_name_the_problem(tmp_path):
+    with pytest.raises(LatexBlendError, match="does not exist"):
+        list_images(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LatexBlendError, match="holds no images"):
+        list_images(tmp_path / "empty")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    draw_concept(bad / "a.png", 0)
+    (bad / "b.png").write_bytes(b"not a png at all")
+    with pytest.raises(LatexBlendError, match="b.png is not a readable image"):
+        list_images(bad)
+    (bad / "b.png").unlink()
+    (bad / "notes.md").write_text("hi")
+    with pytest.raises(LatexBlendError, match="notes.md is not an image"):
+        list_images(bad)
+
+
+def test_prior_folder_and_release_layout(tmp_path, prior_dir):
+    pairs = load_prior(prior_dir, "dog")
+    assert [c for _, c in pairs] == ["a dog", "a dog on grass"]
+    release = tmp_path / "release"
+    (release / "imgs").mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (32, 32), (i, 0, 0)).save(release / "imgs" / f"x{i}.jpg")
+    (release / "images.txt").write_text("\n".join(f"imgs/x{i}.jpg" for i in range(3)))
+    (release / "caption.txt").write_text("dog one\ndog two\ndog three\n")
+    pairs = load_prior(release, "dog")
+    assert [p.name for p, _ in pairs] == ["x0.jpg", "x1.jpg", "x2.jpg"] and pairs[2][1] == "dog three"
+    (release / "caption.txt").write_text("only one\n")
+    with pytest.raises(LatexBlendError, match="1 captions for 3 prior images"):
+        load_prior(release, "dog")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    Image.new("RGB", (32, 32)).save(plain / "0.png")
+    assert load_prior(plain, "cat") == [(plain / "0.png", "cat")]
+
+
+# --------------------------------------------------------------------------- the training step
+
+
+def _step(setup, step=0):
+    batch = make_batch(setup, step_generator(setup.cfg.seed, step))
+    context, pooled = encode_batch(setup, batch)
+    return batch, context.detach(), pooled.detach()
+
+
+def test_batch_layout_and_independent_templates(setup):
+    seen = set()
+    for step in range(12):
+        batch = make_batch(setup, step_generator(42, step))
+        assert batch.latents.shape == (2, 4, 8, 8) and batch.masks.shape == (1, 1, 8, 8)
+        assert batch.prompts[1] in ("a dog", "a dog on grass")  # [instance, prior]
+        inst = next(t for t in setup.templates if t.instance == batch.prompts[0])
+        seen.add(setup.templates.index(inst) == setup.templates.index(batch.replace[0]))
+    assert seen == {True, False}  # the two flows draw their templates independently
+    a, b = make_batch(setup, step_generator(42, 5)), make_batch(setup, step_generator(42, 5))
+    assert torch.equal(a.latents, b.latents) and torch.equal(a.noise, b.noise) and a.prompts == b.prompts
+    assert len(setup.templates) == len(TEMPLATES)
+
+
+def test_instance_kv_is_base_flow_with_concept_rows_at_the_span(setup):
+    batch, context, pooled = _step(setup, 1)
+    setup.state.record = {}
+    try:
+        with torch.no_grad():
+            unet_loss(setup, batch, context, pooled)
+        record = setup.state.record
+    finally:
+        setup.state.record = None
+    template = batch.replace[0]
+    cs = next(t.concept_span for t in setup.templates if t.instance == batch.prompts[0])
+    rs = template.replace_span
+    assert rs.length == cs.length == 2
+    for layer, attn in attn2_modules(setup.pipe.unet).items():
+        k, v = record[layer]
+        with torch.no_grad():
+            ck, cv = project_kv(attn, context)
+        for got, base, concept in ((k, template.base_kv[layer][0], ck), (v, template.base_kv[layer][1], cv)):
+            outside = [i for i in range(77) if i not in rs.positions]
+            assert torch.equal(got[0, outside], base[outside])
+            assert torch.equal(got[0, rs.start : rs.stop], concept[0, cs.start : cs.stop])
+            assert not torch.allclose(got[0, rs.start : rs.stop], base[rs.start : rs.stop])
+            assert torch.equal(got[1], concept[1])  # prior sample: the concept flow on its own prompt
+    assert torch.equal(pooled[0], template.pooled)  # pooled embedding from the replace prompt
+
+
+def test_loss_sees_the_concept_flow_only_at_the_span_and_bos_gets_no_gradient(setup):
+    batch, context, pooled = _step(setup, 2)
+    cs = next(t.concept_span for t in setup.templates if t.instance == batch.prompts[0])
+    inst0, _ = unet_loss(setup, batch, context, pooled)
+    noise = torch.randn(context.shape[1:], generator=torch.Generator().manual_seed(0))
+    outside = context.clone()
+    keep = torch.ones(77, 1, dtype=torch.bool)
+    keep[cs.start : cs.stop] = False
+    outside[0] += noise * keep
+    inst1, _ = unet_loss(setup, batch, outside, pooled)
+    assert torch.equal(inst0, inst1)
+    inside = context.clone()
+    inside[0, cs.start] += noise[cs.start]
+    inst2, _ = unet_loss(setup, batch, inside, pooled)
+    assert abs(float(inst2 - inst0)) > 1e-7
+    ctx = context.clone().requires_grad_(True)
+    inst, prior = unet_loss(setup, batch, ctx, pooled)
+    (inst + prior).backward()
+    grad = ctx.grad.abs().sum(-1)  # [2, 77]
+    assert float(grad[:, 0].max()) == 0.0  # BOS row detached in both samples
+    assert float(grad[1, 1:].min()) > 0  # the prior sample trains on its whole prompt
+    nz = set(torch.nonzero(grad[0]).flatten().tolist())
+    assert nz == set(cs.positions)  # the instance sample trains only through the span rows
+
+
+def test_no_base_flow_and_fixed_template(tiny_dir, concept_dir):
+    s = setup_for(config(tiny_dir, concept_dir, base_flow=False, fixed_template=True))
+    assert [t.instance for t in s.templates] == ["photo of <new1> dog"]
+    batch, context, pooled = _step(s)
+    assert batch.prompts == ["photo of <new1> dog"] and batch.latents.shape[0] == 1
+    s.state.record = {}
+    with torch.no_grad():
+        unet_loss(s, batch, context, pooled)
+    for layer, attn in attn2_modules(s.pipe.unet).items():
+        with torch.no_grad():
+            k, _ = project_kv(attn, context)
+        assert torch.equal(s.state.record[layer][0], k)  # plain Custom-Diffusion K/V
+
+
+def test_one_step_changes_only_kv_and_the_identifier_rows(tiny_dir, concept_dir, prior_dir):
+    s = setup_for(config(tiny_dir, concept_dir, prior_dir))
+    unet = s.pipe.unet
+    before = {n: p.detach().clone() for n, p in unet.named_parameters()}
+    encs = [s.pipe.text_encoder, s.pipe.text_encoder_2]
+    all_ids = torch.arange(len(s.pipe.tokenizer)).unsqueeze(0)
+    emb_before = [e.get_input_embeddings()(all_ids)[0].detach().clone() for e in encs]
+    raw_before = [e.get_input_embeddings().weight.detach().clone() for e in encs]
+    opt = torch.optim.AdamW(s.parameters(), lr=1e-3, weight_decay=0.5)
+    from latexblend.train import step_loss
+
+    loss, _, _ = step_loss(s, 0)
+    loss.backward()
+    opt.step()
+    changed = {n for n, p in unet.named_parameters() if not torch.equal(p, before[n])}
+    expected = {f"{layer}.{proj}.weight" for layer in attn2_modules(unet) for proj in ("to_k", "to_v")}
+    assert changed == expected
+    token_id = s.rows.token_id
+    for enc, eb, rb in zip(encs, emb_before, raw_before, strict=True):
+        after = enc.get_input_embeddings()(all_ids)[0]
+        rows = torch.nonzero((after != eb).any(-1)).flatten().tolist()
+        assert rows == [token_id]
+        assert torch.equal(enc.get_input_embeddings().weight, rb)  # the frozen matrix is untouched
+
+
+# --------------------------------------------------------------------------- runs, resume, extraction
+
+
+def _tensors(folder):
+    return {**load_file(str(folder / "kv.safetensors")), **load_file(str(folder / "tokens.safetensors"))}
+
+
+def test_bank_equals_kv_of_trained_weights_and_resume_is_exact(tmp_path, tiny_dir, concept_dir, prior_dir, tiny_pipe):
+    common = dict(steps=4, checkpoint_every=2)
+    a = config(tiny_dir, concept_dir, prior_dir, runs_dir=str(tmp_path / "ra"), bank_dir=str(tmp_path / "ba"), **common)
+    run_a = train(a, progress=False)
+    b = config(tiny_dir, concept_dir, prior_dir, runs_dir=str(tmp_path / "rb"), bank_dir=str(tmp_path / "bb"), **common)
+
+    def stop(step, loss):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(b, progress=False, on_step=stop)
+    run_b = tmp_path / "rb" / "c"
+    assert (run_b / "checkpoints" / "step_2" / "optimizer.pt").is_file()
+    assert not (run_b / "kv.safetensors").exists() and not (tmp_path / "bb" / "c.safetensors").exists()
+    b.resume = "latest"
+    train(b, progress=False)
+    ta, tb = _tensors(run_a), _tensors(run_b)
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert not torch.equal(ta["text_encoder"], _tensors(run_a / "checkpoints" / "step_2")["text_encoder"])
+    info = json.loads((run_b / "run.json").read_text())
+    assert info["start_step"] == 2 and info["steps"] == 4 and info["lr"] == pytest.approx(2e-5)
+    assert {"python", "torch", "diffusers", "transformers"} <= set(info["versions"])
+
+    # the bank equals K/V computed from the trained weights with the stock pipeline's encode_prompt
+    bank = load_bank(tmp_path / "ba" / "c.safetensors")
+    verify_bank(bank, tiny_pipe.unet, tiny_pipe.tokenizer)  # fingerprint of the *pretrained* model
+    assert bank.training["images"] == str(concept_dir.resolve()) and bank.training["steps"] == 4
+    assert bank.training["base_flow"] is True and bank.training["resolution"] == 64
+    from latexblend.models import load_pipeline
+    from latexblend.tokens import add_identifier_token
+
+    pipe = load_pipeline(str(tiny_dir), device="cpu", dtype="fp32")
+    encs = [pipe.text_encoder, pipe.text_encoder_2]
+    new_id = add_identifier_token([pipe.tokenizer, pipe.tokenizer_2], encs)
+    with torch.no_grad():
+        for name, enc in zip(("text_encoder", "text_encoder_2"), encs, strict=True):
+            enc.get_input_embeddings().weight[new_id] = ta[name]
+        ctx = pipe.encode_prompt("photo of <new1> dog", device="cpu", do_classifier_free_guidance=False)[0][0]
+    ids = pipe.tokenizer("photo of <new1> dog").input_ids
+    start = ids.index(new_id)
+    assert ids[start + 1] == 1929
+    for layer in bank.layers:
+        wk, wv = ta[f"{layer}.to_k.weight"], ta[f"{layer}.to_v.weight"]
+        torch.testing.assert_close(bank.k[layer], ctx[start : start + 2] @ wk.T, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bank.v[layer], ctx[start : start + 2] @ wv.T, rtol=1e-5, atol=1e-6)
+
+
+def test_lora_variant_trains_low_rank_and_reextracts(tmp_path, tiny_dir, concept_dir):
+    cfg = config(tiny_dir, concept_dir, kv_rank=2, lr=1e-3, runs_dir=str(tmp_path / "r"),
+                 bank_dir=str(tmp_path / "b"))
+    run = train(cfg, progress=False)
+    kv = load_file(str(run / "kv.safetensors"))
+    assert all(k.endswith(("lora_A", "lora_B")) for k in kv)
+    assert float(kv[next(k for k in kv if k.endswith("lora_B"))].abs().sum()) > 0
+    from latexblend.extract import extract_run
+
+    bank, _ = extract_run(run, out=tmp_path / "again.safetensors", device="cpu")
+    first = load_bank(tmp_path / "b" / "c.safetensors")
+    for layer in first.layers:
+        torch.testing.assert_close(bank.k[layer], first.k[layer], rtol=1e-5, atol=1e-6)
+
+
+def test_two_processes_train_identically(tmp_path, tiny_dir, concept_dir, prior_dir):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "LATEXBLEND_DEBUG_DUMP": str(tmp_path / "dump"),
+           "LATEXBLEND_BANK": str(tmp_path / "bank")}
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           "-m", "latexblend", "train", "--images", str(concept_dir), "--class-noun", "dog", "--name", "mp",
+           "--model", str(tiny_dir), "--prior", str(prior_dir), "--steps", "2", "--runs-dir", str(tmp_path / "runs")]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    dumps = [json.loads((tmp_path / f"dump.rank{r}.json").read_text()) for r in (0, 1)]
+    assert dumps[0]["sha256"] == dumps[1]["sha256"]
+    info = json.loads((tmp_path / "runs" / "mp" / "run.json").read_text())
+    assert info["num_processes"] == 2 and info["lr"] == pytest.approx(4e-5)  # 1e-5 x (1 + 1) x 2
+    assert (tmp_path / "bank" / "mp.safetensors").is_file()
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_prior_train_extract(tmp_path, tiny_dir, concept_dir):
+    prior = tmp_path / "reg" / "dog"
+    args = ["prior", "--class-noun", "dog", "--num", "2", "--steps", "2", "--model", str(tiny_dir), "--out", str(prior)]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in prior.iterdir()) == ["00000.png", "00001.png", "captions.txt"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0 and "nothing to do" in r.output
+    runs, banks = tmp_path / "runs", tmp_path / "banks"
+    r = runner.invoke(app, ["train", "--images", str(concept_dir), "--class-noun", "dog", "--name", "corgi",
+                            "--model", str(tiny_dir), "--prior", str(prior), "--steps", "2", "--runs-dir", str(runs),
+                            "--bank-dir", str(banks), "--set", "log_every=1"])
+    assert r.exit_code == 0, r.output
+    run = runs / "corgi"
+    assert {p.name for p in run.iterdir()} >= {"config.yaml", "run.json", "kv.safetensors", "tokens.safetensors"}
+    bank = load_bank(banks / "corgi.safetensors")
+    assert bank.num_tokens == 2 and len(bank.layers) == 11
+    r = runner.invoke(app, ["extract", "--run", str(run), "--out", str(tmp_path / "x.safetensors"), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    again = load_bank(tmp_path / "x.safetensors")
+    assert all(torch.equal(again.k[n], bank.k[n]) and torch.equal(again.v[n], bank.v[n]) for n in bank.layers)
+    r = runner.invoke(app, ["extract", "--run", str(run), "--prompt", "a photo of a <new1> dog", "--out",
+                            str(tmp_path / "y.safetensors"), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    other = load_bank(tmp_path / "y.safetensors")
+    assert other.extraction_prompt == "a photo of a <new1> dog" and not torch.equal(other.k[bank.layers[0]],
+                                                                                  bank.k[bank.layers[0]])
+    r = runner.invoke(app, ["extract", "--run", str(run), "--checkpoint", "7"])
+    assert r.exit_code == 2 and "checkpoint 7" in r.output
+    r = runner.invoke(app, ["train", "--images", str(concept_dir), "--class-noun", "dog", "--name", "corgi",
+                            "--model", str(tiny_dir), "--prior", str(prior), "--runs-dir", str(runs)])
+    assert r.exit_code == 2 and "--resume latest" in r.output  # an existing run is never clobbered
+
+
+def test_concept_yaml_and_precedence(tmp_path, concept_dir):
+    cdir = tmp_path / "concepts"
+    cdir.mkdir()
+    (cdir / "rex.yaml").write_text(f"images: {concept_dir}\nclass_noun: dog\nsteps: 7\nlr: 2.0e-5\nseed: 3\n")
+    cfg = train_settings("rex", cdir, {"steps": 5}, ["seed=9", "fixed_template=true"])
+    assert (cfg.name, cfg.class_noun, cfg.steps, cfg.lr, cfg.seed, cfg.fixed_template) == ("rex", "dog", 5, 2e-5, 9,
+                                                                                            True)
+    with pytest.raises(LatexBlendError, match="unknown concept 'nobody'.*rex"):
+        train_settings("nobody", cdir, {})
+    with pytest.raises(LatexBlendError, match="unknown training key 'stpes'"):
+        train_settings("rex", cdir, {}, ["stpes=3"])
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, concept_dir):
+    root = tmp_path_factory.mktemp("bad")
+    (root / "empty").mkdir()
+    (root / "corrupt").mkdir()
+    draw_concept(root / "corrupt" / "a.png", 0)
+    (root / "corrupt" / "b.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    (root / "text").mkdir()
+    draw_concept(root / "text" / "a.png", 0)
+    (root / "text" / "list.csv").write_text("x")
+    return root
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--images", "{root}/missing"], "does not exist"),
+    (["--images", "{root}/empty"], "holds no images"),
+    (["--images", "{root}/corrupt"], "b.jpg is not a readable image"),
+    (["--images", "{root}/text"], "list.csv is not an image"),
+    (["--concept", "nobody"], "unknown concept 'nobody'"),
+    (["--class-noun", " "], "class noun is empty"),
+    (["--class-noun", " ".join(["big"] * 80)], "over CLIP's limit"),
+    (["--resolution", "60"], "multiple of 8"),
+    (["--resolution", "72"], "multiple of 32"),
+    (["--resume", "{root}/no-such-checkpoint"], "does not exist"),
+    (["--set", "init_token=hello world"], "init token"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_dir, concept_dir, bad_inputs, extra, message):
+    base = {"--images": str(concept_dir), "--class-noun": "dog", "--name": "bad"}
+    extra = [e.format(root=bad_inputs) for e in extra]
+    for flag, value in zip(extra[::2], extra[1::2], strict=True):
+        base[flag] = value
+    if "--concept" in base:
+        base = {"--concept": base["--concept"], "--concepts-dir": str(tmp_path)}
+    args = ["train", *[x for kv in base.items() for x in kv], "--model", str(tiny_dir), "--no-prior", "--steps", "1",
+            "--runs-dir", str(tmp_path / "runs"), "--bank-dir", str(tmp_path / "banks")]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith("error: ") and r.output.count("\n") == 1 and message in r.output
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "banks").exists()
