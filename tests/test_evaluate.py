@@ -275,7 +275,7 @@ def test_unreadable_image_is_an_error_or_a_reported_skip(tmp_path, models):
     bad = samples / json.loads((samples / "metadata.json").read_text())["images"][1]["file"]
     bad.write_bytes(b"not a png")
     (refs / "ref2.png").write_bytes(b"\x89PNG broken")
-    with pytest.raises(LatexBlendError, match=r"cannot read image .*p000_s0000001.png"):
+    with pytest.raises(LatexBlendError, match=r"p000_s0000001.png is not a readable image"):
         ev.evaluate_samples(samples, models)
     m = ev.evaluate_samples(samples, models, skip_bad=True)
     assert {(s["kind"], Path(s["file"]).name) for s in m["skipped"]} == {("image", bad.name), ("reference", "ref2.png")}

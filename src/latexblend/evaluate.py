@@ -25,6 +25,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+from latexblend.data import IMAGE_SUFFIXES, open_image
 from latexblend.errors import LatexBlendError
 from latexblend.fileio import atomic_path, write_text_atomic
 
@@ -37,7 +38,6 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIPSCORE_WEIGHT = 2.5
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 DEFAULT_DINO = "facebook/dino-vits16"
 TEXT_POLICIES = {
@@ -94,17 +94,6 @@ def preprocess(images: Sequence[Image.Image], spec: Preprocess) -> torch.Tensor:
     mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
     std = torch.tensor(spec.std).view(1, 3, 1, 1)
     return (torch.stack(out) - mean) / std
-
-
-def open_image(path: Path) -> Image.Image:
-    """The fully decoded RGB image at ``path``; one clear error naming the file if it cannot be read."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as err:
-        raise LatexBlendError(f"cannot read image {path}: {err}") from err
 
 
 # --------------------------------------------------------------------------- the samples folder
