@@ -159,6 +159,15 @@ def load_bank(path: str | Path) -> ConceptBank:
     return bank
 
 
+def bank_complete(path: str | Path) -> bool:
+    """True when ``path`` holds a bank that loads and checks (a finished concept, for farm re-runs)."""
+    try:
+        load_bank(path)
+    except LatexBlendError:
+        return False
+    return True
+
+
 # --------------------------------------------------------------------------- names and folders
 
 

@@ -456,11 +456,26 @@ def _job_evaluator(clip_model: str, dino_model: str, device: str | None, batch_s
 Opt = typer.Option
 
 
+def _farm_index(index: int | None, concept: str | None, images: str | None) -> int | None:
+    """``--index``, else ``$SLURM_ARRAY_TASK_ID`` when no concept is named; never with --concept/--images."""
+    if index is None and concept is None and images is None and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        try:
+            index = int(os.environ["SLURM_ARRAY_TASK_ID"])
+        except ValueError as err:
+            task = os.environ["SLURM_ARRAY_TASK_ID"]
+            raise LatexBlendError(f"SLURM_ARRAY_TASK_ID is not an integer: {task}") from err
+    if index is not None and (concept or images):
+        raise LatexBlendError("--index picks a concept from --concepts-dir; do not combine it with --concept/--images")
+    return index
+
+
 @app.command("train")
 @friendly
 def train_cmd(
     concept: Annotated[str | None, Opt(help="Concept name: reads <concepts-dir>/<name>.yaml.")] = None,
     concepts_dir: Annotated[Path, Opt(help="Folder of concept YAML files.")] = Path("configs/concepts"),
+    index: Annotated[int | None, Opt(help="Farm: train the INDEX-th concept of --concepts-dir (sorted; default "
+                                          "$SLURM_ARRAY_TASK_ID); a complete bank is skipped.")] = None,
     images: Annotated[str | None, Opt(help="Folder of instance images.")] = None,
     class_noun: Annotated[str | None, Opt(help="The concept's class noun, e.g. dog.")] = None,
     name: Annotated[str | None, Opt(help="Concept (bank and run) name.")] = None,
@@ -488,7 +503,7 @@ def train_cmd(
     sets: Annotated[list[str] | None, Opt("--set", help="Any training setting, KEY=VALUE (repeatable).")] = None,
 ) -> None:
     """Stage 1: train one concept (dual flow), then write its bank (Stage 2)."""
-    from latexblend.config import train_settings
+    from latexblend.config import farm_concept, train_settings
 
     flags = dict(images=images, class_noun=class_noun, name=name, model=model, prior=prior, steps=steps, lr=lr,
                  batch_size=batch_size, resolution=resolution, seed=seed, kv_rank=kv_rank, resume=resume,
@@ -499,7 +514,17 @@ def train_cmd(
                     use_8bit_adam=use_8bit_adam, log_tensorboard=log_tensorboard, overwrite=overwrite)
     defaults = dict(use_prior=True, scale_lr=True, base_flow=True)
     flags.update({k: v for k, v in switches.items() if v != defaults.get(k, False)})
+    farm = _farm_index(index, concept, images)
+    if farm is not None:
+        concept = farm_concept(concepts_dir, farm)
     cfg = train_settings(concept, concepts_dir, flags, sets)
+    if farm is not None and not cfg.overwrite:
+        from latexblend.bank import SUFFIX, bank_complete, bank_dir
+
+        bank = bank_dir(cfg.bank_dir) / f"{cfg.name}{SUFFIX}"
+        if bank_complete(bank):
+            typer.echo(f"skip: concept {farm} '{cfg.name}' already has a complete bank ({bank})")
+            return
     _quiet_libraries()
     from latexblend.train import train
 

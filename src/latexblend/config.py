@@ -191,6 +191,17 @@ def concept_settings(name: str, concepts_dir: str | Path = "configs/concepts") -
     return data
 
 
+def farm_concept(concepts_dir: str | Path, index: int) -> str:
+    """The ``index``-th concept (0-based) of ``concepts_dir``, its ``*.yaml`` files in sorted order."""
+    names = sorted(p.stem for p in Path(concepts_dir).glob("*.yaml"))
+    if not names:
+        raise LatexBlendError(f"no concept files (*.yaml) in {concepts_dir}")
+    if not 0 <= index < len(names):
+        raise LatexBlendError(f"--index {index} is out of range: {concepts_dir} holds {len(names)} concepts "
+                              f"(0-{len(names) - 1})")
+    return names[index]
+
+
 def train_settings(concept: str | None, concepts_dir: str | Path, flags: dict[str, Any],
                    sets: list[str] | None = None) -> TrainConfig:
     """Defaults < ``<concepts_dir>/<concept>.yaml`` < ``--set key=value`` < explicit flags."""
