@@ -26,11 +26,8 @@ NOUNS = ["dog", "cat", "car", "tree", "house", "cup", "boat", "bird"]
 
 def bench_pipeline(model: str, device: str | None, dtype: str):
     """``sdxl-random`` (full SDXL architecture, random weights, built on the device) or any ``--model``."""
-    from latexblend.models import build_sdxl_random, default_device, load_pipeline
+    from latexblend.models import load_pipeline
 
-    device = device or default_device()
-    if model == "sdxl-random":
-        return build_sdxl_random(device=device, dtype=dtype)
     return load_pipeline(model, device=device, dtype=dtype)
 
 

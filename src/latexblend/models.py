@@ -49,6 +49,7 @@ class ModelSpec:
 REGISTRY: dict[str, ModelSpec] = {
     "sdxl": ModelSpec("sdxl", SDXL_HUB_ID, {640: 10, 1280: 60}, 2048, 1024),
     "tiny": ModelSpec("tiny", "builtin", {48: 3, 64: 8}, 64, 64),
+    "sdxl-random": ModelSpec("sdxl-random", "builtin", {640: 10, 1280: 60}, 2048, 1024),
 }
 
 
@@ -233,12 +234,16 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 def load_pipeline(model: str = "tiny", device: str | None = None, dtype: str = "auto") -> StableDiffusionXLPipeline:
     """The stock ``StableDiffusionXLPipeline`` for ``model`` on ``device`` in ``dtype``.
 
+    ``sdxl-random`` builds the full SDXL-base architecture with random weights on the device.
+
     A hub id that is not in the local cache (offline machine, typo, gated repo) is one clear error
     naming the model and how to provide it as a local folder.
     """
     from diffusers import StableDiffusionXLPipeline
 
     device = device or default_device()
+    if model == "sdxl-random":
+        return build_sdxl_random(device=device, dtype=dtype)
     source = resolve_model(model)
     torch_dtype = resolve_dtype(dtype, device)
     try:
