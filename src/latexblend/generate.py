@@ -21,7 +21,18 @@ from latexblend.bank import ConceptBank, bank_dir, bank_path, load_bank, verify_
 from latexblend.config import GenerateConfig, to_dict
 from latexblend.errors import LatexBlendError
 from latexblend.fileio import atomic_path, write_text_atomic
+from latexblend.guidance import GuidanceOptions
+from latexblend.rectify import RectifyOptions
 from latexblend.tokens import Span, locate_spans, placeholder_names
+
+
+def _options(cls, value):
+    """``None``/``False`` -> off; ``True`` -> defaults; a mapping -> ``cls(**value)``; an instance as is."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return cls()
+    return cls(**value) if isinstance(value, dict) else value
 
 
 class Blender:
@@ -32,7 +43,7 @@ class Blender:
     """
 
     def __init__(self, pipe, banks: dict[str, ConceptBank], required: Sequence[str] = (),
-                 blend_start: float = 0.9, bind: bool = True):
+                 blend_start: float = 0.9, bind: bool = True, guidance=None, rectify=None, save_maps: bool = False):
         if not 0.0 <= blend_start <= 1.0:
             raise LatexBlendError(f"blend_start must be in [0, 1], got {blend_start}")
         self.pipe, self.banks, self.required = pipe, dict(banks), list(required)
@@ -56,6 +67,16 @@ class Blender:
         self._schedule: tuple = (None, [])
         self._encode = pipe.encode_prompt
         pipe.encode_prompt = self._encode_prompt
+        self.steering = None  # guidance / rectification / map saving (latexblend.steering)
+        guidance, rectify = _options(GuidanceOptions, guidance), _options(RectifyOptions, rectify)
+        if guidance or rectify or save_maps:
+            from latexblend.steering import Steering
+
+            try:
+                self.steering = Steering(self, guidance, rectify, save_maps)
+            except Exception:
+                self.remove()
+                raise
 
     def _on_unet(self, module, args, kwargs):
         """Record ``t / T`` before every UNet call, without a device sync where the scheduler allows."""
@@ -104,6 +125,9 @@ class Blender:
 
     def remove(self) -> None:
         """Restore the pipeline's processors and ``encode_prompt``."""
+        if self.steering is not None:
+            self.steering.remove()
+            self.steering = None
         self._restore()
         self._hook.remove()
         self.pipe.__dict__.pop("encode_prompt", None)
@@ -128,7 +152,9 @@ def load_banks(names: Sequence[str | Path | ConceptBank],
 
 
 def apply(pipe, concepts: Sequence[str | Path | ConceptBank], blend_start: float = 0.9, bind: bool = True,
-          bank_dir: str | Path | None = None, optional: Sequence[str | Path | ConceptBank] = ()) -> Blender:
+          bank_dir: str | Path | None = None, optional: Sequence[str | Path | ConceptBank] = (),
+          guidance: GuidanceOptions | dict | bool | None = None, rectify: RectifyOptions | dict | bool | None = None,
+          save_maps: bool = False) -> Blender:
     """Blend concept banks into an existing SDXL pipeline; call it as usual afterwards.
 
     >>> blender = latexblend.apply(pipe, ["corgi", "castle"])   # doctest: +SKIP
@@ -136,11 +162,15 @@ def apply(pipe, concepts: Sequence[str | Path | ConceptBank], blend_start: float
     >>> blender.remove()                                         # doctest: +SKIP
 
     ``concepts`` must appear in every prompt (by class noun, or as ``<name>``); ``optional`` ones only
-    where a prompt writes ``<name>``.
+    where a prompt writes ``<name>``. ``guidance`` (blending guidance, METHOD section 5) and ``rectify``
+    (self-attention rectification, section 6) take ``True`` for the defaults, a dict of
+    :class:`~latexblend.guidance.GuidanceOptions` / :class:`~latexblend.rectify.RectifyOptions` fields,
+    or an instance; ``save_maps`` keeps per-concept cross-attention maps (``blender.steering``).
     """
     required = load_banks(concepts, bank_dir)
     extra = load_banks(optional, bank_dir)
-    return Blender(pipe, {**extra, **required}, required=list(required), blend_start=blend_start, bind=bind)
+    return Blender(pipe, {**extra, **required}, required=list(required), blend_start=blend_start, bind=bind,
+                   guidance=guidance, rectify=rectify, save_maps=save_maps)
 
 
 # --------------------------------------------------------------------------- the generate stage
