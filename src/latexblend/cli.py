@@ -245,11 +245,33 @@ def generate_cmd(
     config: Annotated[
         Path | None, typer.Option(help="Settings file (YAML/JSON), or the authors' inference JSON.")
     ] = None,
+    guidance: Annotated[
+        bool | None, typer.Option("--guidance/--no-guidance", help="Blending guidance (METHOD 5) [off].")
+    ] = None,
+    guidance_window: Annotated[float | None, typer.Option(help="Guide while t/T >= this [0.8].")] = None,
+    guidance_step_size: Annotated[float | None, typer.Option(help="Latent update scale [1.0].")] = None,
+    guidance_layers: Annotated[
+        str | None, typer.Option(help="all, down/mid/up, inner dims, block prefixes (comma-separated) [all].")
+    ] = None,
+    guidance_checkpointing: Annotated[
+        bool | None, typer.Option("--guidance-checkpointing", help="Gradient checkpointing in the guidance pass.")
+    ] = None,
+    rectify: Annotated[
+        bool | None, typer.Option("--rectify/--no-rectify", help="Self-attention rectification (METHOD 6) [off].")
+    ] = None,
+    rectify_start: Annotated[float | None, typer.Option(help="Capture masks once t/T < this [0.8].")] = None,
+    rectify_clusters: Annotated[int | None, typer.Option(help="Spectral clusters [8].")] = None,
+    save_maps: Annotated[
+        bool | None, typer.Option("--save-maps", help="Write per-concept cross-attention heatmaps.")
+    ] = None,
 ) -> None:
     """Generate images with any combination of banked concepts blended in."""
     from latexblend.config import GenerateConfig, merge
 
-    flags = dict(prompts=(prompt or None), negative_prompt=negative_prompt, num_images=num_images,
+    flags = dict(guidance=guidance, guidance_window=guidance_window, guidance_step_size=guidance_step_size,
+                 guidance_layers=guidance_layers, guidance_checkpointing=guidance_checkpointing, rectify=rectify,
+                 rectify_start=rectify_start, rectify_clusters=rectify_clusters, save_maps=save_maps)
+    flags |= dict(prompts=(prompt or None), negative_prompt=negative_prompt, num_images=num_images,
                  batch_size=batch_size, seed=seed, steps=steps, cfg=cfg, height=height, width=width,
                  scheduler=scheduler, blend_start=blend_start, bind=bind, model=model, device=device, dtype=dtype,
                  out=out, bank_dir=str(directory) if directory else None,
