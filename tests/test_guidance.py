@@ -286,3 +286,17 @@ def test_release_json_guidance_keys_map_to_options(tmp_path):
     cfg = release_config(path)
     assert cfg["guidance"] is True and cfg["guidance_window"] == 0.8 and cfg["guidance_step_size"] == 0.5
     assert cfg["rectify"] is True and cfg["rectify_start"] == 0.7
+
+
+def test_bench_modes_reports_time_and_guidance_memory(tiny_dir, tmp_path):
+    out = tmp_path / "m.json"
+    r = runner.invoke(app, ["bench", "modes", "--model", str(tiny_dir), "--concepts", "2", "--steps", "5",
+                            "--repeats", "1", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    rows = {row["mode"]: row for row in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["stock (A/A)", "plain", "guidance", "guidance_ckpt", "rectify"]
+    assert rows["guidance"]["guided_steps"] == 1 and rows["rectify"]["rectify_passes"] == 1  # t/T 0.801 only
+    assert 0 < rows["guidance_ckpt"]["guidance_saved_mib"] < rows["guidance"]["guidance_saved_mib"]
+    assert all(row["seconds"] > 0 and row["vs_plain"] > 0 for row in rows.values())
+    r = runner.invoke(app, ["bench", "modes", "--concepts", "1", "--out", str(out)])
+    assert r.exit_code == 2 and "between 2 and 6" in r.output

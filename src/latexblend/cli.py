@@ -292,6 +292,17 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks against the stock
 app.add_typer(bench_app, name="bench")
 
 
+def _counts(concepts: str, lo: int, hi: int) -> list[int]:
+    """``--concepts`` of a benchmark: comma-separated integers in ``[lo, hi]``."""
+    try:
+        counts = [int(c) for c in concepts.split(",") if c.strip()]
+    except ValueError as err:
+        raise LatexBlendError(f"--concepts takes comma-separated integers, got '{concepts}'") from err
+    if not counts or min(counts) < lo or max(counts) > hi:
+        raise LatexBlendError(f"--concepts counts must be between {lo} and {hi}")
+    return counts
+
+
 @bench_app.command("generate")
 @friendly
 def bench_generate_cmd(
@@ -306,16 +317,36 @@ def bench_generate_cmd(
     out: Annotated[Path, typer.Option(help="JSON output (CSV written beside it).")] = Path("bench_generate.json"),
 ) -> None:
     """Blended generation with N concepts vs the stock pipeline (same prompt, seed, settings)."""
-    try:
-        counts = [int(c) for c in concepts.split(",") if c.strip()]
-    except ValueError as err:
-        raise LatexBlendError(f"--concepts takes comma-separated integers, got '{concepts}'") from err
-    if not counts or min(counts) < 0 or max(counts) > 8:
-        raise LatexBlendError("--concepts counts must be between 0 and 8")
+    counts = _counts(concepts, 0, 8)
     _quiet_libraries()
     from latexblend.bench import bench_generate, format_table, write_results
 
     result = bench_generate(model, counts, steps=steps, repeats=repeats, size=size, device=device, dtype=dtype)
+    json_path, csv_path = write_results(result, out)
+    typer.echo(format_table(result))
+    typer.echo(f"{result['device_name']}, {result['dtype']}, {result['size']} px, {steps} steps; "
+               f"wrote {json_path} and {csv_path}")
+
+
+@bench_app.command("modes")
+@friendly
+def bench_modes_cmd(
+    model: Annotated[
+        str, typer.Option(help="'tiny', 'sdxl-random' (full SDXL, random weights), a folder or hub id.")
+    ] = "tiny",
+    concepts: Annotated[str, typer.Option(help="Comma-separated concept counts (2-6).")] = "2,4",
+    steps: int = 20,
+    repeats: int = 3,
+    size: Annotated[int | None, typer.Option(help="Image side [model default].")] = None,
+    device: str | None = None, dtype: str = "auto",
+    out: Annotated[Path, typer.Option(help="JSON output (CSV written beside it).")] = Path("bench_modes.json"),
+) -> None:
+    """Plain blending, blending guidance and rectification vs the stock pipeline (time, peak memory)."""
+    counts = _counts(concepts, 2, 6)
+    _quiet_libraries()
+    from latexblend.bench import bench_modes, format_table, write_results
+
+    result = bench_modes(model, counts, steps=steps, repeats=repeats, size=size, device=device, dtype=dtype)
     json_path, csv_path = write_results(result, out)
     typer.echo(format_table(result))
     typer.echo(f"{result['device_name']}, {result['dtype']}, {result['size']} px, {steps} steps; "
