@@ -7,6 +7,7 @@ scaled-dot-product attention. Self-attention (``attn1``) keeps diffusers' own pr
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -24,11 +25,12 @@ def project_kv(attn, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def attend(attn, hidden_states: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-           attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+           attention_mask: torch.Tensor | None = None, sdpa: Callable | None = None) -> torch.Tensor:
     """Cross-attention of ``hidden_states`` [B, N, C_q] over given ``key``/``value`` [B, 77, C].
 
     The same computation as diffusers' ``AttnProcessor2_0`` once K and V are known (SDPA, output
-    projection, residual and rescale as configured on ``attn``).
+    projection, residual and rescale as configured on ``attn``). ``sdpa`` replaces
+    ``F.scaled_dot_product_attention`` (same signature), e.g. by :func:`explicit_attention`.
     """
     residual = hidden_states
     input_ndim = hidden_states.ndim
@@ -50,7 +52,8 @@ def attend(attn, hidden_states: torch.Tensor, key: torch.Tensor, value: torch.Te
         query = attn.norm_q(query)
     if attn.norm_k is not None:
         key = attn.norm_k(key)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+    out = (sdpa or F.scaled_dot_product_attention)(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
+                                                   is_causal=False)
     out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
     out = attn.to_out[1](attn.to_out[0](out))
     if input_ndim == 4:
@@ -216,3 +219,85 @@ class SpliceProcessor(KVProcessor):
     def kv(self, attn, context):
         k, v = project_kv(attn, context)
         return self.state.spliced(self.layer, k, v)
+
+
+# --------------------------------------------------------------------------- explicit attention (METHOD sections 5, 6)
+
+#: ``sink(layer, probs)`` receives head-averaged attention probabilities [B, N, K] of a recording layer.
+Sink = Callable[[str, torch.Tensor], None]
+#: ``edit(layer, scores)`` returns edited pre-softmax scores [B, heads, N, K].
+Edit = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+def explicit_attention(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False, *,
+                       layer: str = "", sink: Sink | None = None, edit: Edit | None = None) -> torch.Tensor:
+    """``softmax(Q K^T / sqrt(d)) V`` written out, for layers whose maps are read or whose logits are edited.
+
+    A drop-in for ``F.scaled_dot_product_attention`` (no dropout, not causal): ``query`` [B, h, N, d],
+    ``key``/``value`` [B, h, K, d]. Scores and softmax are computed in fp32.
+    """
+    scores = (query.float() @ key.float().transpose(-1, -2)) * query.shape[-1] ** -0.5  # [B, h, N, K]
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    elif attn_mask is not None:
+        scores = scores + attn_mask.float()
+    if edit is not None:
+        scores = edit(layer, scores)
+    probs = scores.softmax(dim=-1)
+    if sink is not None:
+        sink(layer, probs.mean(dim=1))  # [B, N, K]
+    return probs.to(value.dtype) @ value
+
+
+@dataclass
+class MapState:
+    """What :class:`MapProcessor` layers do beyond blending, shared by all of them.
+
+    ``sink`` is called with the maps of the layers in ``layers``; ``edit`` (if set) edits the scores of
+    every layer; ``plain`` makes every layer use the prompt's own K/V (no concept rows).
+    """
+
+    layers: frozenset[str] = frozenset()
+    sink: Sink | None = None
+    edit: Edit | None = None
+    plain: bool = False
+
+
+class MapProcessor(BlendProcessor):
+    """:class:`BlendProcessor` that switches to :func:`explicit_attention` only when a map is recorded
+    or logits are edited; otherwise it is exactly its parent (SDPA over the same K/V)."""
+
+    def __init__(self, layer: str, state: BlendState, maps: MapState):
+        super().__init__(layer, state)
+        self.maps = maps
+
+    def kv(self, attn, context):
+        if self.maps.plain:
+            with torch.no_grad():
+                return project_kv(attn, context)
+        return super().kv(attn, context)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        m = self.maps
+        sink = m.sink if self.layer in m.layers else None
+        if sink is None and m.edit is None:
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        key, value = self.kv(attn, encoder_hidden_states)
+        fn = functools.partial(explicit_attention, layer=self.layer, sink=sink, edit=m.edit)
+        return attend(attn, hidden_states, key, value, attention_mask, sdpa=fn)
+
+
+class SelfMapProcessor:
+    """Self-attention (``attn1``) with its head-averaged map [B, N, N] sent to ``sink`` (capture passes only)."""
+
+    def __init__(self, layer: str, sink: Sink):
+        self.layer, self.sink = layer, sink
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        if encoder_hidden_states is not None or attn.group_norm is not None or hidden_states.ndim != 3:
+            raise RuntimeError(f"{self.layer}: self-attention capture expects a plain attn1 on [B, N, C] tokens")
+        key, value = attn.to_k(hidden_states), attn.to_v(hidden_states)
+        fn = functools.partial(explicit_attention, layer=self.layer, sink=self.sink)
+        return attend(attn, hidden_states, key, value, attention_mask, sdpa=fn)

@@ -97,7 +97,7 @@ def bench_generate(model: str = "tiny", counts: Sequence[int] = (0, 1, 4, 8), st
         stock_s, ours_s = statistics.median(times[f"stock@{n}"]), statistics.median(times[f"ours@{n}"])
         stock_b = statistics.median(times[f"stock_b@{n}"])
         rows.append({
-            "concepts": n, "stock_s": round(stock_s, 4), "ours_s": round(ours_s, 4),
+            "concepts": n, "stock_s": round(stock_s, 6), "ours_s": round(ours_s, 6),
             "ratio": round(ours_s / stock_s, 4), "stock_aa_ratio": round(stock_b / stock_s, 4),
             "ours_it_s": round(steps / ours_s, 2), "stock_peak_gib": round(peaks[f"stock@{n}"], 3),
             "ours_peak_gib": round(peaks[f"ours@{n}"], 3),
@@ -144,3 +144,76 @@ def format_table(result: dict) -> str:
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in result["rows"]]
     return "\n".join(lines)
+
+
+#: bench_modes: Blender keyword arguments per mode, at the release's settings (METHOD sections 5, 6).
+MODES = {
+    "plain": {},
+    "guidance": {"guidance": {"window": 0.8, "step_size": 1.0, "layers": "all"}},
+    "guidance_ckpt": {"guidance": {"window": 0.8, "step_size": 1.0, "layers": "all", "checkpointing": True}},
+    "rectify": {"rectify": {"start": 0.8, "clusters": 8}},
+}
+
+
+def _steering_columns(stats: dict | None) -> dict:
+    stats = stats or {}
+    saved = stats.get("guidance_saved_bytes")
+    return {"guided_steps": stats.get("guidance_passes"), "rectify_passes": stats.get("rectify_passes"),
+            "guidance_saved_mib": round(saved / 2**20, 2) if saved else None}
+
+
+def bench_modes(model: str = "tiny", counts: Sequence[int] = (2, 4), steps: int = 20, repeats: int = 3,
+                size: int | None = None, device: str | None = None, dtype: str = "auto", cfg: float = 6.0,
+                modes: Sequence[str] = tuple(MODES)) -> dict:
+    """Time and peak memory of plain blending, guidance and rectification against the stock pipeline,
+    with N concepts, in one process (stock / each mode / stock again per round, after a warm-up round).
+
+    ``guidance_saved_mib``: activations autograd keeps for the guidance pass's backward (weights
+    excluded; any device), the part of its memory that checkpointing reduces.
+    """
+    from latexblend.generate import apply
+
+    pipe = bench_pipeline(model, device, dtype)
+    device = str(pipe.unet.device)
+    size = size or pipe.default_sample_size * pipe.vae_scale_factor
+    banks = random_banks(pipe, max(counts))
+
+    def call(prompt):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        pipe(prompt, num_inference_steps=steps, guidance_scale=cfg, height=size, width=size, generator=g,
+             output_type="latent")
+
+    saved: dict[str, float] = {}
+
+    def ours(n: int, mode: str, prompt: str):
+        with apply(pipe, banks[:n], **MODES[mode]) as blender:
+            result = _timed(lambda: call(prompt), device)
+            if blender.steering is not None:
+                saved[f"{mode}@{n}"] = dict(blender.steering.stats)
+            return result
+
+    times: dict[str, list[float]] = {}
+    peaks: dict[str, float] = {}
+    for rep in range(repeats + 1):  # repeat 0 is the warm-up
+        for n in counts:
+            prompt = " and ".join(f"a {noun}" for noun in NOUNS[:n])
+            runs = [("stock", lambda p=prompt: _timed(lambda: call(p), device))]
+            runs += [(m, lambda n=n, m=m, p=prompt: ours(n, m, p)) for m in modes]
+            runs += [("stock_b", lambda p=prompt: _timed(lambda: call(p), device))]  # the A/A noise floor
+            for mode, run in runs:
+                seconds, peak = run()
+                if rep:
+                    times.setdefault(f"{mode}@{n}", []).append(seconds)
+                    peaks[f"{mode}@{n}"] = max(peaks.get(f"{mode}@{n}", 0.0), peak)
+    rows = []
+    for n in counts:
+        med = {m: statistics.median(times[f"{m}@{n}"]) for m in ("stock", "stock_b", *modes)}
+        for m in ("stock_b", *modes):
+            rows.append({"concepts": n, "mode": "stock (A/A)" if m == "stock_b" else m, "seconds": round(med[m], 4),
+                         "vs_stock": round(med[m] / med["stock"], 4),
+                         "vs_plain": round(med[m] / med["plain"], 4) if "plain" in med else None,
+                         "peak_gib": round(peaks[f"{m}@{n}"], 3), "stock_peak_gib": round(peaks[f"stock@{n}"], 3),
+                         **_steering_columns(saved.get(f"{m}@{n}"))})
+    return {"benchmark": "modes", "model": model, "device": device, "device_name": _device_name(device),
+            "dtype": str(pipe.unet.dtype).replace("torch.", ""), "size": size, "steps": steps, "cfg": cfg,
+            "repeats": repeats, "modes": {m: MODES[m] for m in modes}, "rows": rows, "env": _env()}

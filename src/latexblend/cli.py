@@ -246,11 +246,33 @@ def generate_cmd(
     config: Annotated[
         Path | None, typer.Option(help="Settings file (YAML/JSON), or the authors' inference JSON.")
     ] = None,
+    guidance: Annotated[
+        bool | None, typer.Option("--guidance/--no-guidance", help="Blending guidance (METHOD 5) [off].")
+    ] = None,
+    guidance_window: Annotated[float | None, typer.Option(help="Guide while t/T >= this [0.8].")] = None,
+    guidance_step_size: Annotated[float | None, typer.Option(help="Latent update scale [1.0].")] = None,
+    guidance_layers: Annotated[
+        str | None, typer.Option(help="all, down/mid/up, inner dims, block prefixes (comma-separated) [all].")
+    ] = None,
+    guidance_checkpointing: Annotated[
+        bool | None, typer.Option("--guidance-checkpointing", help="Gradient checkpointing in the guidance pass.")
+    ] = None,
+    rectify: Annotated[
+        bool | None, typer.Option("--rectify/--no-rectify", help="Self-attention rectification (METHOD 6) [off].")
+    ] = None,
+    rectify_start: Annotated[float | None, typer.Option(help="Capture masks once t/T < this [0.8].")] = None,
+    rectify_clusters: Annotated[int | None, typer.Option(help="Spectral clusters [8].")] = None,
+    save_maps: Annotated[
+        bool | None, typer.Option("--save-maps", help="Write per-concept cross-attention heatmaps.")
+    ] = None,
 ) -> None:
     """Generate images with any combination of banked concepts blended in."""
     from latexblend.config import GenerateConfig, merge
 
-    flags = dict(prompts=(prompt or None), negative_prompt=negative_prompt, num_images=num_images,
+    flags = dict(guidance=guidance, guidance_window=guidance_window, guidance_step_size=guidance_step_size,
+                 guidance_layers=guidance_layers, guidance_checkpointing=guidance_checkpointing, rectify=rectify,
+                 rectify_start=rectify_start, rectify_clusters=rectify_clusters, save_maps=save_maps)
+    flags |= dict(prompts=(prompt or None), negative_prompt=negative_prompt, num_images=num_images,
                  batch_size=batch_size, seed=seed, steps=steps, cfg=cfg, height=height, width=width,
                  scheduler=scheduler, blend_start=blend_start, bind=bind, model=model, device=device, dtype=dtype,
                  out=out, bank_dir=str(directory) if directory else None,
@@ -271,6 +293,17 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks against the stock
 app.add_typer(bench_app, name="bench")
 
 
+def _counts(concepts: str, lo: int, hi: int) -> list[int]:
+    """``--concepts`` of a benchmark: comma-separated integers in ``[lo, hi]``."""
+    try:
+        counts = [int(c) for c in concepts.split(",") if c.strip()]
+    except ValueError as err:
+        raise LatexBlendError(f"--concepts takes comma-separated integers, got '{concepts}'") from err
+    if not counts or min(counts) < lo or max(counts) > hi:
+        raise LatexBlendError(f"--concepts counts must be between {lo} and {hi}")
+    return counts
+
+
 @bench_app.command("generate")
 @friendly
 def bench_generate_cmd(
@@ -285,12 +318,7 @@ def bench_generate_cmd(
     out: Annotated[Path, typer.Option(help="JSON output (CSV written beside it).")] = Path("bench_generate.json"),
 ) -> None:
     """Blended generation with N concepts vs the stock pipeline (same prompt, seed, settings)."""
-    try:
-        counts = [int(c) for c in concepts.split(",") if c.strip()]
-    except ValueError as err:
-        raise LatexBlendError(f"--concepts takes comma-separated integers, got '{concepts}'") from err
-    if not counts or min(counts) < 0 or max(counts) > 8:
-        raise LatexBlendError("--concepts counts must be between 0 and 8")
+    counts = _counts(concepts, 0, 8)
     _quiet_libraries()
     from latexblend.bench import bench_generate, format_table, write_results
 
@@ -581,6 +609,31 @@ def prior_cmd(
     made, _ = generate_prior(load_pipeline(model, device=device), class_noun, num, out, seed=seed, steps=steps,
                              cfg=cfg)
     typer.echo(f"generated {made} prior images of '{class_noun}' in {out}/ ({num} in all)")
+
+
+@bench_app.command("modes")
+@friendly
+def bench_modes_cmd(
+    model: Annotated[
+        str, typer.Option(help="'tiny', 'sdxl-random' (full SDXL, random weights), a folder or hub id.")
+    ] = "tiny",
+    concepts: Annotated[str, typer.Option(help="Comma-separated concept counts (2-6).")] = "2,4",
+    steps: int = 20,
+    repeats: int = 3,
+    size: Annotated[int | None, typer.Option(help="Image side [model default].")] = None,
+    device: str | None = None, dtype: str = "auto",
+    out: Annotated[Path, typer.Option(help="JSON output (CSV written beside it).")] = Path("bench_modes.json"),
+) -> None:
+    """Plain blending, blending guidance and rectification vs the stock pipeline (time, peak memory)."""
+    counts = _counts(concepts, 2, 6)
+    _quiet_libraries()
+    from latexblend.bench import bench_modes, format_table, write_results
+
+    result = bench_modes(model, counts, steps=steps, repeats=repeats, size=size, device=device, dtype=dtype)
+    json_path, csv_path = write_results(result, out)
+    typer.echo(format_table(result))
+    typer.echo(f"{result['device_name']}, {result['dtype']}, {result['size']} px, {steps} steps; "
+               f"wrote {json_path} and {csv_path}")
 
 
 def main() -> None:

@@ -67,6 +67,17 @@ def check_range(name: str, value: float, lo: float | None = None, hi: float | No
         raise LatexBlendError(f"{name} must be in {bounds}, got {value}")
 
 
+def check_layer_spec(spec: str) -> None:
+    """``all``, or comma-separated ``down`` / ``mid`` / ``up`` / inner dims / block prefixes."""
+    if spec.strip() == "all":
+        return
+    for item in (s.strip() for s in spec.split(",")):
+        if not (item in ("down", "mid", "up") or item.isdigit()
+                or item.startswith(("down_blocks", "mid_block", "up_blocks"))):
+            raise LatexBlendError(f"unknown guidance layer set '{item}': use all, down, mid, up, an inner dim "
+                                  "(e.g. 640) or a block prefix (e.g. up_blocks.0)")
+
+
 @dataclasses.dataclass
 class GenerateConfig:
     """Stage 3 settings (METHOD section 4). Defaults are the paper's (Euler, 100 steps, CFG 6.0)."""
@@ -90,6 +101,15 @@ class GenerateConfig:
     out: str | None = None
     bank_dir: str | None = None
     grid: bool = True
+    guidance: bool = False
+    guidance_window: float = 0.8
+    guidance_step_size: float = 1.0
+    guidance_layers: str = "all"
+    guidance_checkpointing: bool = False
+    rectify: bool = False
+    rectify_start: float = 0.8
+    rectify_clusters: int = 8
+    save_maps: bool = False
 
     def validate(self) -> None:
         if not self.prompts:
@@ -99,6 +119,12 @@ class GenerateConfig:
         check_range("steps", self.steps, 1, 1000)
         check_range("cfg", self.cfg, 0)
         check_range("blend_start", self.blend_start, 0, 1)
+        check_range("guidance_window", self.guidance_window, 0, 1)
+        if not self.guidance_step_size > 0:
+            raise LatexBlendError(f"guidance_step_size must be > 0, got {self.guidance_step_size}")
+        check_layer_spec(self.guidance_layers)
+        check_range("rectify_start", self.rectify_start, 0, 1)
+        check_range("rectify_clusters", self.rectify_clusters, 2, 64)
         for side in ("height", "width"):
             value = getattr(self, side)
             if value is not None and (value <= 0 or value % 8):

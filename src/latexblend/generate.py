@@ -22,8 +22,19 @@ from latexblend.bank import ConceptBank, bank_dir, bank_path, load_bank, verify_
 from latexblend.config import GenerateConfig, to_dict
 from latexblend.errors import LatexBlendError
 from latexblend.fileio import atomic_path, write_text_atomic
+from latexblend.guidance import GuidanceOptions
 from latexblend.models import fingerprint
+from latexblend.rectify import RectifyOptions
 from latexblend.tokens import Span, locate_spans, placeholder_names
+
+
+def _options(cls, value):
+    """``None``/``False`` -> off; ``True`` -> defaults; a mapping -> ``cls(**value)``; an instance as is."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return cls()
+    return cls(**value) if isinstance(value, dict) else value
 
 
 class Blender:
@@ -34,7 +45,7 @@ class Blender:
     """
 
     def __init__(self, pipe, banks: dict[str, ConceptBank], required: Sequence[str] = (),
-                 blend_start: float = 0.9, bind: bool = True):
+                 blend_start: float = 0.9, bind: bool = True, guidance=None, rectify=None, save_maps: bool = False):
         if not 0.0 <= blend_start <= 1.0:
             raise LatexBlendError(f"blend_start must be in [0, 1], got {blend_start}")
         self.pipe, self.banks, self.required = pipe, dict(banks), list(required)
@@ -59,6 +70,16 @@ class Blender:
         self._schedule: tuple = (None, [])
         self._encode = pipe.encode_prompt
         pipe.encode_prompt = self._encode_prompt
+        self.steering = None  # guidance / rectification / map saving (latexblend.steering)
+        guidance, rectify = _options(GuidanceOptions, guidance), _options(RectifyOptions, rectify)
+        if guidance or rectify or save_maps:
+            from latexblend.steering import Steering
+
+            try:
+                self.steering = Steering(self, guidance, rectify, save_maps)
+            except Exception:
+                self.remove()
+                raise
 
     def _on_unet(self, module, args, kwargs):
         """Record ``t / T`` before every UNet call, without a device sync where the scheduler allows."""
@@ -114,6 +135,9 @@ class Blender:
 
     def remove(self) -> None:
         """Restore the pipeline's processors and ``encode_prompt``."""
+        if self.steering is not None:
+            self.steering.remove()
+            self.steering = None
         self._restore()
         self._hook.remove()
         self.pipe.__dict__.pop("encode_prompt", None)
@@ -138,7 +162,9 @@ def load_banks(names: Sequence[str | Path | ConceptBank],
 
 
 def apply(pipe, concepts: Sequence[str | Path | ConceptBank], blend_start: float = 0.9, bind: bool = True,
-          bank_dir: str | Path | None = None, optional: Sequence[str | Path | ConceptBank] = ()) -> Blender:
+          bank_dir: str | Path | None = None, optional: Sequence[str | Path | ConceptBank] = (),
+          guidance: GuidanceOptions | dict | bool | None = None, rectify: RectifyOptions | dict | bool | None = None,
+          save_maps: bool = False) -> Blender:
     """Blend concept banks into an existing SDXL pipeline; call it as usual afterwards.
 
     >>> blender = latexblend.apply(pipe, ["corgi", "castle"])   # doctest: +SKIP
@@ -146,11 +172,15 @@ def apply(pipe, concepts: Sequence[str | Path | ConceptBank], blend_start: float
     >>> blender.remove()                                         # doctest: +SKIP
 
     ``concepts`` must appear in every prompt (by class noun, or as ``<name>``); ``optional`` ones only
-    where a prompt writes ``<name>``.
+    where a prompt writes ``<name>``. ``guidance`` (blending guidance, METHOD section 5) and ``rectify``
+    (self-attention rectification, section 6) take ``True`` for the defaults, a dict of
+    :class:`~latexblend.guidance.GuidanceOptions` / :class:`~latexblend.rectify.RectifyOptions` fields,
+    or an instance; ``save_maps`` keeps per-concept cross-attention maps (``blender.steering``).
     """
     required = load_banks(concepts, bank_dir)
     extra = load_banks(optional, bank_dir)
-    return Blender(pipe, {**extra, **required}, required=list(required), blend_start=blend_start, bind=bind)
+    return Blender(pipe, {**extra, **required}, required=list(required), blend_start=blend_start, bind=bind,
+                   guidance=guidance, rectify=rectify, save_maps=save_maps)
 
 
 # --------------------------------------------------------------------------- the generate stage
@@ -249,6 +279,36 @@ def run_prompts(pipe, cfg: GenerateConfig, blender: Blender | None, on_image=Non
     return records
 
 
+def steering_options(cfg: GenerateConfig) -> dict:
+    """``guidance`` / ``rectify`` / ``save_maps`` keyword arguments of :class:`Blender` from ``cfg``."""
+    guidance = GuidanceOptions(cfg.guidance_window, cfg.guidance_step_size, cfg.guidance_layers,
+                               cfg.guidance_checkpointing) if cfg.guidance else None
+    rectify = RectifyOptions(cfg.rectify_start, cfg.rectify_clusters, cfg.seed) if cfg.rectify else None
+    return {"guidance": guidance, "rectify": rectify, "save_maps": cfg.save_maps}
+
+
+def heatmap(values, size: tuple[int, int], under=None):
+    """A ``[h, w]`` map as an RGB heatmap (black-red-yellow-white) of ``size`` (w, h), min-max scaled,
+    laid half-transparent over ``under`` (a PIL image) when given."""
+    import numpy as np
+    from PIL import Image
+
+    v = np.asarray(values, dtype=np.float64)
+    v = (v - v.min()) / max(v.max() - v.min(), 1e-12)
+    rgb = np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], axis=-1)
+    img = Image.fromarray((rgb * 255).round().astype(np.uint8)).resize(size, Image.Resampling.BILINEAR)
+    return Image.blend(under.convert("RGB"), img, 0.6) if under is not None else img
+
+
+def save_heatmaps(out: Path, record: dict, pil, maps: dict) -> dict[str, str]:
+    """Write ``<image stem>_map_<concept>.png`` per concept beside the image; returns {concept: file}."""
+    files = {}
+    for name, values in maps.items():
+        files[name] = f"{Path(record['file']).stem}_map_{name}.png"
+        _save_png(heatmap(values, pil.size, pil), out / files[name], {"concept": name})
+    return files
+
+
 def generate(cfg: GenerateConfig, pipe=None) -> Path:
     """Run Stage 3 as configured and write the output folder of ``docs/OUTPUT_FORMAT.md``."""
     from latexblend.models import load_pipeline
@@ -262,12 +322,15 @@ def generate(cfg: GenerateConfig, pipe=None) -> Path:
     set_scheduler(pipe, cfg.scheduler)
     default_size = pipe.default_sample_size * pipe.vae_scale_factor
     cfg.height, cfg.width = cfg.height or default_size, cfg.width or default_size
-    blender = Blender(pipe, {**extra, **banks}, required=list(banks), blend_start=cfg.blend_start, bind=cfg.bind)
+    blender = Blender(pipe, {**extra, **banks}, required=list(banks), blend_start=cfg.blend_start, bind=cfg.bind,
+                      **steering_options(cfg))
     settings = {k: v for k, v in to_dict(cfg).items() if k not in ("prompts", "concepts", "out", "bank_dir")}
     settings.update(dtype=str(pipe.unet.dtype).replace("torch.", ""), device=str(pipe.unet.device))
     per_prompt: dict[int, list] = {}
 
     def save(record, pil, _array):
+        if cfg.save_maps:
+            record["maps"] = save_heatmaps(out, record, pil, blender.steering.pop_image_maps())
         text = {"latexblend": json.dumps({**settings, **record}), "parameters": record["expanded_prompt"]}
         _save_png(pil, out / record["file"], text)
         per_prompt.setdefault(record["prompt_index"], []).append(pil)
@@ -306,8 +369,6 @@ def release_config(path: str | Path, directory: str | Path | None = None) -> dic
     entry = data[0] if isinstance(data, list) and data else data
     if not isinstance(entry, dict) or "prompt" not in entry:
         raise LatexBlendError(f"{path}: expected a list whose first element has a 'prompt'")
-    if entry.get("blending_guidance") or entry.get("self_rectification"):
-        raise LatexBlendError(f"{path}: blending_guidance / self_rectification are not available in this version")
     concepts = []
     for i in range(1, int(entry.get("concept_num", 0)) + 1):
         spec = entry.get(f"concept{i}") or {}
@@ -327,5 +388,20 @@ def release_config(path: str | Path, directory: str | Path | None = None) -> dic
                                   f"'{bank.class_noun}'")
         concepts.append(str(found[0]))
     out = {"prompts": [entry["prompt"]], "concepts": concepts, "num_images": entry.get("batch_size"),
-           "steps": entry.get("num_inference_steps"), "blend_start": entry.get("blending_start")}
+           "steps": entry.get("num_inference_steps"), "blend_start": entry.get("blending_start"),
+           **_release_steering(entry)}
     return {k: v for k, v in out.items() if v is not None}
+
+
+def _release_steering(entry: dict) -> dict:
+    """The release's guidance/rectification keys in our units: its ``guidance_steps`` first steps of
+    ``num_inference_steps`` become ``guidance_window = 1 - guidance_steps / num_inference_steps`` (exact
+    for the default leading timestep spacing: 20 of 100 -> 0.8)."""
+    out = {"guidance": bool(entry.get("blending_guidance")) or None,
+           "guidance_step_size": entry.get("guidance_stepsize"),
+           "rectify": bool(entry.get("self_rectification")) or None,
+           "rectify_start": entry.get("rectification_start")}
+    if entry.get("guidance_steps") is not None:
+        total = entry.get("num_inference_steps") or 100
+        out["guidance_window"] = round(1 - float(entry["guidance_steps"]) / float(total), 6)
+    return out

@@ -1,0 +1,133 @@
+"""Self-attention rectification (METHOD section 6): cluster pixels by self-attention affinity at one
+early step, give each concept one cluster, and from then on steer each concept's cross-attention
+logits toward its own region and away from the other concepts' regions.
+
+Clustering is spectral (Ng-Jordan-Weiss: top eigenvectors of the normalised affinity, rows normalised)
+followed by seeded k-means++ / Lloyd in torch, on the affinity's device; masks come from the hard
+assignment, so they are disjoint for any number of concepts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from latexblend.errors import LatexBlendError
+from latexblend.tokens import Span
+
+STRENGTH = 2.0  # c in the modulation rule
+
+
+@dataclass
+class RectifyOptions:
+    """``start``: capture at the first step with ``t/T < start`` and rectify from then on (unit of
+    ``blend_start``; the release's 0.8); ``clusters``: spectral clusters; ``seed``: k-means seed."""
+
+    start: float = 0.8
+    clusters: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.start <= 1.0:
+            raise LatexBlendError(f"rectify_start must be in [0, 1], got {self.start}")
+        if self.clusters < 2:
+            raise LatexBlendError(f"rectify_clusters must be at least 2, got {self.clusters}")
+
+
+def spectral_embedding(affinity: torch.Tensor, k: int) -> torch.Tensor:
+    """Rows of the top-``k`` eigenvectors of ``D^-1/2 W D^-1/2`` (``W`` = symmetrised affinity), each row
+    normalised: ``[N, N]`` -> ``[N, k]``. Eigenvector signs are fixed (largest entry positive)."""
+    dtype = torch.float32 if affinity.device.type == "mps" else torch.float64
+    w = affinity.to(dtype)
+    w = (w + w.T) / 2
+    d = w.sum(1).clamp_min(1e-12).rsqrt()
+    _, vecs = torch.linalg.eigh(d[:, None] * w * d[None, :])
+    emb = vecs[:, -k:]
+    sign = torch.sign(emb.gather(0, emb.abs().argmax(0, keepdim=True)))
+    emb = emb * torch.where(sign == 0, torch.ones_like(sign), sign)
+    return F.normalize(emb, dim=1)
+
+
+def kmeans(x: torch.Tensor, k: int, seed: int = 0, iters: int = 100) -> torch.Tensor:
+    """Seeded k-means++ initialisation then Lloyd iterations: points ``[N, D]`` -> labels ``[N]``."""
+    g = torch.Generator(device=x.device).manual_seed(seed)
+    centers = x[torch.randint(x.shape[0], (1,), generator=g, device=x.device)]
+    for _ in range(1, k):
+        d2 = torch.cdist(x, centers).amin(1).square()
+        pick = torch.multinomial(d2 / d2.sum(), 1, generator=g) if d2.sum() > 0 else d2.argmax().view(1)
+        centers = torch.cat([centers, x[pick]])
+    labels = torch.cdist(x, centers).argmin(1)
+    for _ in range(iters):
+        for j in range(k):
+            members = labels == j
+            if members.any():
+                centers[j] = x[members].mean(0)
+        new = torch.cdist(x, centers).argmin(1)
+        if torch.equal(new, labels):
+            break
+        labels = new
+    return labels
+
+
+def cluster_pixels(affinity: torch.Tensor, clusters: int, seed: int = 0) -> torch.Tensor:
+    """Spectral clustering of ``N`` pixels from their affinity ``[N, N]`` -> labels ``[N]``."""
+    k = min(clusters, affinity.shape[0])
+    return kmeans(spectral_embedding(affinity, k), k, seed)
+
+
+def match_clusters(labels: torch.Tensor, noun_maps: torch.Tensor) -> list[int]:
+    """Greedy one-to-one concept -> cluster: ``noun_maps`` [C, N] are min-max normalised per concept and
+    averaged inside each cluster; the best (concept, cluster) pair is taken first, then the next."""
+    lo, hi = noun_maps.amin(1, keepdim=True), noun_maps.amax(1, keepdim=True)
+    norm = (noun_maps - lo) / (hi - lo).clamp_min(1e-12)
+    ids = labels.unique().tolist()
+    if len(ids) < noun_maps.shape[0]:
+        raise LatexBlendError(f"rectification found {len(ids)} pixel clusters for {noun_maps.shape[0]} concepts; "
+                              "raise rectify_clusters")
+    score = torch.stack([norm[:, labels == j].mean(1) for j in ids], dim=1).double()  # [C, clusters]
+    chosen = [-1] * noun_maps.shape[0]
+    for _ in chosen:
+        c, j = divmod(int(score.argmax()), score.shape[1])
+        chosen[c] = ids[j]
+        score[c, :] = -torch.inf
+        score[:, j] = -torch.inf
+    return chosen
+
+
+def concept_masks(affinity: torch.Tensor, noun_maps: torch.Tensor, hw: tuple[int, int], clusters: int = 8,
+                  seed: int = 0) -> torch.Tensor:
+    """Each concept's region from self-attention ``affinity`` [N, N] and noun maps [C, N] on an
+    ``hw`` grid (``h * w = N``) -> disjoint boolean masks ``[C, h, w]``."""
+    labels = cluster_pixels(affinity, clusters, seed)
+    chosen = match_clusters(labels, noun_maps.to(affinity.device))
+    return torch.stack([labels == j for j in chosen]).view(-1, *hw)
+
+
+def resize_masks(masks: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """Boolean masks ``[C, h, w]`` -> ``[C, h', w']`` by area averaging and a 0.5 threshold (stays disjoint)."""
+    if tuple(masks.shape[-2:]) == tuple(hw):
+        return masks
+    return F.interpolate(masks[None].float(), size=hw, mode="area")[0] > 0.5
+
+
+def modulate(scores: torch.Tensor, spans: Sequence[Span], masks: torch.Tensor, tau: float,
+             strength: float = STRENGTH) -> torch.Tensor:
+    """DenseDiffusion-style logit modulation of one sample's scores ``[heads, N, K]`` (``masks`` [C, N],
+    one per span, at this layer's resolution): for the span's columns,
+    ``S += c tau (1 - |M_own|/N)(max_k S - S)`` on the concept's own pixels and
+    ``S -= c tau (1 - |M_oth|/N)(S - min_k S)`` on the other concepts' pixels."""
+    n = masks.shape[1]
+    smax, smin = scores.amax(-1, keepdim=True), scores.amin(-1, keepdim=True)
+    out = scores.clone()
+    union = masks.any(0)
+    for span, own in zip(spans, masks, strict=True):
+        other = union & ~own
+        cols = slice(span.start, span.stop)
+        s = scores[..., cols]
+        boost = strength * tau * (1 - own.sum() / n) * (smax - s) * own[:, None]
+        damp = strength * tau * (1 - other.sum() / n) * (s - smin) * other[:, None]
+        out[..., cols] = s + boost - damp
+    return out

@@ -1,0 +1,220 @@
+"""Blending guidance, self-attention rectification and attention-map saving, hooked into the stock
+SDXL loop (METHOD sections 5 and 6) without forking it.
+
+:class:`Steering` replaces the blend processors by :class:`~latexblend.attention.MapProcessor` (the same
+K/V, SDPA unless a map is read or a logit edited) and adds a UNet pre-forward hook that runs, before
+the step's own UNet call:
+
+- **guidance** (while ``t/T >= window``): one extra UNet pass on the conditional branch with grad to
+  the latent only. The pipeline hands the UNet ``x = scale_model_input(cat([z, z]), t) = s * z``; the
+  hook recovers the scheduler-space latent ``z = x / s`` (``s`` from ``scheduler.scale_model_input`` on
+  ones: a linear factor), differentiates ``g1 + g2`` at ``s * z`` with respect to ``z``, and updates
+  ``z' = z - step_size * grad``. A pre-hook cannot rebind the pipeline's ``latents``, so it (a) feeds
+  the UNet ``s * z'`` for both CFG halves and (b) hands the same update to ``scheduler.step``, which is
+  wrapped to receive ``z'`` instead of ``z``: the step is exactly the stock step taken from ``z'``.
+- **rectification** (at the first step with ``t/T < start``): one extra pass on the conditional branch
+  without concept rows and without grad, capturing cross-attention maps (all attn2 layers) and
+  self-attention at the highest-resolution attn1 layers; the masks it yields then edit every attn2
+  layer's logits on the conditional branch for the rest of the call (explicit attention there: the
+  cost of rectification is one UNet pass plus softmax written out in all attn2 layers afterwards).
+- **map saving**: the main pass records every attn2 layer's conditional maps, averaged over steps.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from latexblend.attention import MapProcessor, MapState, SelfMapProcessor, install_processors
+from latexblend.errors import LatexBlendError
+from latexblend.guidance import GuidanceOptions, guidance_pass, layer_hw, recording, select_layers, token_maps
+from latexblend.rectify import RectifyOptions, concept_masks, modulate, resize_masks
+
+
+def _cut(value, batch: int, offset: int):
+    """The conditional rows of ``value`` (tensors with ``batch`` rows, also inside dicts)."""
+    if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == batch:
+        return value[offset:]
+    if isinstance(value, dict):
+        return {k: _cut(v, batch, offset) for k, v in value.items()}
+    return value
+
+
+class Steering:
+    """Guidance / rectification / map saving for a :class:`~latexblend.generate.Blender` (see module doc)."""
+
+    def __init__(self, blender, guidance: GuidanceOptions | None = None, rectify: RectifyOptions | None = None,
+                 save_maps: bool = False):
+        from latexblend.models import attn2_shapes
+
+        self.pipe, self.state = blender.pipe, blender.state
+        self.guidance, self.rectify, self.save_maps = guidance, rectify, save_maps
+        shapes = attn2_shapes(self.pipe.unet)
+        self.layers = list(shapes)
+        self.guide_layers = select_layers(shapes, guidance.layers) if guidance else []
+        self.maps = MapState()
+        self.stats = {"guidance_passes": 0, "guidance_saved_bytes": 0, "rectify_passes": 0}
+        self.image_maps: list[dict] = []  # per finished image, in pipeline order: {concept: [h, w] array}
+        self.history: list[dict] = []  # per guidance pass: t_frac, loss [B], delta [B, 4, h, w]
+        self._spans = None
+        self._busy = False
+        self._new_call()
+        self._restore = install_processors(self.pipe.unet, lambda layer: MapProcessor(layer, self.state, self.maps))
+        self._hook = self.pipe.unet.register_forward_pre_hook(self._on_unet, with_kwargs=True)
+        self._scheduler = self.pipe.scheduler
+        self._step = self._scheduler.step
+        self._scheduler.step = self._scheduler_step
+
+    def remove(self) -> None:
+        self._restore()
+        self._hook.remove()
+        self._scheduler.__dict__.pop("step", None)
+
+    # ---- per pipeline call
+
+    def _new_call(self) -> None:
+        self._flush()
+        self._spans = self.state.row_spans
+        self._pending = None
+        self._masks: list | None = None
+        self._resized: dict = {}
+        self._acc: dict[str, torch.Tensor] = {}
+        self._steps = 0
+        self.maps.edit = None
+
+    def _on_unet(self, module, args, kwargs):
+        if self._busy:
+            return None
+        if self.pipe.scheduler is not self._scheduler:
+            raise LatexBlendError("the pipeline's scheduler was replaced after apply(); apply latexblend again")
+        if self.state.row_spans is not self._spans:
+            self._new_call()
+        args, kwargs = list(args), dict(kwargs)
+        sample = args[0] if args else kwargs["sample"]
+        n = len(self.state.row_spans)
+        offset = sample.shape[0] - n
+        self.latent_hw = tuple(sample.shape[-2:])
+        rest = ([_cut(a, sample.shape[0], offset) for a in args[1:]],
+                {k: _cut(v, sample.shape[0], offset) for k, v in kwargs.items() if k != "sample"})
+        active = any(self.state.row_spans)
+        if active and self.guidance and self.state.t_frac >= self.guidance.window:
+            sample = self._guide(module, sample, offset, rest)
+            if args:
+                args[0] = sample
+            else:
+                kwargs["sample"] = sample
+        if active and self.rectify and self._masks is None and self.state.t_frac < self.rectify.start:
+            self._capture(module, sample[offset:], rest)
+        self._prepare_main(offset)
+        return tuple(args), kwargs
+
+    def _run(self, unet, x, rest):
+        self._busy = True
+        try:
+            return unet(x, *rest[0], **rest[1])
+        finally:
+            self._busy = False
+
+    def _scheduler_step(self, model_output, timestep, sample, *args, **kwargs):
+        if self._pending is not None:
+            sample = sample + self._pending.to(sample.dtype)
+            self._pending = None
+        return self._step(model_output, timestep, sample, *args, **kwargs)
+
+    # ---- guidance
+
+    def _guide(self, unet, sample: torch.Tensor, offset: int, rest) -> torch.Tensor:
+        """Update the latent of every conditional sample; returns the UNet input for the main pass."""
+        t = rest[0][0] if rest[0] else rest[1]["timestep"]
+        scale = self._scheduler.scale_model_input(torch.ones_like(sample[:1], dtype=torch.float32), t)
+        z = sample[offset:].float() / scale
+        grad, loss, nbytes = guidance_pass(unet, z, scale, lambda x: self._run(unet, x, rest), self.maps,
+                                           self.guide_layers, self.state.row_spans, self.latent_hw,
+                                           self.guidance.checkpointing)
+        delta = -self.guidance.step_size * grad
+        self._pending = delta
+        self.stats["guidance_passes"] += 1
+        self.stats["guidance_saved_bytes"] = max(self.stats["guidance_saved_bytes"], nbytes)
+        self.history.append({"t_frac": self.state.t_frac, "loss": loss, "delta": delta})
+        repeats = sample.shape[0] // delta.shape[0]
+        return (sample.float() + (scale * delta).repeat(repeats, 1, 1, 1)).to(sample.dtype)
+
+    # ---- rectification
+
+    def _capture(self, unet, cond: torch.Tensor, rest) -> None:
+        """One pass without concept rows: self-attention affinity and cross maps -> masks per sample."""
+        cross: dict[str, torch.Tensor] = {}
+        best = {"n": 0, "sum": None, "count": 0}
+
+        def self_sink(layer, probs):  # keep the highest-resolution layers only
+            if probs.shape[1] > best["n"]:
+                best.update(n=probs.shape[1], sum=probs.float().clone(), count=1)
+            elif probs.shape[1] == best["n"]:
+                best["sum"] += probs.float()
+                best["count"] += 1
+
+        old = dict(unet.attn_processors)
+        unet.set_attn_processor({k: SelfMapProcessor(k, self_sink) if k.endswith("attn1.processor") else p
+                                 for k, p in old.items()})
+        try:
+            with torch.no_grad(), recording(self.maps, self.layers, sink=cross.__setitem__, plain=True):
+                self._run(unet, cond, rest)
+        finally:
+            unet.set_attn_processor(old)
+        self.stats["rectify_passes"] += 1
+        hw = layer_hw(best["n"], self.latent_hw)
+        maps = token_maps(cross, self.latent_hw)
+        maps = torch.nn.functional.interpolate(maps, size=hw, mode="bilinear", align_corners=False).flatten(2)
+        affinity = best["sum"] / best["count"]  # [B, N, N]
+        self._masks = []
+        for i, spans in enumerate(self.state.row_spans):
+            nouns = torch.stack([maps[i, s.start + 1 : s.stop].mean(0) for s in spans]) if spans else None
+            self._masks.append(None if nouns is None else concept_masks(
+                affinity[i], nouns, hw, self.rectify.clusters, self.rectify.seed))
+
+    def masks(self, sample: int) -> torch.Tensor | None:
+        """Boolean concept masks ``[C, h, w]`` of conditional sample ``sample`` (after the capture step)."""
+        return None if self._masks is None else self._masks[sample]
+
+    def _edit(self, layer: str, scores: torch.Tensor) -> torch.Tensor:
+        """Modulate the conditional rows of ``scores`` [B, heads, N, 77] (METHOD section 6)."""
+        n = len(self.state.row_spans)
+        offset = scores.shape[0] - n
+        hw = layer_hw(scores.shape[2], self.latent_hw)
+        tau = self.state.t_frac ** 5
+        rows = list(scores.unbind(0))
+        for i, spans in enumerate(self.state.row_spans):
+            if self._masks[i] is None:
+                continue
+            key = (i, hw)
+            if key not in self._resized:
+                self._resized[key] = resize_masks(self._masks[i], hw).flatten(1).to(scores.device)
+            rows[offset + i] = modulate(scores[offset + i], spans, self._resized[key], tau)
+        return torch.stack(rows)
+
+    # ---- the main pass and saved maps
+
+    def _prepare_main(self, offset: int) -> None:
+        self.maps.edit = self._edit if self._masks is not None else None
+        self.maps.plain = False
+        if self.save_maps:
+            self.maps.layers, self.maps.sink = frozenset(self.layers), self._accumulate
+            self._steps += 1
+
+    def _accumulate(self, layer: str, probs: torch.Tensor) -> None:
+        cond = probs[probs.shape[0] - len(self.state.row_spans):].detach().float()
+        self._acc[layer] = self._acc[layer] + cond if layer in self._acc else cond
+
+    def _flush(self) -> None:
+        """Turn the maps accumulated over the last call into one ``{concept: [h, w]}`` per image."""
+        if not getattr(self, "_acc", None):
+            return
+        maps = token_maps({k: v / self._steps for k, v in self._acc.items()}, self.latent_hw)
+        for i, spans in enumerate(self._spans):
+            self.image_maps.append({s.name: maps[i, s.start + 1 : s.stop].mean(0).cpu().numpy() for s in spans})
+        self._acc = {}
+
+    def pop_image_maps(self) -> dict:
+        """``{concept: [h, w] float array}`` of the next finished image (pipeline order)."""
+        if not self.image_maps:
+            self._flush()
+        return self.image_maps.pop(0) if self.image_maps else {}
