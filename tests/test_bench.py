@@ -32,3 +32,20 @@ def test_bench_generate_rejects_bad_counts(tmp_path):
     assert r.exit_code == 2 and "comma-separated integers" in r.output
     r = runner.invoke(app, ["bench", "generate", "--concepts", "9", "--out", str(tmp_path / "b.json")])
     assert r.exit_code == 2 and "between 0 and 8" in r.output
+
+
+def test_bench_train_and_extract_write_well_formed_results(tiny_dir, tmp_path):
+    out = tmp_path / "t.json"
+    r = runner.invoke(app, ["bench", "train", "--model", str(tiny_dir), "--steps", "1", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())
+    assert data["size"] == 64 and [row["gradient_checkpointing"] for row in data["rows"]] == [False, True]
+    assert data["trainable_params"] == 2 * sum(c * 64 for c in (48,) * 3 + (64,) * 8) + 2 * 32  # K/V + 2 rows
+    assert all(row["tflop_per_step"] > 0 and row["steps_per_s"] > 0 for row in data["rows"])
+    assert data["rows"][0]["tflop_per_step"] == data["rows"][1]["tflop_per_step"]
+    out = tmp_path / "e.json"
+    r = runner.invoke(app, ["bench", "extract", "--model", str(tiny_dir), "--repeats", "1", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    row = json.loads(out.read_text())["rows"][0]
+    ideal = 2 * 2 * sum(c for c in (48,) * 3 + (64,) * 8) * 2  # L=2 rows of k and v, fp16
+    assert row["extract_s"] > 0 and ideal < row["bank_bytes"] < 2 * ideal + 4096

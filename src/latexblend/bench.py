@@ -217,3 +217,109 @@ def bench_modes(model: str = "tiny", counts: Sequence[int] = (2, 4), steps: int 
     return {"benchmark": "modes", "model": model, "device": device, "device_name": _device_name(device),
             "dtype": str(pipe.unet.dtype).replace("torch.", ""), "size": size, "steps": steps, "cfg": cfg,
             "repeats": repeats, "modes": {m: MODES[m] for m in modes}, "rows": rows, "env": _env()}
+
+
+# --------------------------------------------------------------------------- training and extraction
+
+#: dense bf16 peak of the datasheet, TFLOP/s, for FLOP utilisation (MFU)
+PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
+
+
+def _peak_tflops(device_name: str) -> float | None:
+    return next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
+
+
+def _train_setup(model: str, size: int | None, device: str, tmp: Path, **overrides):
+    """A training :class:`~latexblend.train.Setup` on procedural images (instance: disc, prior: towers)."""
+    from latexblend.config import TrainConfig
+    from latexblend.data import load_prior
+    from latexblend.synthetic import draw_concept
+    from latexblend.train import build_setup, check_inputs
+
+    draw_concept(tmp / "inst", "disc", num=4, size=256)
+    draw_concept(tmp / "prior", "towers", num=4, size=256, seed=1)
+    cfg = TrainConfig(name="bench", images=str(tmp / "inst"), class_noun="dog", prior=str(tmp / "prior"),
+                      model=model, resolution=size, **overrides)
+    images, _ = check_inputs(cfg)
+    prior = load_prior(tmp / "prior", "dog")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return build_setup(cfg, images, prior, device, dtype), dtype
+
+
+def _train_rows(setup, dtype: torch.dtype, device: str, steps: int) -> tuple[int, list[dict]]:
+    """FLOPs of one step, and a row per gradient-checkpointing setting."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from latexblend.train import step_loss
+
+    optimizer = torch.optim.AdamW(setup.parameters(), lr=1e-5)
+    autocast = torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
+
+    def one(step: int) -> None:
+        with autocast:
+            loss = step_loss(setup, step)[0]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    with FlopCounterMode(display=False) as counter:
+        one(0)
+    flops = counter.get_total_flops()
+    rows, peak_tflops = [], _peak_tflops(_device_name(device))
+    for checkpointing in (False, True):
+        unet = setup.pipe.unet
+        unet.enable_gradient_checkpointing() if checkpointing else unet.disable_gradient_checkpointing()
+        one(1)  # warm-up
+        seconds, peak = _timed(lambda: [one(s) for s in range(2, 2 + steps)], device)
+        per_step = seconds / steps
+        rows.append({"gradient_checkpointing": checkpointing, "steps_per_s": round(1 / per_step, 3),
+                     "samples_per_s": round(2 * setup.cfg.batch_size / per_step, 3),
+                     "peak_gib": round(peak, 3), "tflop_per_step": round(flops / 1e12, 4),
+                     "mfu": round(flops / per_step / (peak_tflops * 1e12), 4) if peak_tflops else None})
+    return flops, rows
+
+
+def bench_train(model: str = "tiny", steps: int = 5, size: int | None = None, device: str | None = None) -> dict:
+    """Steps/s, samples/s, peak memory and FLOP utilisation of the dual-flow training step,
+    without and with gradient checkpointing (one setup; FLOPs from ``torch.utils.flop_counter``)."""
+    import tempfile
+
+    from latexblend.models import default_device
+
+    device = device or default_device()
+    with tempfile.TemporaryDirectory() as tmp:  # prior images are read at every step
+        setup, dtype = _train_setup(model, size, device, Path(tmp))
+        _, rows = _train_rows(setup, dtype, device, steps)
+    trainable = sum(p.numel() for p in setup.parameters())
+    return {"benchmark": "train", "model": model, "device": device, "device_name": _device_name(device),
+            "dtype": str(dtype).replace("torch.", ""), "size": setup.size, "steps": steps,
+            "batch": "1 instance + 1 prior", "trainable_params": trainable, "rows": rows, "env": _env()}
+
+
+def bench_extract(model: str = "tiny", device: str | None = None, repeats: int = 3) -> dict:
+    """Wall time of Stage 2 (one text-side pass: encode, project, keep the span) and the bank's size."""
+    import tempfile
+
+    from latexblend.bank import save_bank
+    from latexblend.extract import extract_bank
+    from latexblend.models import default_device
+
+    device = device or default_device()
+    with tempfile.TemporaryDirectory() as tmp:
+        setup, _ = _train_setup(model, None, device, Path(tmp))
+        pipe = setup.pipe
+        toks, encs = [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2]
+        weights = setup.weights()
+
+        def extract():
+            return extract_bank(toks, encs, weights, name="bench", class_noun="dog", token_id=setup.rows.token_id,
+                                prompt="photo of <new1> dog", base_model=model, fingerprint=setup.fingerprint,
+                                training={}, dtype=torch.float16)
+
+        extract()  # warm-up
+        times = [_timed(extract, device)[0] for _ in range(repeats)]
+        path = save_bank(extract(), Path(tmp) / "bench.safetensors")
+        size = path.stat().st_size
+    return {"benchmark": "extract", "model": model, "device": device, "device_name": _device_name(device),
+            "rows": [{"extract_s": round(statistics.median(times), 4), "bank_bytes": size,
+                      "bank_mb": round(size / 1e6, 4), "bank_dtype": "float16"}], "env": _env()}

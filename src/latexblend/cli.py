@@ -611,6 +611,47 @@ def prior_cmd(
     typer.echo(f"generated {made} prior images of '{class_noun}' in {out}/ ({num} in all)")
 
 
+def _bench_report(result: dict, out: Path) -> None:
+    from latexblend.bench import format_table, write_results
+
+    json_path, csv_path = write_results(result, out)
+    typer.echo(format_table(result))
+    typer.echo(f"{result['device_name']}: wrote {json_path} and {csv_path}")
+
+
+@bench_app.command("train")
+@friendly
+def bench_train_cmd(
+    model: Annotated[str, typer.Option(help="'tiny', 'sdxl-random', a folder or hub id.")] = "tiny",
+    steps: Annotated[int, typer.Option(help="Timed steps per setting.")] = 5,
+    size: Annotated[int | None, typer.Option(help="Training resolution [512, tiny: 64].")] = None,
+    device: str | None = None,
+    out: Annotated[Path, typer.Option(help="JSON output (CSV written beside it).")] = Path("bench_train.json"),
+) -> None:
+    """Training step: steps/s, samples/s, peak memory, FLOPs and utilisation, with/without checkpointing."""
+    if steps < 1:
+        raise LatexBlendError("--steps must be at least 1")
+    _quiet_libraries()
+    from latexblend.bench import bench_train
+
+    _bench_report(bench_train(model, steps=steps, size=size, device=device), out)
+
+
+@bench_app.command("extract")
+@friendly
+def bench_extract_cmd(
+    model: Annotated[str, typer.Option(help="'tiny', 'sdxl-random', a folder or hub id.")] = "tiny",
+    device: str | None = None,
+    repeats: int = 3,
+    out: Annotated[Path, typer.Option(help="JSON output (CSV written beside it).")] = Path("bench_extract.json"),
+) -> None:
+    """Stage 2: wall time of one extraction (text side only) and the bank file's size."""
+    _quiet_libraries()
+    from latexblend.bench import bench_extract
+
+    _bench_report(bench_extract(model, device=device, repeats=repeats), out)
+
+
 @bench_app.command("modes")
 @friendly
 def bench_modes_cmd(
