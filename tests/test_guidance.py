@@ -300,3 +300,30 @@ def test_bench_modes_reports_time_and_guidance_memory(tiny_dir, tmp_path):
     assert all(row["seconds"] > 0 and row["vs_plain"] > 0 for row in rows.values())
     r = runner.invoke(app, ["bench", "modes", "--concepts", "1", "--out", str(out)])
     assert r.exit_code == 2 and "between 2 and 6" in r.output
+
+
+def test_guided_calls_leave_no_tensors_behind(tiny_pipe):
+    """Guidance measures saved activations with saved-tensor hooks; returning the packed tensor itself made
+    each node that saves its own output hold a cycle through C++ that leaked every pass."""
+    import gc
+
+    from latexblend.bench import MODES, random_banks
+    from latexblend.generate import apply
+
+    def live():
+        gc.collect()
+        return {o.untyped_storage().data_ptr() for o in gc.get_objects()
+                if isinstance(o, torch.Tensor) and not isinstance(o, torch.nn.Parameter)}
+
+    banks = random_banks(tiny_pipe, 2)
+
+    def call():
+        g = torch.Generator().manual_seed(0)
+        tiny_pipe("a dog and a cat", num_inference_steps=4, generator=g, output_type="latent")
+
+    call()
+    before = len(live())
+    for mode in ("guidance", "guidance_ckpt", "rectify"):
+        with apply(tiny_pipe, banks, **MODES[mode]):
+            call()
+    assert len(live()) <= before

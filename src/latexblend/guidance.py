@@ -185,7 +185,9 @@ class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
             if ptr not in params and ptr not in seen:
                 seen.add(ptr)
                 self.nbytes += t.untyped_storage().nbytes()
-            return t
+            # detach: a node that saves its own output would otherwise hold a tensor pointing back at
+            # the node (grad_fn), a cycle through C++ that Python's GC never frees (leaked every pass)
+            return t.detach()
 
         super().__init__(pack, lambda t: t)
 
