@@ -319,11 +319,14 @@ def test_guided_calls_leave_no_tensors_behind(tiny_pipe):
 
     def call():
         g = torch.Generator().manual_seed(0)
-        tiny_pipe("a dog and a cat", num_inference_steps=4, generator=g, output_type="latent")
+        tiny_pipe("a dog and a cat", num_inference_steps=10, generator=g, output_type="latent")
 
     call()
     before = len(live())
     for mode in ("guidance", "guidance_ckpt", "rectify"):
-        with apply(tiny_pipe, banks, **MODES[mode]):
+        with apply(tiny_pipe, banks, **MODES[mode]) as blender:
             call()
+            stats = dict(blender.steering.stats)
+        del blender  # a live Blender legitimately keeps its last pass's history
+        assert stats["guidance_passes" if "guidance" in mode else "rectify_passes"] > 0, mode
     assert len(live()) <= before
