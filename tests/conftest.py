@@ -80,3 +80,22 @@ def eval_model_dirs(tmp_path_factory):
     CLIPTokenizer.from_pretrained(str(write_clip_tokenizer_files(root / "vocab"))).save_pretrained(root / "clip")
     ViTModel(ViTConfig(image_size=224, patch_size=16, **small)).save_pretrained(root / "dino")
     return root / "clip", root / "dino"
+
+
+def launch_two(args, env=None, timeout=300):
+    """``accelerate launch`` two CPU processes (gloo) of ``python -m latexblend ARGS``; returns the result."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    full_env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1", **(env or {})}
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           "-m", "latexblend", *map(str, args)]
+    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)

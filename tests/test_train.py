@@ -1,10 +1,6 @@
 """Stage 1 (dual-flow training) and Stage 2 (extraction): mechanics, exactness, resume, CLI, bad input."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +9,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from conftest import launch_two
 from latexblend.attention import project_kv
 from latexblend.bank import load_bank, verify_bank
 from latexblend.cli import app
@@ -325,17 +322,9 @@ def test_lora_variant_trains_low_rank_and_reextracts(tmp_path, tiny_dir, concept
 
 
 def test_two_processes_train_identically(tmp_path, tiny_dir, concept_dir, prior_dir):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "LATEXBLEND_DEBUG_DUMP": str(tmp_path / "dump"),
-           "LATEXBLEND_BANK": str(tmp_path / "bank")}
-    accelerate = str(Path(sys.executable).with_name("accelerate"))
-    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-           "-m", "latexblend", "train", "--images", str(concept_dir), "--class-noun", "dog", "--name", "mp",
-           "--model", str(tiny_dir), "--prior", str(prior_dir), "--steps", "2", "--runs-dir", str(tmp_path / "runs")]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    env = {"LATEXBLEND_DEBUG_DUMP": str(tmp_path / "dump"), "LATEXBLEND_BANK": str(tmp_path / "bank")}
+    out = launch_two(["train", "--images", concept_dir, "--class-noun", "dog", "--name", "mp", "--model", tiny_dir,
+                      "--prior", prior_dir, "--steps", "2", "--runs-dir", tmp_path / "runs"], env)
     assert out.returncode == 0, out.stderr[-2000:]
     dumps = [json.loads((tmp_path / f"dump.rank{r}.json").read_text()) for r in (0, 1)]
     assert dumps[0]["sha256"] == dumps[1]["sha256"]

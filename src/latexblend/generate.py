@@ -205,15 +205,16 @@ def set_scheduler(pipe, name: str) -> None:
     pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
 
 
-def prepare_out(out: str | Path | None) -> Path:
-    """Create (or accept an empty) output folder; refuse one that already holds a run."""
+def prepare_out(out: str | Path | None, rank: int = 0) -> Path:
+    """Create (or accept an empty) output folder; refuse one that already holds a run. Every process
+    checks the same things, so all of them stop on a bad folder (none waits for the others forever)."""
     path = Path(out or f"out/generate-{time.strftime('%Y%m%d-%H%M%S')}")
     if (path / "metadata.json").exists():
         raise LatexBlendError(f"{path} already holds a generation (metadata.json); choose another --out")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path / ".write-test", "")
-        (path / ".write-test").unlink()
+        write_text_atomic(path / f".write-test-{rank}", "")
+        (path / f".write-test-{rank}").unlink()
     except (OSError, LatexBlendError) as err:
         raise LatexBlendError(f"cannot write to output folder {path}: {getattr(err, 'strerror', None) or err}") from err
     return path
@@ -242,8 +243,20 @@ def _save_png(image, path: Path, text: dict[str, str]) -> None:
         image.save(tmp, format="PNG", pnginfo=info)
 
 
-def run_prompts(pipe, cfg: GenerateConfig, blender: Blender | None, on_image=None) -> list[dict]:
-    """Generate ``cfg.num_images`` images per prompt; image ``j`` of every prompt uses seed ``cfg.seed + j``.
+def work_units(cfg: GenerateConfig, rank: int = 0, world: int = 1) -> dict[int, list[int]]:
+    """Prompt index -> image indices that process ``rank`` of ``world`` makes: the (prompt, image) pairs
+    dealt round-robin, so every image is made exactly once and image ``j`` always has seed ``seed + j``."""
+    units: dict[int, list[int]] = {}
+    for u in range(rank, len(cfg.prompts) * cfg.num_images, world):
+        p, j = divmod(u, cfg.num_images)
+        units.setdefault(p, []).append(j)
+    return units
+
+
+def run_prompts(pipe, cfg: GenerateConfig, blender: Blender | None, on_image=None,
+                units: dict[int, list[int]] | None = None) -> list[dict]:
+    """Generate the images of ``units`` (default: ``cfg.num_images`` per prompt); image ``j`` of every
+    prompt uses seed ``cfg.seed + j``.
 
     ``on_image(record, pil_image, array)`` is called for each image (``array`` is the float
     ``[H, W, 3]`` output in [0, 1]). Returns one record per image.
@@ -251,14 +264,16 @@ def run_prompts(pipe, cfg: GenerateConfig, blender: Blender | None, on_image=Non
     import numpy as np
     from tqdm.auto import tqdm
 
+    units = work_units(cfg) if units is None else units
     records = []
-    total = len(cfg.prompts) * cfg.num_images
+    total = sum(len(js) for js in units.values())
     with tqdm(total=total, desc="generate", unit="img", disable=total < 2) as bar:
-        for p, prompt in enumerate(cfg.prompts):
+        for p, js in units.items():
+            prompt = cfg.prompts[p]
             if blender is not None:
                 blender.prepare(prompt)  # fail before any sampling on a bad prompt
-            for first in range(0, cfg.num_images, cfg.batch_size):
-                seeds = [cfg.seed + j for j in range(first, min(cfg.num_images, first + cfg.batch_size))]
+            for first in range(0, len(js), cfg.batch_size):
+                seeds = [cfg.seed + j for j in js[first : first + cfg.batch_size]]
                 gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
                 arrays = pipe(
                     prompt=prompt, negative_prompt=cfg.negative_prompt or None, num_inference_steps=cfg.steps,
@@ -309,50 +324,106 @@ def save_heatmaps(out: Path, record: dict, pil, maps: dict) -> dict[str, str]:
     return files
 
 
+class Processes:
+    """This process's place among ``accelerate launch`` / ``torchrun`` workers (one process: rank 0 of 1)."""
+
+    def __init__(self):
+        import os
+
+        self.state = None
+        self.rank, self.world, self.device = 0, 1, None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from accelerate import PartialState
+
+            self.state = PartialState(cpu=not torch.cuda.is_available())
+            self.rank, self.world, self.device = self.state.process_index, self.state.num_processes, self.state.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def wait(self) -> None:
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+
 def generate(cfg: GenerateConfig, pipe=None) -> Path:
-    """Run Stage 3 as configured and write the output folder of ``docs/OUTPUT_FORMAT.md``."""
+    """Run Stage 3 as configured and write the output folder of ``docs/OUTPUT_FORMAT.md``.
+
+    Under ``accelerate launch --num_processes K`` (or torchrun) the images are shared among the
+    processes, each on its own device, into one folder; the main process merges the records into one
+    ``metadata.json``. Seeds do not depend on the process, so the images are a single-process run's up
+    to float rounding (batch composition and kernels differ; tested: at most 1/255 in a few pixels).
+    """
     from latexblend.models import load_pipeline
 
     start = time.perf_counter()
+    procs = Processes()
     banks = load_banks(cfg.concepts, cfg.bank_dir)
     placeholders = {n for p in cfg.prompts for n in placeholder_names(p)} - set(banks)
     extra = load_banks(sorted(placeholders), cfg.bank_dir)
-    out = prepare_out(cfg.out)
-    pipe = pipe or load_pipeline(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    if procs.world > 1 and not cfg.out:
+        raise LatexBlendError("give --out when generating with several processes (they share one folder)")
+    out = prepare_out(cfg.out, procs.rank)
+    pipe = pipe or load_pipeline(cfg.model, device=cfg.device or (str(procs.device) if procs.device else None),
+                                 dtype=cfg.dtype)
     set_scheduler(pipe, cfg.scheduler)
     default_size = pipe.default_sample_size * pipe.vae_scale_factor
     cfg.height, cfg.width = cfg.height or default_size, cfg.width or default_size
     blender = Blender(pipe, {**extra, **banks}, required=list(banks), blend_start=cfg.blend_start, bind=cfg.bind,
                       **steering_options(cfg))
+    try:
+        for prompt in cfg.prompts:  # every process checks every prompt: all fail together, before sampling
+            blender.prepare(prompt)
+    except LatexBlendError:
+        blender.remove()
+        raise
     settings = {k: v for k, v in to_dict(cfg).items() if k not in ("prompts", "concepts", "out", "bank_dir")}
-    settings.update(dtype=str(pipe.unet.dtype).replace("torch.", ""), device=str(pipe.unet.device))
-    per_prompt: dict[int, list] = {}
+    settings.update(dtype=str(pipe.unet.dtype).replace("torch.", ""), device=str(pipe.unet.device),
+                    num_processes=procs.world)
 
     def save(record, pil, _array):
         if cfg.save_maps:
             record["maps"] = save_heatmaps(out, record, pil, blender.steering.pop_image_maps())
         text = {"latexblend": json.dumps({**settings, **record}), "parameters": record["expanded_prompt"]}
         _save_png(pil, out / record["file"], text)
-        per_prompt.setdefault(record["prompt_index"], []).append(pil)
 
     try:
-        images = run_prompts(pipe, cfg, blender, on_image=save)
+        images = run_prompts(pipe, cfg, blender, on_image=save, units=work_units(cfg, procs.rank, procs.world))
     finally:
         blender.remove()
+    write_text_atomic(out / f".records-{procs.rank}.json", json.dumps(images))
+    procs.wait()
+    if procs.main:
+        concepts = {name: {"class_noun": b.class_noun, "fingerprint": b.fingerprint_digest,
+                           "bank": b.source, "references": b.training.get("images")}
+                    for name, b in {**extra, **banks}.items()}
+        _finish(out, cfg, settings, concepts, procs.world, time.perf_counter() - start)
+    procs.wait()
+    return out
+
+
+def _finish(out: Path, cfg: GenerateConfig, settings: dict, concepts: dict, world: int, elapsed: float) -> None:
+    """Merge the processes' records into ``metadata.json`` and draw one grid per prompt from the PNGs."""
+    from PIL import Image
+
+    images = []
+    for rank in range(world):
+        part = out / f".records-{rank}.json"
+        images += json.loads(part.read_text(encoding="utf-8"))
+    images.sort(key=lambda r: (r["prompt_index"], r["seed"]))
     grids = {}
     if cfg.grid:
-        for p, pils in per_prompt.items():
+        for p in sorted({r["prompt_index"] for r in images}):
+            pils = [Image.open(out / r["file"]).convert("RGB") for r in images if r["prompt_index"] == p]
             grids[str(p)] = f"p{p:03d}_grid.png"
             _save_png(make_grid(pils), out / grids[str(p)], {"parameters": cfg.prompts[p]})
-    elapsed = time.perf_counter() - start
-    concepts = {name: {"class_noun": b.class_noun, "fingerprint": b.fingerprint_digest,
-                       "bank": b.source, "references": b.training.get("images")}
-                for name, b in {**extra, **banks}.items()}
     meta = {"format": "latexblend-samples", "format_version": 1, "latexblend_version": __version__,
             "model": cfg.model, "settings": settings, "concepts": concepts, "images": images, "grids": grids,
             "timings": {"total_s": round(elapsed, 3), "per_image_s": round(elapsed / max(len(images), 1), 3)}}
     write_text_atomic(out / "metadata.json", json.dumps(meta, indent=2))
-    return out
+    for rank in range(world):
+        (out / f".records-{rank}.json").unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- the authors' inference JSON
