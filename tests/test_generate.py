@@ -307,6 +307,16 @@ def test_encode_prompt_wrapper_binds_positional_arguments_and_passes_embeds(tiny
     assert np.abs(out - ref).max() <= 1e-5
 
 
+def test_applying_twice_is_refused_and_remove_allows_again(tiny_pipe):
+    bank = bank_for(tiny_pipe, "corgi", "dog", 0)
+    with apply(tiny_pipe, [bank]):
+        with pytest.raises(LatexBlendError, match="already applied"):
+            apply(tiny_pipe, [bank])
+    with apply(tiny_pipe, [bank]) as blender:
+        assert blender.pipe is tiny_pipe
+    assert "encode_prompt" not in tiny_pipe.__dict__
+
+
 def test_package_exposes_apply():
     assert latexblend.apply is apply
 

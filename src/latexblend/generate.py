@@ -48,6 +48,8 @@ class Blender:
                  blend_start: float = 0.9, bind: bool = True, guidance=None, rectify=None, save_maps: bool = False):
         if not 0.0 <= blend_start <= 1.0:
             raise LatexBlendError(f"blend_start must be in [0, 1], got {blend_start}")
+        if getattr(pipe, "_latexblend", None) is not None:
+            raise LatexBlendError("latexblend is already applied to this pipeline; remove() it first")
         self.pipe, self.banks, self.required = pipe, dict(banks), list(required)
         for name in self.required:
             if name not in self.banks:
@@ -70,6 +72,7 @@ class Blender:
         self._schedule: tuple = (None, [])
         self._encode = pipe.encode_prompt
         pipe.encode_prompt = self._encode_prompt
+        pipe._latexblend = self
         self.steering = None  # guidance / rectification / map saving (latexblend.steering)
         guidance, rectify = _options(GuidanceOptions, guidance), _options(RectifyOptions, rectify)
         if guidance or rectify or save_maps:
@@ -141,6 +144,7 @@ class Blender:
         self._restore()
         self._hook.remove()
         self.pipe.__dict__.pop("encode_prompt", None)
+        self.pipe.__dict__.pop("_latexblend", None)
 
     def __enter__(self) -> Blender:
         return self
