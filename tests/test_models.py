@@ -93,6 +93,8 @@ def test_resolve_model_errors(tmp_path):
     with pytest.raises(LatexBlendError, match="neither a local folder nor a hub id"):
         resolve_model("./missing/folder")
     assert resolve_model("sdxl") == "stabilityai/stable-diffusion-xl-base-1.0"
+    with pytest.raises(LatexBlendError, match="has no files"):
+        resolve_model("sdxl-random")
     assert resolve_model("owner/name") == "owner/name"
 
 

@@ -198,6 +198,9 @@ def resolve_model(model: str) -> str:
     """A registry name, local folder or hub id -> what ``from_pretrained`` takes."""
     if model == "tiny":
         return str(tiny_model_dir())
+    if model == "sdxl-random":
+        raise LatexBlendError("'sdxl-random' has no files (random weights built in memory): it works with "
+                              "train, generate and bench, not with commands that read a model folder")
     if model in REGISTRY:
         return REGISTRY[model].source
     path = Path(model).expanduser()
