@@ -304,6 +304,17 @@ def _counts(concepts: str, lo: int, hi: int) -> list[int]:
     return counts
 
 
+def _bench_report(result: dict, out: Path) -> None:
+    """Write a benchmark's JSON and CSV, print its table and what it ran on."""
+    from latexblend.bench import format_table, write_results
+
+    json_path, csv_path = write_results(result, out)
+    typer.echo(format_table(result))
+    units = (("dtype", ""), ("size", " px"), ("steps", " steps"))
+    details = [f"{result[k]}{unit}" for k, unit in units if k in result]
+    typer.echo(f"{', '.join([result['device_name'], *details])}; wrote {json_path} and {csv_path}")
+
+
 @bench_app.command("generate")
 @friendly
 def bench_generate_cmd(
@@ -320,13 +331,10 @@ def bench_generate_cmd(
     """Blended generation with N concepts vs the stock pipeline (same prompt, seed, settings)."""
     counts = _counts(concepts, 0, 8)
     _quiet_libraries()
-    from latexblend.bench import bench_generate, format_table, write_results
+    from latexblend.bench import bench_generate
 
-    result = bench_generate(model, counts, steps=steps, repeats=repeats, size=size, device=device, dtype=dtype)
-    json_path, csv_path = write_results(result, out)
-    typer.echo(format_table(result))
-    typer.echo(f"{result['device_name']}, {result['dtype']}, {result['size']} px, {steps} steps; "
-               f"wrote {json_path} and {csv_path}")
+    _bench_report(bench_generate(model, counts, steps=steps, repeats=repeats, size=size, device=device, dtype=dtype),
+                  out)
 
 
 # ---- evaluate
@@ -611,12 +619,6 @@ def prior_cmd(
     typer.echo(f"generated {made} prior images of '{class_noun}' in {out}/ ({num} in all)")
 
 
-def _bench_report(result: dict, out: Path) -> None:
-    from latexblend.bench import format_table, write_results
-
-    json_path, csv_path = write_results(result, out)
-    typer.echo(format_table(result))
-    typer.echo(f"{result['device_name']}: wrote {json_path} and {csv_path}")
 
 
 @bench_app.command("train")
@@ -668,13 +670,10 @@ def bench_modes_cmd(
     """Plain blending, blending guidance and rectification vs the stock pipeline (time, peak memory)."""
     counts = _counts(concepts, 2, 6)
     _quiet_libraries()
-    from latexblend.bench import bench_modes, format_table, write_results
+    from latexblend.bench import bench_modes
 
-    result = bench_modes(model, counts, steps=steps, repeats=repeats, size=size, device=device, dtype=dtype)
-    json_path, csv_path = write_results(result, out)
-    typer.echo(format_table(result))
-    typer.echo(f"{result['device_name']}, {result['dtype']}, {result['size']} px, {steps} steps; "
-               f"wrote {json_path} and {csv_path}")
+    _bench_report(bench_modes(model, counts, steps=steps, repeats=repeats, size=size, device=device, dtype=dtype),
+                  out)
 
 
 def main() -> None:
