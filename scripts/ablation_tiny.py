@@ -21,25 +21,11 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
+
+from latexblend.synthetic import draw_concept
 
 HELD_OUT = ("a dog on the grass", "a dog in the snow at night", "a dog next to a red car")
 VARIANTS = {"full": {}, "no-base-flow": {"base_flow": False}, "fixed-template": {"fixed_template": True}}
-
-
-def draw_concept(folder: Path, n: int = 5) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(0)
-    for i in range(n):
-        r = torch.randint(0, 256, (3,), generator=g).tolist()
-        img = Image.new("RGB", (96, 96), (r[0] // 2, 100 + r[1] // 3, r[2] // 2))
-        x, y = (int(v) for v in torch.randint(4, 30, (2,), generator=g))
-        d = ImageDraw.Draw(img)
-        d.ellipse((x, y, x + 56, y + 56), fill=(220, 30, 40))
-        d.rectangle((x + 8, y + 22, x + 48, y + 34), fill=(20, 40, 210))
-        d.rectangle((x + 22, y + 4, x + 34, y + 16), fill=(250, 220, 30))
-        img.save(folder / f"{i}.png")
-    return folder
 
 
 def held_out_loss(pipe, bank, images, timesteps, noise) -> float:
@@ -90,7 +76,7 @@ def main() -> None:
     from latexblend.train import train
 
     out = args.out
-    images_dir = draw_concept(out / "concept")
+    images_dir = draw_concept(out / "concept", "disc", num=5, size=96, seed=0)
     pipe = load_pipeline("tiny", device="cpu", dtype="fp32")
     generate_prior(pipe, "dog", 8, out / "prior", steps=10, progress=False)
     rows, timings = {}, {}
