@@ -246,8 +246,8 @@ def _train_setup(model: str, size: int | None, device: str, tmp: Path, **overrid
     return build_setup(cfg, images, prior, device, dtype), dtype
 
 
-def _train_rows(setup, dtype: torch.dtype, device: str, steps: int) -> tuple[int, list[dict]]:
-    """FLOPs of one step, and a row per gradient-checkpointing setting."""
+def _train_rows(setup, dtype: torch.dtype, device: str, steps: int) -> list[dict]:
+    """A row per gradient-checkpointing setting (FLOPs counted once, on the first step)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from latexblend.train import step_loss
@@ -276,7 +276,7 @@ def _train_rows(setup, dtype: torch.dtype, device: str, steps: int) -> tuple[int
                      "samples_per_s": round(2 * setup.cfg.batch_size / per_step, 3),
                      "peak_gib": round(peak, 3), "tflop_per_step": round(flops / 1e12, 4),
                      "mfu": round(flops / per_step / (peak_tflops * 1e12), 4) if peak_tflops else None})
-    return flops, rows
+    return rows
 
 
 def bench_train(model: str = "tiny", steps: int = 5, size: int | None = None, device: str | None = None) -> dict:
@@ -289,7 +289,7 @@ def bench_train(model: str = "tiny", steps: int = 5, size: int | None = None, de
     device = device or default_device()
     with tempfile.TemporaryDirectory() as tmp:  # prior images are read at every step
         setup, dtype = _train_setup(model, size, device, Path(tmp))
-        _, rows = _train_rows(setup, dtype, device, steps)
+        rows = _train_rows(setup, dtype, device, steps)
     trainable = sum(p.numel() for p in setup.parameters())
     return {"benchmark": "train", "model": model, "device": device, "device_name": _device_name(device),
             "dtype": str(dtype).replace("torch.", ""), "size": setup.size, "steps": steps,

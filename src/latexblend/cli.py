@@ -304,6 +304,12 @@ def _counts(concepts: str, lo: int, hi: int) -> list[int]:
     return counts
 
 
+BenchModelOpt = Annotated[
+    str, typer.Option(help="'tiny', 'sdxl-random' (full SDXL, random weights), a folder or hub id.")
+]
+BenchOutOpt = Annotated[Path, typer.Option(help="JSON output (CSV written beside it).")]
+
+
 def _bench_report(result: dict, out: Path) -> None:
     """Write a benchmark's JSON and CSV, print its table and what it ran on."""
     from latexblend.bench import format_table, write_results
@@ -318,15 +324,13 @@ def _bench_report(result: dict, out: Path) -> None:
 @bench_app.command("generate")
 @friendly
 def bench_generate_cmd(
-    model: Annotated[
-        str, typer.Option(help="'tiny', 'sdxl-random' (full SDXL, random weights), a folder or hub id.")
-    ] = "tiny",
+    model: BenchModelOpt = "tiny",
     concepts: Annotated[str, typer.Option(help="Comma-separated concept counts.")] = "0,1,4,8",
     steps: int = 20,
     repeats: int = 3,
     size: Annotated[int | None, typer.Option(help="Image side [model default].")] = None,
     device: str | None = None, dtype: str = "auto",
-    out: Annotated[Path, typer.Option(help="JSON output (CSV written beside it).")] = Path("bench_generate.json"),
+    out: BenchOutOpt = Path("bench_generate.json"),
 ) -> None:
     """Blended generation with N concepts vs the stock pipeline (same prompt, seed, settings)."""
     counts = _counts(concepts, 0, 8)
@@ -624,11 +628,11 @@ def prior_cmd(
 @bench_app.command("train")
 @friendly
 def bench_train_cmd(
-    model: Annotated[str, typer.Option(help="'tiny', 'sdxl-random', a folder or hub id.")] = "tiny",
+    model: BenchModelOpt = "tiny",
     steps: Annotated[int, typer.Option(help="Timed steps per setting.")] = 5,
     size: Annotated[int | None, typer.Option(help="Training resolution [512, tiny: 64].")] = None,
     device: str | None = None,
-    out: Annotated[Path, typer.Option(help="JSON output (CSV written beside it).")] = Path("bench_train.json"),
+    out: BenchOutOpt = Path("bench_train.json"),
 ) -> None:
     """Training step: steps/s, samples/s, peak memory, FLOPs and utilisation, with/without checkpointing."""
     if steps < 1:
@@ -642,10 +646,10 @@ def bench_train_cmd(
 @bench_app.command("extract")
 @friendly
 def bench_extract_cmd(
-    model: Annotated[str, typer.Option(help="'tiny', 'sdxl-random', a folder or hub id.")] = "tiny",
+    model: BenchModelOpt = "tiny",
     device: str | None = None,
     repeats: int = 3,
-    out: Annotated[Path, typer.Option(help="JSON output (CSV written beside it).")] = Path("bench_extract.json"),
+    out: BenchOutOpt = Path("bench_extract.json"),
 ) -> None:
     """Stage 2: wall time of one extraction (text side only) and the bank file's size."""
     _quiet_libraries()
@@ -657,15 +661,13 @@ def bench_extract_cmd(
 @bench_app.command("modes")
 @friendly
 def bench_modes_cmd(
-    model: Annotated[
-        str, typer.Option(help="'tiny', 'sdxl-random' (full SDXL, random weights), a folder or hub id.")
-    ] = "tiny",
+    model: BenchModelOpt = "tiny",
     concepts: Annotated[str, typer.Option(help="Comma-separated concept counts (2-6).")] = "2,4",
     steps: int = 20,
     repeats: int = 3,
     size: Annotated[int | None, typer.Option(help="Image side [model default].")] = None,
     device: str | None = None, dtype: str = "auto",
-    out: Annotated[Path, typer.Option(help="JSON output (CSV written beside it).")] = Path("bench_modes.json"),
+    out: BenchOutOpt = Path("bench_modes.json"),
 ) -> None:
     """Plain blending, blending guidance and rectification vs the stock pipeline (time, peak memory)."""
     counts = _counts(concepts, 2, 6)

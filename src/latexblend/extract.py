@@ -126,7 +126,7 @@ def load_text_side(model: str, device: str = "cpu", dtype: str = "fp32"):
     """The two tokenizers and text encoders of ``model`` (no UNet, no VAE)."""
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from latexblend.models import _load_error, resolve_dtype, resolve_model
+    from latexblend.models import load_error, resolve_dtype, resolve_model
 
     source = resolve_model(model)
     torch_dtype = resolve_dtype(dtype, device)
@@ -135,7 +135,7 @@ def load_text_side(model: str, device: str = "cpu", dtype: str = "fp32"):
         encs = [CLIPTextModel.from_pretrained(source, subfolder=ENCODERS[0], dtype=torch_dtype),
                 CLIPTextModelWithProjection.from_pretrained(source, subfolder=ENCODERS[1], dtype=torch_dtype)]
     except Exception as err:
-        raise _load_error(model, source, err) from err
+        raise load_error(model, source, err) from err
     return toks, [e.to(device).eval() for e in encs]
 
 

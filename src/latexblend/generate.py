@@ -71,6 +71,7 @@ class Blender:
         self._num_train = num_train
         self._schedule: tuple = (None, [])
         self._encode = pipe.encode_prompt
+        self._signature = inspect.signature(self._encode)
         pipe.encode_prompt = self._encode_prompt
         pipe._latexblend = self
         self.steering = None  # guidance / rectification / map saving (latexblend.steering)
@@ -117,7 +118,7 @@ class Blender:
         return locate_spans(self.pipe.tokenizer, prompt, concepts)
 
     def _encode_prompt(self, *args, **kwargs):
-        bound = inspect.signature(self._encode).bind(*args, **kwargs)
+        bound = self._signature.bind(*args, **kwargs)
         bound.apply_defaults()
         call = bound.arguments
         prompt, copies = call.get("prompt"), int(call.get("num_images_per_prompt") or 1)
@@ -274,8 +275,6 @@ def run_prompts(pipe, cfg: GenerateConfig, blender: Blender | None, on_image=Non
     with tqdm(total=total, desc="generate", unit="img", disable=total < 2) as bar:
         for p, js in units.items():
             prompt = cfg.prompts[p]
-            if blender is not None:
-                blender.prepare(prompt)  # fail before any sampling on a bad prompt
             for first in range(0, len(js), cfg.batch_size):
                 seeds = [cfg.seed + j for j in js[first : first + cfg.batch_size]]
                 gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]

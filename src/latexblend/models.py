@@ -252,12 +252,13 @@ def load_pipeline(model: str = "tiny", device: str | None = None, dtype: str = "
     try:
         pipe = StableDiffusionXLPipeline.from_pretrained(source, dtype=torch_dtype)
     except Exception as err:  # hub, file-system and format errors all mean the same to a user
-        raise _load_error(model, source, err) from err
+        raise load_error(model, source, err) from err
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
 
-def _load_error(model: str, source: str, err: Exception) -> LatexBlendError:
+def load_error(model: str, source: str, err: Exception) -> LatexBlendError:
+    """One-line error for a model that failed to load, naming it and how to pass a local folder."""
     first = (str(err).strip().splitlines() or [type(err).__name__])[0]
     return LatexBlendError(
         f"cannot load model '{model}' ({type(err).__name__}: {first[:200]}); download it with "
@@ -275,7 +276,7 @@ def load_unet_and_tokenizer(model: str, device: str = "cpu", dtype: str = "fp32"
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", dtype=resolve_dtype(dtype, device))
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
     except Exception as err:
-        raise _load_error(model, source, err) from err
+        raise load_error(model, source, err) from err
     return unet.to(device), tokenizer
 
 
