@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+import latexblend.guidance as guidance_mod
 import latexblend.steering as steering_mod
 from conftest import random_bank
 from latexblend.bank import save_bank
@@ -128,8 +129,9 @@ def recorded_passes(monkeypatch):
     passes = []
     original = steering_mod.guidance_pass
 
-    def spy(unet, z, scale, call, maps, layers, row_spans, latent_hw, checkpointing=False):
-        grad, loss, nbytes = original(unet, z, scale, call, maps, layers, row_spans, latent_hw, checkpointing)
+    def spy(unet, z, scale, call, maps, layers, row_spans, latent_hw, checkpointing=False, count_saved=False):
+        grad, loss, nbytes = original(unet, z, scale, call, maps, layers, row_spans, latent_hw, checkpointing,
+                                      count_saved=True)
         step = spy.step_size
         _, again, _ = original(unet, z - step * grad, scale, call, maps, layers, row_spans, latent_hw, checkpointing)
         passes.append({"loss": loss, "again": again, "grad": grad, "nbytes": nbytes, "layers": list(layers),
@@ -214,6 +216,44 @@ def test_gradient_checkpointing_same_update_less_saved_memory(tiny_pipe, recorde
     assert not tiny_pipe.unet.is_gradient_checkpointing
 
 
+def _full_pass_sink(store, layers):  # the sink before early stopping: records, never ends the pass
+    return store.__setitem__
+
+
+def _one_step(pipe, read, **steering):
+    """``read(blender)`` after a 1-step generation with two concepts, and the batch sizes conv_out saw."""
+    calls = []
+    hook = pipe.unet.conv_out.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        with apply(pipe, [bank(pipe, 0), bank(pipe, 1)], bind=False, **steering) as b:
+            run(pipe, "a dog and a cat", steps=1)
+            return read(b), calls
+    finally:
+        hook.remove()
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_guidance_pass_stops_after_its_last_layer_same_update(tiny_pipe, monkeypatch, ckpt):
+    """With layers "down" the pass ends inside the down blocks (conv_out sees only the main step's CFG
+    batch of 2) and the update equals the one of a pass run to the end."""
+    options = {"guidance": {"window": 0.0, "layers": "down", "checkpointing": ckpt}}
+    early, calls = _one_step(tiny_pipe, lambda b: b.steering.history[0]["delta"], **options)
+    assert calls == [2]
+    monkeypatch.setattr(guidance_mod, "collector", _full_pass_sink)
+    full, calls = _one_step(tiny_pipe, lambda b: b.steering.history[0]["delta"], **options)
+    assert calls == [1, 2]
+    assert early.abs().max() > 0 and torch.equal(early, full)
+
+
+def test_rectify_capture_stops_after_the_last_cross_attention_same_masks(tiny_pipe, monkeypatch):
+    options = {"rectify": {"start": 1.0, "clusters": 3}}
+    early, calls = _one_step(tiny_pipe, lambda b: b.steering.masks(0), **options)
+    assert calls == [2]
+    monkeypatch.setattr(steering_mod, "collector", _full_pass_sink)
+    full, calls = _one_step(tiny_pipe, lambda b: b.steering.masks(0), **options)
+    assert calls == [1, 2] and torch.equal(early, full)
+
+
 def test_off_is_bit_identical_to_plain_blending(tiny_pipe):
     banks = [bank(tiny_pipe, 0), bank(tiny_pipe, 1)]
     with apply(tiny_pipe, banks):
@@ -291,13 +331,20 @@ def test_release_json_guidance_keys_map_to_options(tmp_path):
 def test_bench_modes_reports_time_and_guidance_memory(tiny_dir, tmp_path):
     out = tmp_path / "m.json"
     r = runner.invoke(app, ["bench", "modes", "--model", str(tiny_dir), "--concepts", "2", "--steps", "5",
-                            "--repeats", "1", "--out", str(out)])
+                            "--repeats", "1", "--out", str(out), "--profile", str(tmp_path / "prof")])
     assert r.exit_code == 0, r.output
     rows = {row["mode"]: row for row in json.loads(out.read_text())["rows"]}
     assert list(rows) == ["stock (A/A)", "plain", "guidance", "guidance_ckpt", "rectify"]
     assert rows["guidance"]["guided_steps"] == 1 and rows["rectify"]["rectify_passes"] == 1  # t/T 0.801 only
     assert 0 < rows["guidance_ckpt"]["guidance_saved_mib"] < rows["guidance"]["guidance_saved_mib"]
     assert all(row["seconds"] > 0 and row["vs_plain"] > 0 for row in rows.values())
+    # FLOPs: plain blending = stock arithmetic; guidance adds a pass, checkpointing one more forward on top
+    assert rows["plain"]["flop_vs_plain"] == 1.0 and rows["stock (A/A)"]["tflop"] is None
+    assert 1.0 < rows["guidance"]["flop_vs_plain"] < rows["guidance_ckpt"]["flop_vs_plain"]
+    assert rows["rectify"]["flop_vs_plain"] > 1.0
+    tables = sorted(p.name for p in (tmp_path / "prof").iterdir())
+    assert tables == [f"profile_{m}_2.txt" for m in ("guidance", "guidance_ckpt", "plain", "rectify")]
+    assert "aten::" in (tmp_path / "prof" / "profile_guidance_2.txt").read_text()
     r = runner.invoke(app, ["bench", "modes", "--concepts", "1", "--out", str(out)])
     assert r.exit_code == 2 and "between 2 and 6" in r.output
 

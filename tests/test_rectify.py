@@ -5,7 +5,7 @@ import torch
 from conftest import random_bank
 from latexblend.errors import LatexBlendError
 from latexblend.generate import apply
-from latexblend.rectify import RectifyOptions, concept_masks, match_clusters, modulate, resize_masks
+from latexblend.rectify import RectifyOptions, coefficients, concept_masks, match_clusters, modulate, resize_masks
 from latexblend.tokens import Span, token_ids
 
 NOUNS = ["dog", "cat", "car", "tree"]
@@ -62,12 +62,37 @@ def test_modulation_rule_by_hand():
     scores = torch.tensor([[[0.0, 1.0, 2.0, 3.0], [0.0, 1.0, 2.0, 3.0]]])  # [heads 1, N 2, K 4]
     spans = [Span("a", 1, 2), Span("b", 3, 1)]
     masks = torch.tensor([[True, False], [False, True]])  # a owns pixel 0, b pixel 1; |M|/N = 1/2
-    out = modulate(scores, spans, masks, tau=1.0, strength=2.0)
+    own, other = coefficients(spans, masks, width=4, strength=2.0)
+    out = modulate(scores, own, other, tau=1.0)
     # own:  S + 2*1*(1/2)*(max - S);  other: S - 2*1*(1/2)*(S - min)
     assert torch.equal(out[0], torch.tensor([[0.0, 3.0, 3.0, 0.0], [0.0, 0.0, 0.0, 3.0]]))
-    weak = modulate(scores, spans, masks, tau=0.5 ** 5, strength=2.0)
+    weak = modulate(scores, own, other, tau=0.5 ** 5)
     assert weak[0, 0, 1].item() == pytest.approx(1 + 0.5 ** 5 * 2)
-    assert torch.equal(modulate(scores, spans, masks, tau=0.0), scores)
+    assert torch.equal(modulate(scores, own, other, tau=0.0), scores)
+
+
+def test_batched_modulation_touches_only_the_conditional_span_columns():
+    """One call for [uncond x2, cond x2] equals the rule applied sample by sample; the unconditional
+    rows and the columns outside the spans come back bit-identical."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(4, 3, 6, 10, generator=g)  # [B, heads, N, K]
+    spans = [[Span("a", 2, 2), Span("b", 5, 1)], [Span("c", 1, 3)]]
+    masks = [torch.tensor([[1, 1, 0, 0, 0, 0], [0, 0, 0, 1, 1, 0]], dtype=torch.bool),
+             torch.tensor([[0, 0, 1, 1, 1, 1]], dtype=torch.bool)]
+    per = [coefficients(s, m, width=10) for s, m in zip(spans, masks, strict=True)]
+    own = torch.cat([torch.zeros(2, 6, 10), torch.stack([p[0] for p in per])])[:, None]
+    other = torch.cat([torch.zeros(2, 6, 10), torch.stack([p[1] for p in per])])[:, None]
+    out = modulate(scores, own, other, tau=0.7)
+    assert torch.equal(out[:2], scores[:2])
+    for i in range(2):
+        assert torch.allclose(out[2 + i], modulate(scores[2 + i], *per[i], tau=0.7))
+    # sample 0: columns 0, 1, 4 and 6-9 are no concept's; sample 1 has a single concept (nothing to damp)
+    for col in (0, 1, 4, 6, 7, 8, 9):
+        assert torch.equal(out[2, ..., col], scores[2, ..., col])
+    assert torch.equal(per[1][1], torch.zeros(6, 10))
+    # a's own pixels (0, 1) are boosted in a's columns; b's pixels (3, 4) are damped there
+    boosted, damped = out[2, :, :2, 2:4] - scores[2, :, :2, 2:4], out[2, :, 3:5, 2:4] - scores[2, :, 3:5, 2:4]
+    assert (boosted >= 0).all() and (boosted > 0).any() and (damped <= 0).all() and (damped < 0).any()
 
 
 def test_resize_masks_any_size_stays_disjoint():
@@ -111,3 +136,49 @@ def test_rectification_on_the_tiny_model_any_size_and_reproducible(tiny_pipe, si
         plain = tiny_pipe("a dog and a cat and a car", num_inference_steps=3, generator=g, height=size[0],
                           width=size[1], output_type="np").images
     assert not np.array_equal(img, plain)  # the modulation changed the image
+
+
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _last_main_call_ops(pipe, n):
+    """Ops dispatched by the last main UNet call (CFG batch of 2; the capture pass has 1) of a
+    3-step rectified generation with ``n`` concepts."""
+    calls = []
+
+    def enter(module, args, kwargs):
+        if args[0].shape[0] == 2:
+            calls.append(_CountOps())
+            calls[-1].__enter__()
+
+    def leave(module, args, output):
+        if args[0].shape[0] == 2:
+            calls[-1].__exit__(None, None, None)
+
+    with apply(pipe, _banks(pipe, n), rectify={"start": 1.0, "clusters": 5}) as b:
+        pre = pipe.unet.register_forward_pre_hook(enter, with_kwargs=True)
+        post = pipe.unet.register_forward_hook(leave)
+        try:
+            g = torch.Generator().manual_seed(0)
+            pipe(" and ".join(f"a {NOUNS[i]}" for i in range(n)), num_inference_steps=3, generator=g,
+                 output_type="latent")
+        finally:
+            pre.remove()
+            post.remove()
+        assert b.steering.stats["rectify_passes"] == 1 and b.steering.masks(0).shape[0] == n
+    assert len(calls) == 3
+    return calls[-1].count
+
+
+def test_rectified_step_costs_the_same_number_of_ops_for_any_concept_count(tiny_pipe):
+    """The modulation is a fixed handful of tensor ops per layer (no loop over samples or concepts):
+    the last UNet call of a rectified generation dispatches as many ops for 1, 2 or 4 concepts."""
+    counts = [_last_main_call_ops(tiny_pipe, n) for n in (1, 2, 4)]
+    assert counts[0] > 0 and counts == [counts[0]] * 3, counts

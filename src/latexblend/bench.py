@@ -162,17 +162,47 @@ def _steering_columns(stats: dict | None) -> dict:
             "guidance_saved_mib": round(saved / 2**20, 2) if saved else None}
 
 
+def _counted(fn: Callable[[], object]) -> float:
+    """TFLOP of one call (``torch.utils.flop_counter``: matmuls, convolutions and attention, forward and
+    backward); a measurement pass, slower than an uncounted call."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e12
+
+
+def _profiled(fn: Callable[[], object], device: str, path: Path) -> None:
+    """Write the torch.profiler operator table of one call to ``path`` (sorted by device time on CUDA)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                      row_limit=60)
+    write_text_atomic(path, table + "\n")
+
+
 def bench_modes(model: str = "tiny", counts: Sequence[int] = (2, 4), steps: int = 20, repeats: int = 3,
                 size: int | None = None, device: str | None = None, dtype: str = "auto", cfg: float = 6.0,
-                modes: Sequence[str] = tuple(MODES)) -> dict:
+                modes: Sequence[str] = tuple(MODES), profile_dir: str | Path | None = None) -> dict:
     """Time and peak memory of plain blending, guidance and rectification against the stock pipeline,
     with N concepts, in one process (stock / each mode / stock again per round, after a warm-up round).
 
-    ``guidance_saved_mib``: activations autograd keeps for the guidance pass's backward (weights
-    excluded; any device), the part of its memory that checkpointing reduces.
+    The untimed warm-up round also counts each generation's FLOPs (``tflop``, ``flop_vs_plain``: what a
+    mode costs in arithmetic, free of timing noise) and ``guidance_saved_mib``, the activations
+    autograd keeps for the guidance pass's backward (weights excluded; any device), the part of its
+    memory that checkpointing reduces. ``profile_dir``: also write one profiler table per mode there.
     """
+    from latexblend.errors import LatexBlendError
     from latexblend.generate import apply
 
+    if profile_dir is not None and Path(profile_dir).exists() and not Path(profile_dir).is_dir():
+        raise LatexBlendError(f"--profile {profile_dir} exists and is not a folder")
     pipe = bench_pipeline(model, device, dtype)
     device = str(pipe.unet.device)
     size = size or pipe.default_sample_size * pipe.vae_scale_factor
@@ -183,14 +213,19 @@ def bench_modes(model: str = "tiny", counts: Sequence[int] = (2, 4), steps: int 
         pipe(prompt, num_inference_steps=steps, guidance_scale=cfg, height=size, width=size, generator=g,
              output_type="latent")
 
-    saved: dict[str, float] = {}
+    stats: dict[str, dict] = {}
 
-    def ours(n: int, mode: str, prompt: str):
+    def ours(n: int, mode: str, prompt: str, warm_up: bool):
         with apply(pipe, banks[:n], **MODES[mode]) as blender:
-            result = _timed(lambda: call(prompt), device)
-            if blender.steering is not None:
-                saved[f"{mode}@{n}"] = dict(blender.steering.stats)
-            return result
+            if not warm_up:
+                return _timed(lambda: call(prompt), device)
+            if blender.steering is not None:  # the warm-up counts (untimed: the counting costs time)
+                blender.steering.count_saved = True
+            stats[f"{mode}@{n}"] = {"tflop": _counted(lambda: call(prompt)),
+                                    **(blender.steering.stats if blender.steering is not None else {})}
+            if profile_dir is not None:
+                _profiled(lambda: call(prompt), device, Path(profile_dir) / f"profile_{mode}_{n}.txt")
+            return 0.0, 0.0
 
     times: dict[str, list[float]] = {}
     peaks: dict[str, float] = {}
@@ -198,25 +233,34 @@ def bench_modes(model: str = "tiny", counts: Sequence[int] = (2, 4), steps: int 
         for n in counts:
             prompt = " and ".join(f"a {noun}" for noun in NOUNS[:n])
             runs = [("stock", lambda p=prompt: _timed(lambda: call(p), device))]
-            runs += [(m, lambda n=n, m=m, p=prompt: ours(n, m, p)) for m in modes]
+            runs += [(m, lambda n=n, m=m, p=prompt, w=rep == 0: ours(n, m, p, w)) for m in modes]
             runs += [("stock_b", lambda p=prompt: _timed(lambda: call(p), device))]  # the A/A noise floor
             for mode, run in runs:
                 seconds, peak = run()
                 if rep:
                     times.setdefault(f"{mode}@{n}", []).append(seconds)
                     peaks[f"{mode}@{n}"] = max(peaks.get(f"{mode}@{n}", 0.0), peak)
+    return {"benchmark": "modes", "model": model, "device": device, "device_name": _device_name(device),
+            "dtype": str(pipe.unet.dtype).replace("torch.", ""), "size": size, "steps": steps, "cfg": cfg,
+            "repeats": repeats, "modes": {m: MODES[m] for m in modes},
+            "rows": _mode_rows(counts, modes, times, peaks, stats), "env": _env()}
+
+
+def _mode_rows(counts, modes, times, peaks, stats) -> list[dict]:
     rows = []
     for n in counts:
         med = {m: statistics.median(times[f"{m}@{n}"]) for m in ("stock", "stock_b", *modes)}
+        plain_tflop = stats.get(f"plain@{n}", {}).get("tflop")
         for m in ("stock_b", *modes):
+            tflop = stats.get(f"{m}@{n}", {}).get("tflop")
             rows.append({"concepts": n, "mode": "stock (A/A)" if m == "stock_b" else m, "seconds": round(med[m], 4),
                          "vs_stock": round(med[m] / med["stock"], 4),
                          "vs_plain": round(med[m] / med["plain"], 4) if "plain" in med else None,
                          "peak_gib": round(peaks[f"{m}@{n}"], 3), "stock_peak_gib": round(peaks[f"stock@{n}"], 3),
-                         **_steering_columns(saved.get(f"{m}@{n}"))})
-    return {"benchmark": "modes", "model": model, "device": device, "device_name": _device_name(device),
-            "dtype": str(pipe.unet.dtype).replace("torch.", ""), "size": size, "steps": steps, "cfg": cfg,
-            "repeats": repeats, "modes": {m: MODES[m] for m in modes}, "rows": rows, "env": _env()}
+                         "tflop": round(tflop, 6) if tflop is not None else None,
+                         "flop_vs_plain": round(tflop / plain_tflop, 4) if tflop and plain_tflop else None,
+                         **_steering_columns(stats.get(f"{m}@{n}"))})
+    return rows
 
 
 # --------------------------------------------------------------------------- training and extraction

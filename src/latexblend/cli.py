@@ -668,14 +668,16 @@ def bench_modes_cmd(
     size: Annotated[int | None, typer.Option(help="Image side [model default].")] = None,
     device: str | None = None, dtype: str = "auto",
     out: BenchOutOpt = Path("bench_modes.json"),
+    profile: Annotated[Path | None, typer.Option(
+        help="Also write a torch.profiler operator table per mode (profile_<mode>_<n>.txt) into this folder.")] = None,
 ) -> None:
-    """Plain blending, blending guidance and rectification vs the stock pipeline (time, peak memory)."""
+    """Plain blending, blending guidance and rectification vs the stock pipeline (time, peak memory, FLOPs)."""
     counts = _counts(concepts, 2, 6)
     _quiet_libraries()
     from latexblend.bench import bench_modes
 
-    _bench_report(bench_modes(model, counts, steps=steps, repeats=repeats, size=size, device=device, dtype=dtype),
-                  out)
+    _bench_report(bench_modes(model, counts, steps=steps, repeats=repeats, size=size, device=device, dtype=dtype,
+                              profile_dir=profile), out)
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ Losses are per sample (``[B]``); the batch loss is their sum, so each sample's g
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -192,19 +192,49 @@ class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
         super().__init__(pack, lambda t: t)
 
 
+class _Complete(Exception):
+    """Raised by a :func:`collector` sink once its last layer reported: nothing later in the UNet can
+    change what was recorded, so the pass stops there."""
+
+
+def collector(store: dict, layers) -> Callable[[str, torch.Tensor], None]:
+    """A map sink filling ``store`` that ends the UNet pass (see :func:`run_until_recorded`) once every
+    layer in ``layers`` has reported. Calls after that (a checkpointed block recomputed during
+    backward) are ignored."""
+    remaining = set(layers)
+
+    def sink(layer: str, probs: torch.Tensor) -> None:
+        if not remaining:
+            return
+        store[layer] = probs
+        remaining.discard(layer)
+        if not remaining:
+            raise _Complete
+
+    return sink
+
+
+def run_until_recorded(call, x: torch.Tensor) -> None:
+    """``call(x)``, stopped early by a :func:`collector` sink (the UNet's output is not needed)."""
+    with contextlib.suppress(_Complete):
+        call(x)
+
+
 def guidance_pass(unet, z: torch.Tensor, scale: torch.Tensor, call, maps: MapState, layers: Sequence[str],
                   row_spans: Sequence[Sequence[Span]], latent_hw: tuple[int, int],
-                  checkpointing: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
+                  checkpointing: bool = False, count_saved: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Loss and its gradient with respect to the scheduler-space latent ``z`` [B, 4, h, w] (conditional
     samples only). The UNet sees ``scale * z`` (``scale`` = the scheduler's ``scale_model_input``
-    factor); ``call(x)`` runs the UNet on the conditional branch. Returns ``(grad [B, 4, h, w],
-    loss [B], activation bytes saved for backward)``."""
+    factor); ``call(x)`` runs the UNet on the conditional branch, which stops after the last layer of
+    ``layers`` (the blocks after it cannot change the loss). Returns ``(grad [B, 4, h, w], loss [B],
+    activation bytes saved for backward)``; the bytes are counted only with ``count_saved`` (a Python
+    hook on every saved tensor: measurement, not for every pass), else 0."""
     recorded: dict[str, torch.Tensor] = {}
     z = z.detach().float().requires_grad_(True)
-    saved = SavedBytes(unet)
+    saved = SavedBytes(unet) if count_saved else None
     with torch.enable_grad(), frozen_unet(unet, checkpointing), recording(
-            maps, layers, sink=recorded.__setitem__, edit=maps.edit), saved:
-        call((scale * z).to(unet.dtype))
+            maps, layers, sink=collector(recorded, layers), edit=maps.edit), saved or contextlib.nullcontext():
+        run_until_recorded(call, (scale * z).to(unet.dtype))
         loss = guidance_loss(token_maps(recorded, latent_hw), row_spans)
         grad = torch.autograd.grad(loss.sum(), z)[0] if loss.requires_grad else torch.zeros_like(z)
-    return grad.detach(), loss.detach(), saved.nbytes
+    return grad.detach(), loss.detach(), saved.nbytes if saved else 0

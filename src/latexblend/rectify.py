@@ -61,10 +61,9 @@ def kmeans(x: torch.Tensor, k: int, seed: int = 0, iters: int = 100) -> torch.Te
         centers = torch.cat([centers, x[pick]])
     labels = torch.cdist(x, centers).argmin(1)
     for _ in range(iters):
-        for j in range(k):
-            members = labels == j
-            if members.any():
-                centers[j] = x[members].mean(0)
+        onehot = F.one_hot(labels, k).to(x.dtype)  # [N, k]; a matmul, not scatter: deterministic on GPUs
+        counts = onehot.sum(0)[:, None]
+        centers = torch.where(counts > 0, onehot.T @ x / counts.clamp_min(1), centers)  # empty: keep
         new = torch.cdist(x, centers).argmin(1)
         if torch.equal(new, labels):
             break
@@ -113,21 +112,30 @@ def resize_masks(masks: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(masks[None].float(), size=hw, mode="area")[0] > 0.5
 
 
-def modulate(scores: torch.Tensor, spans: Sequence[Span], masks: torch.Tensor, tau: float,
-             strength: float = STRENGTH) -> torch.Tensor:
-    """DenseDiffusion-style logit modulation of one sample's scores ``[heads, N, K]`` (``masks`` [C, N],
-    one per span, at this layer's resolution): for the span's columns,
-    ``S += c tau (1 - |M_own|/N)(max_k S - S)`` on the concept's own pixels and
-    ``S -= c tau (1 - |M_oth|/N)(S - min_k S)`` on the other concepts' pixels."""
+def coefficients(spans: Sequence[Span], masks: torch.Tensor, width: int,
+                 strength: float = STRENGTH) -> tuple[torch.Tensor, torch.Tensor]:
+    """The modulation of one sample as two ``[N, width]`` coefficient maps (``masks`` [C, N], one per
+    span, at one layer's resolution; ``width`` = the number of key columns): on the span's columns,
+    ``own = c (1 - |M_own|/N) M_own`` and ``other = c (1 - |M_oth|/N) M_oth`` (``M_oth`` = the other
+    concepts' pixels); zero on every other column. See :func:`modulate`."""
     n = masks.shape[1]
+    masks = masks.float()
+    union = masks.amax(0)
+    own = masks.new_zeros(n, width)
+    other = masks.new_zeros(n, width)
+    for span, mine in zip(spans, masks, strict=True):
+        rest = union - mine
+        own[:, span.start : span.stop] = (strength * (1 - mine.sum() / n) * mine)[:, None]
+        other[:, span.start : span.stop] = (strength * (1 - rest.sum() / n) * rest)[:, None]
+    return own, other
+
+
+def modulate(scores: torch.Tensor, own: torch.Tensor, other: torch.Tensor, tau: float) -> torch.Tensor:
+    """DenseDiffusion-style logit modulation (METHOD section 6) of pre-softmax ``scores`` [..., N, K]
+    with coefficient maps ``own``/``other`` broadcastable to them (:func:`coefficients`, stacked over
+    samples; zero rows leave a sample untouched):
+    ``S += tau own (max_k S - S)`` (boost inside the concept's region) and
+    ``S -= tau other (S - min_k S)`` (suppress inside the other concepts' regions).
+    A fixed number of tensor operations per layer, whatever the batch size or concept count."""
     smax, smin = scores.amax(-1, keepdim=True), scores.amin(-1, keepdim=True)
-    out = scores.clone()
-    union = masks.any(0)
-    for span, own in zip(spans, masks, strict=True):
-        other = union & ~own
-        cols = slice(span.start, span.stop)
-        s = scores[..., cols]
-        boost = strength * tau * (1 - own.sum() / n) * (smax - s) * own[:, None]
-        damp = strength * tau * (1 - other.sum() / n) * (s - smin) * other[:, None]
-        out[..., cols] = s + boost - damp
-    return out
+    return scores + tau * (own * (smax - scores) - other * (scores - smin))

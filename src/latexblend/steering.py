@@ -6,17 +6,19 @@ K/V, SDPA unless a map is read or a logit edited) and adds a UNet pre-forward ho
 the step's own UNet call:
 
 - **guidance** (while ``t/T >= window``): one extra UNet pass on the conditional branch with grad to
-  the latent only. The pipeline hands the UNet ``x = scale_model_input(cat([z, z]), t) = s * z``; the
-  hook recovers the scheduler-space latent ``z = x / s`` (``s`` from ``scheduler.scale_model_input`` on
-  ones: a linear factor), differentiates ``g1 + g2`` at ``s * z`` with respect to ``z``, and updates
-  ``z' = z - step_size * grad``. A pre-hook cannot rebind the pipeline's ``latents``, so it (a) feeds
-  the UNet ``s * z'`` for both CFG halves and (b) hands the same update to ``scheduler.step``, which is
-  wrapped to receive ``z'`` instead of ``z``: the step is exactly the stock step taken from ``z'``.
+  the latent only, stopped after the last chosen layer. The pipeline hands the UNet
+  ``x = scale_model_input(cat([z, z]), t) = s * z``; the hook recovers the scheduler-space latent
+  ``z = x / s`` (``s`` from ``scheduler.scale_model_input`` on ones: a linear factor), differentiates
+  ``g1 + g2`` at ``s * z`` with respect to ``z``, and updates ``z' = z - step_size * grad``. A pre-hook
+  cannot rebind the pipeline's ``latents``, so it (a) feeds the UNet ``s * z'`` for both CFG halves
+  and (b) hands the same update to ``scheduler.step``, which is wrapped to receive ``z'`` instead of
+  ``z``: the step is exactly the stock step taken from ``z'``.
 - **rectification** (at the first step with ``t/T < start``): one extra pass on the conditional branch
-  without concept rows and without grad, capturing cross-attention maps (all attn2 layers) and
-  self-attention at the highest-resolution attn1 layers; the masks it yields then edit every attn2
-  layer's logits on the conditional branch for the rest of the call (explicit attention there: the
-  cost of rectification is one UNet pass plus softmax written out in all attn2 layers afterwards).
+  without concept rows and without grad (stopped after the last attn2 layer), capturing
+  cross-attention maps (all attn2 layers) and self-attention at the highest-resolution attn1 layers;
+  the masks it yields then edit every attn2 layer's logits on the conditional branch for the rest of
+  the call (explicit attention there; the edit is a fixed number of tensor ops per layer, from
+  coefficient maps built once per resolution: :func:`~latexblend.rectify.coefficients`).
 - **map saving**: the main pass records every attn2 layer's conditional maps, averaged over steps.
 """
 
@@ -26,8 +28,17 @@ import torch
 
 from latexblend.attention import MapProcessor, MapState, SelfMapProcessor, install_processors
 from latexblend.errors import LatexBlendError
-from latexblend.guidance import GuidanceOptions, guidance_pass, layer_hw, recording, select_layers, token_maps
-from latexblend.rectify import RectifyOptions, concept_masks, modulate, resize_masks
+from latexblend.guidance import (
+    GuidanceOptions,
+    collector,
+    guidance_pass,
+    layer_hw,
+    recording,
+    run_until_recorded,
+    select_layers,
+    token_maps,
+)
+from latexblend.rectify import RectifyOptions, coefficients, concept_masks, modulate, resize_masks
 
 
 def _cut(value, batch: int, offset: int):
@@ -55,6 +66,7 @@ class Steering:
         self.stats = {"guidance_passes": 0, "guidance_saved_bytes": 0, "rectify_passes": 0}
         self.image_maps: list[dict] = []  # per finished image, in pipeline order: {concept: [h, w] array}
         self.history: list[dict] = []  # per guidance pass: t_frac, loss [B], delta [B, 4, h, w]
+        self.count_saved = False  # measure the guidance pass's saved activations (benchmarks; costs time)
         self._spans = None
         self._busy = False
         self._new_call()
@@ -76,7 +88,7 @@ class Steering:
         self._spans = self.state.row_spans
         self._pending = None
         self._masks: list | None = None
-        self._resized: dict = {}
+        self._coef: dict = {}
         self._acc: dict[str, torch.Tensor] = {}
         self._steps = 0
         self.maps.edit = None
@@ -129,7 +141,7 @@ class Steering:
         z = sample[offset:].float() / scale
         grad, loss, nbytes = guidance_pass(unet, z, scale, lambda x: self._run(unet, x, rest), self.maps,
                                            self.guide_layers, self.state.row_spans, self.latent_hw,
-                                           self.guidance.checkpointing)
+                                           self.guidance.checkpointing, count_saved=self.count_saved)
         delta = -self.guidance.step_size * grad
         self._pending = delta
         self.stats["guidance_passes"] += 1
@@ -156,8 +168,8 @@ class Steering:
         unet.set_attn_processor({k: SelfMapProcessor(k, self_sink) if k.endswith("attn1.processor") else p
                                  for k, p in old.items()})
         try:
-            with torch.no_grad(), recording(self.maps, self.layers, sink=cross.__setitem__, plain=True):
-                self._run(unet, cond, rest)
+            with torch.no_grad(), recording(self.maps, self.layers, sink=collector(cross, self.layers), plain=True):
+                run_until_recorded(lambda x: self._run(unet, x, rest), cond)
         finally:
             unet.set_attn_processor(old)
         self.stats["rectify_passes"] += 1
@@ -176,20 +188,24 @@ class Steering:
         return None if self._masks is None else self._masks[sample]
 
     def _edit(self, layer: str, scores: torch.Tensor) -> torch.Tensor:
-        """Modulate the conditional rows of ``scores`` [B, heads, N, 77] (METHOD section 6)."""
-        n = len(self.state.row_spans)
-        offset = scores.shape[0] - n
-        hw = layer_hw(scores.shape[2], self.latent_hw)
-        tau = self.state.t_frac ** 5
-        rows = list(scores.unbind(0))
+        """Modulate the conditional rows of ``scores`` [B, heads, N, K] (METHOD section 6)."""
+        key = (scores.shape[0], scores.shape[2], scores.shape[3], scores.device)
+        if key not in self._coef:
+            self._coef[key] = self._coefficients(*key)
+        return modulate(scores, *self._coef[key], self.state.t_frac ** 5)
+
+    def _coefficients(self, batch: int, tokens: int, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both coefficient maps of a layer for the whole batch, ``[batch, 1, tokens, width]``: zero for
+        the unconditional rows and for samples without masks (built once per resolution and batch)."""
+        hw = layer_hw(tokens, self.latent_hw)
+        own = torch.zeros(batch, 1, tokens, width, device=device)
+        other = torch.zeros_like(own)
+        offset = batch - len(self.state.row_spans)
         for i, spans in enumerate(self.state.row_spans):
-            if self._masks[i] is None:
-                continue
-            key = (i, hw)
-            if key not in self._resized:
-                self._resized[key] = resize_masks(self._masks[i], hw).flatten(1).to(scores.device)
-            rows[offset + i] = modulate(scores[offset + i], spans, self._resized[key], tau)
-        return torch.stack(rows)
+            if self._masks[i] is not None:
+                masks = resize_masks(self._masks[i], hw).flatten(1).to(device)
+                own[offset + i, 0], other[offset + i, 0] = coefficients(spans, masks, width)
+        return own, other
 
     # ---- the main pass and saved maps
 
