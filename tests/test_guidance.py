@@ -338,8 +338,9 @@ def test_bench_modes_reports_time_and_guidance_memory(tiny_dir, tmp_path):
     assert rows["guidance"]["guided_steps"] == 1 and rows["rectify"]["rectify_passes"] == 1  # t/T 0.801 only
     assert 0 < rows["guidance_ckpt"]["guidance_saved_mib"] < rows["guidance"]["guidance_saved_mib"]
     assert all(row["seconds"] > 0 and row["vs_plain"] > 0 for row in rows.values())
-    # FLOPs: plain blending = stock arithmetic; guidance adds a pass, checkpointing one more forward on top
-    assert rows["plain"]["flop_vs_plain"] == 1.0 and rows["stock (A/A)"]["tflop"] is None
+    # FLOPs: plain blending no more than stock (K/V projected once per prompt, not per step); guidance
+    # adds a pass, checkpointing one more forward on top; rectification a capture pass
+    assert 0 < rows["plain"]["tflop"] < rows["stock (A/A)"]["tflop"]
     assert 1.0 < rows["guidance"]["flop_vs_plain"] < rows["guidance_ckpt"]["flop_vs_plain"]
     assert rows["rectify"]["flop_vs_plain"] > 1.0
     tables = sorted(p.name for p in (tmp_path / "prof").iterdir())

@@ -5,6 +5,7 @@ import torch
 from conftest import random_bank
 from latexblend.errors import LatexBlendError
 from latexblend.generate import apply
+from latexblend.guidance import layer_hw
 from latexblend.rectify import RectifyOptions, coefficients, concept_masks, match_clusters, modulate, resize_masks
 from latexblend.tokens import Span, token_ids
 
@@ -182,3 +183,52 @@ def test_rectified_step_costs_the_same_number_of_ops_for_any_concept_count(tiny_
     the last UNet call of a rectified generation dispatches as many ops for 1, 2 or 4 concepts."""
     counts = [_last_main_call_ops(tiny_pipe, n) for n in (1, 2, 4)]
     assert counts[0] > 0 and counts == [counts[0]] * 3, counts
+
+
+def _reference_edit(steering, scores):
+    """METHOD section 6 written out sample by sample and concept by concept (the rule's plain reading)."""
+    n = len(steering.state.row_spans)
+    offset, tau = scores.shape[0] - n, steering.state.t_frac ** 5
+    hw = layer_hw(scores.shape[2], steering.latent_hw)
+    out = scores.clone()
+    for i, spans in enumerate(steering.state.row_spans):
+        if steering.masks(i) is None:
+            continue
+        masks = resize_masks(steering.masks(i), hw).flatten(1)
+        s = scores[offset + i]
+        smax, smin, union = s.amax(-1), s.amin(-1), masks.any(0)
+        for span, own in zip(spans, masks, strict=True):
+            other = union & ~own
+            for col in range(span.start, span.stop):
+                boost = 2.0 * tau * (1 - own.sum() / own.numel()) * (smax - s[..., col]) * own
+                damp = 2.0 * tau * (1 - other.sum() / own.numel()) * (s[..., col] - smin) * other
+                out[offset + i, ..., col] = s[..., col] + boost - damp
+    return out
+
+
+@pytest.mark.parametrize("cfg, prompts, size", [
+    (6.0, ["<r0> and <r1>", "<r1> near <r0> and <r2>", "a tree"], (64, 64)),  # CFG; sample 2: no concept
+    (1.0, ["<r2> and <r0>", "<r0>, <r1>"], (72, 56)),  # no CFG, odd layer grids (9x7, 5x4)
+])
+def test_batched_edit_equals_the_rule_per_sample_and_concept(tiny_pipe, cfg, prompts, size):
+    compared = []
+    with apply(tiny_pipe, [], optional=_banks(tiny_pipe, 3), rectify={"start": 1.0, "clusters": 4}) as b:
+        steering, edit = b.steering, b.steering._edit
+
+        def checked(layer, scores):
+            out = edit(layer, scores)
+            ref = _reference_edit(steering, scores)
+            assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5), layer
+            offset = scores.shape[0] - len(prompts)
+            assert torch.equal(out[:offset], scores[:offset])  # unconditional rows untouched
+            compared.append(tuple(scores.shape))
+            return out
+
+        steering._edit = checked
+        g = torch.Generator().manual_seed(0)
+        tiny_pipe(prompts, num_inference_steps=2, generator=g, guidance_scale=cfg, height=size[0], width=size[1],
+                  output_type="latent")
+        no_concept = [i for i, p in enumerate(prompts) if steering.masks(i) is None]
+    assert compared and {s[0] for s in compared} == {len(prompts) * (2 if cfg > 1 else 1)}
+    assert len({s[2] for s in compared}) >= 2  # layers at more than one resolution
+    assert no_concept == ([2] if cfg > 1 else [])

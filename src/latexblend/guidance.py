@@ -226,9 +226,10 @@ def guidance_pass(unet, z: torch.Tensor, scale: torch.Tensor, call, maps: MapSta
     """Loss and its gradient with respect to the scheduler-space latent ``z`` [B, 4, h, w] (conditional
     samples only). The UNet sees ``scale * z`` (``scale`` = the scheduler's ``scale_model_input``
     factor); ``call(x)`` runs the UNet on the conditional branch, which stops after the last layer of
-    ``layers`` (the blocks after it cannot change the loss). Returns ``(grad [B, 4, h, w], loss [B],
-    activation bytes saved for backward)``; the bytes are counted only with ``count_saved`` (a Python
-    hook on every saved tensor: measurement, not for every pass), else 0."""
+    ``layers`` (the blocks after it cannot change the loss; module forward hooks after that point do
+    not fire for this pass). Returns ``(grad [B, 4, h, w], loss [B], activation bytes saved for
+    backward)``; the bytes are counted only with ``count_saved`` (a Python hook on every saved tensor:
+    measurement, not for every pass), else 0."""
     recorded: dict[str, torch.Tensor] = {}
     z = z.detach().float().requires_grad_(True)
     saved = SavedBytes(unet) if count_saved else None

@@ -61,7 +61,7 @@ def kmeans(x: torch.Tensor, k: int, seed: int = 0, iters: int = 100) -> torch.Te
         centers = torch.cat([centers, x[pick]])
     labels = torch.cdist(x, centers).argmin(1)
     for _ in range(iters):
-        onehot = F.one_hot(labels, k).to(x.dtype)  # [N, k]; a matmul, not scatter: deterministic on GPUs
+        onehot = F.one_hot(labels, k).to(x.dtype)  # [N, k]: all centres in one matmul, no sync per cluster
         counts = onehot.sum(0)[:, None]
         centers = torch.where(counts > 0, onehot.T @ x / counts.clamp_min(1), centers)  # empty: keep
         new = torch.cdist(x, centers).argmin(1)
@@ -136,6 +136,7 @@ def modulate(scores: torch.Tensor, own: torch.Tensor, other: torch.Tensor, tau: 
     samples; zero rows leave a sample untouched):
     ``S += tau own (max_k S - S)`` (boost inside the concept's region) and
     ``S -= tau other (S - min_k S)`` (suppress inside the other concepts' regions).
-    A fixed number of tensor operations per layer, whatever the batch size or concept count."""
+    A fixed number of tensor operations per layer, whatever the batch size or concept count. Scores
+    must be finite (an ``-inf`` would turn into NaN even where the coefficients are zero)."""
     smax, smin = scores.amax(-1, keepdim=True), scores.amin(-1, keepdim=True)
     return scores + tau * (own * (smax - scores) - other * (scores - smin))

@@ -20,6 +20,9 @@ the step's own UNet call:
   the call (explicit attention there; the edit is a fixed number of tensor ops per layer, from
   coefficient maps built once per resolution: :func:`~latexblend.rectify.coefficients`).
 - **map saving**: the main pass records every attn2 layer's conditional maps, averaged over steps.
+
+The two extra passes end by an exception once their last layer has reported, so forward hooks on the
+UNet and on the modules after that layer fire for the main pass only.
 """
 
 from __future__ import annotations
@@ -63,10 +66,10 @@ class Steering:
         self.layers = list(shapes)
         self.guide_layers = select_layers(shapes, guidance.layers) if guidance else []
         self.maps = MapState()
-        self.stats = {"guidance_passes": 0, "guidance_saved_bytes": 0, "rectify_passes": 0}
+        self.stats = {"guidance_passes": 0, "guidance_saved_bytes": None, "rectify_passes": 0}
         self.image_maps: list[dict] = []  # per finished image, in pipeline order: {concept: [h, w] array}
         self.history: list[dict] = []  # per guidance pass: t_frac, loss [B], delta [B, 4, h, w]
-        self.count_saved = False  # measure the guidance pass's saved activations (benchmarks; costs time)
+        self.count_saved = False  # measure the guidance pass's saved activations (stats; benchmarks: costs time)
         self._spans = None
         self._busy = False
         self._new_call()
@@ -145,7 +148,8 @@ class Steering:
         delta = -self.guidance.step_size * grad
         self._pending = delta
         self.stats["guidance_passes"] += 1
-        self.stats["guidance_saved_bytes"] = max(self.stats["guidance_saved_bytes"], nbytes)
+        if self.count_saved:
+            self.stats["guidance_saved_bytes"] = max(self.stats["guidance_saved_bytes"] or 0, nbytes)
         self.history.append({"t_frac": self.state.t_frac, "loss": loss, "delta": delta})
         repeats = sample.shape[0] // delta.shape[0]
         return (sample.float() + (scale * delta).repeat(repeats, 1, 1, 1)).to(sample.dtype)
