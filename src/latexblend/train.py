@@ -106,6 +106,11 @@ class Setup:
     fingerprint: str
     size: int
     dtype: torch.dtype
+    # the pipeline's device and the UNet's and VAE's weight dtypes, read once: diffusers walks every
+    # module for ``pipe.device`` and ``model.dtype``, which cost milliseconds per call
+    device: torch.device
+    unet_dtype: torch.dtype
+    vae_dtype: torch.dtype
     extra: dict = field(default_factory=dict)
 
     def kv_tensors(self) -> dict[str, torch.Tensor]:
@@ -216,7 +221,8 @@ def build_setup(cfg: TrainConfig, images: list, prior: list, device, dtype: torc
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    return Setup(cfg, pipe, images, prior, templates, rows, kv, state, scheduler, fp, size, dtype)
+    return Setup(cfg, pipe, images, prior, templates, rows, kv, state, scheduler, fp, size, dtype, pipe.device,
+                 pipe.unet.dtype, pipe.vae.dtype)
 
 
 # --------------------------------------------------------------------------- one step
@@ -256,14 +262,14 @@ def make_batch(setup: Setup, g: torch.Generator) -> Batch:
         path, caption = draw(g, setup.prior)
         samples.append(prior_sample(open_image(path), setup.size, factor, g))
         prompts.append(caption)
-    vae = pipe.vae
-    pixels = torch.stack([s.pixels for s in samples]).to(pipe.device, vae.dtype)
+    vae, device = pipe.vae, setup.device
+    pixels = torch.stack([s.pixels for s in samples]).to(device, setup.vae_dtype)
     with torch.no_grad():
         latents = vae.encode(pixels).latent_dist.sample(generator=g).float() * vae.config.scaling_factor
-    noise = torch.randn(latents.shape, generator=g).to(pipe.device)
-    t = torch.randint(0, setup.scheduler.config.num_train_timesteps, (len(samples),), generator=g).to(pipe.device)
-    masks = torch.stack([s.mask for s in samples[: cfg.batch_size]]).to(pipe.device)
-    time_ids = torch.tensor([s.time_ids for s in samples], dtype=torch.float32, device=pipe.device)
+    noise = torch.randn(latents.shape, generator=g).to(device)
+    t = torch.randint(0, setup.scheduler.config.num_train_timesteps, (len(samples),), generator=g).to(device)
+    masks = torch.stack([s.mask for s in samples[: cfg.batch_size]]).to(device)
+    time_ids = torch.tensor([s.time_ids for s in samples], dtype=torch.float32, device=device)
     return Batch(latents, noise, t, masks, time_ids, prompts, replace, cfg.batch_size)
 
 
@@ -272,7 +278,7 @@ def encode_batch(setup: Setup, batch: Batch) -> tuple[torch.Tensor, torch.Tensor
     instance samples' pooled embedding is the replace prompt's (METHOD section 2, item 6)."""
     pipe = setup.pipe
     context, pooled = encode_prompts([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2],
-                                     batch.prompts, pipe.device)
+                                     batch.prompts, setup.device)
     if setup.cfg.base_flow:
         rep = torch.stack([t.pooled for t in batch.replace]).to(pooled.dtype)
         pooled = torch.cat([rep, pooled[batch.n_instance :]])
@@ -287,9 +293,9 @@ def unet_loss(setup: Setup, batch: Batch, context: torch.Tensor, pooled: torch.T
     state.concept_spans = [by_prompt[p] for p in batch.prompts[:n]]
     state.replace_spans = [t.replace_span for t in batch.replace]
     noisy = sched.add_noise(batch.latents, batch.noise, batch.timesteps)
-    unet = setup.pipe.unet
-    pred = unet(noisy.to(unet.dtype), batch.timesteps, context.to(unet.dtype),
-                added_cond_kwargs={"text_embeds": pooled.to(unet.dtype), "time_ids": batch.time_ids}).sample
+    dtype = setup.unet_dtype
+    pred = setup.pipe.unet(noisy.to(dtype), batch.timesteps, context.to(dtype),
+                           added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": batch.time_ids}).sample
     target = batch.noise
     if sched.config.prediction_type == "v_prediction":
         target = sched.get_velocity(batch.latents, batch.noise, batch.timesteps)
