@@ -321,6 +321,34 @@ def test_lora_variant_trains_low_rank_and_reextracts(tmp_path, tiny_dir, concept
         torch.testing.assert_close(bank.k[layer], first.k[layer], rtol=1e-5, atol=1e-6)
 
 
+def test_gradients_are_averaged_in_few_flat_buckets_element_for_element():
+    from latexblend.train import average_gradients, grad_buckets
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(3, 4), (5,), (2, 2, 2), (7, 3), (1,), (6, 2)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    params.append(torch.nn.Parameter(torch.randn(4, generator=g, dtype=torch.float64)))
+    for i, p in enumerate(params):
+        p.grad = None if i == 2 else torch.randn(p.shape, generator=g, dtype=p.dtype)
+    before = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+    cap = 20 * 4  # bytes: several float32 buckets (one over the cap alone); the float64 tensor apart
+    buckets = grad_buckets(params, cap)
+    assert [len(b) for b in buckets] == [2, 1, 1, 2, 1] and sum(buckets, []) == params
+    calls = []
+
+    def reduce(flat):  # stands in for the cross-process mean: any elementwise map must come back in place
+        calls.append(flat.numel())
+        return flat * 3 - 1
+
+    average_gradients(params, reduce, cap)
+    assert calls == [sum(p.numel() for p in b) for b in buckets]
+    for p, old in zip(params, before, strict=True):
+        assert p.grad.shape == p.shape and p.grad.dtype == p.dtype
+        assert torch.equal(p.grad, old * 3 - 1)
+    average_gradients(params, lambda flat: flat)  # default cap: every float32 gradient in one bucket
+    assert len(grad_buckets(params)) == 2
+
+
 def test_two_processes_train_identically(tmp_path, tiny_dir, concept_dir, prior_dir):
     env = {"LATEXBLEND_DEBUG_DUMP": str(tmp_path / "dump"), "LATEXBLEND_BANK": str(tmp_path / "bank")}
     out = launch_two(["train", "--images", concept_dir, "--class-noun", "dog", "--name", "mp", "--model", tiny_dir,
