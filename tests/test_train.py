@@ -251,6 +251,53 @@ def test_one_step_changes_only_kv_and_the_identifier_rows(tiny_dir, concept_dir,
         assert torch.equal(enc.get_input_embeddings().weight, rb)  # the frozen matrix is untouched
 
 
+def _train_steps(s, steps):
+    """Losses of ``steps`` optimizer steps and the number of forward calls of the VAE encoder and each text
+    encoder during them."""
+    from latexblend.train import step_loss
+
+    calls = {"vae": 0, "te1": 0, "te2": 0}
+    modules = {"vae": s.pipe.vae.encoder, "te1": s.pipe.text_encoder, "te2": s.pipe.text_encoder_2}
+    handles = [m.register_forward_hook(lambda *a, key=key: calls.__setitem__(key, calls[key] + 1))
+               for key, m in modules.items()]
+    opt = torch.optim.AdamW(s.parameters(), lr=1e-2)
+    losses = []
+    try:
+        for step in range(steps):
+            loss = step_loss(s, step)[0]
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+    finally:
+        for h in handles:
+            h.remove()
+    return losses, calls
+
+
+def test_prior_cache_is_exact_and_skips_the_vae_and_text_encoders(tiny_dir, concept_dir, prior_dir):
+    steps = 6
+    cached, uncached = (setup_for(config(tiny_dir, concept_dir, prior_dir, cache_prior=on)) for on in (True, False))
+    losses_c, calls_c = _train_steps(cached, steps)
+    losses_u, calls_u = _train_steps(uncached, steps)
+    assert all(torch.equal(a, b) for a, b in zip(losses_c, losses_u, strict=True))  # bit for bit
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(cached.named_parameters(), uncached.named_parameters(),
+                                                           strict=True))
+    assert not torch.equal(cached.rows.rows[0], setup_for(config(tiny_dir, concept_dir)).rows.rows[0])  # rows trained
+    latents = [k for k in cached.prior_cache.store if k[0] == "latent"]
+    captions = [k for k in cached.prior_cache.store if k[0] == "text"]
+    assert calls_u == {"vae": 2 * steps, "te1": 2 * steps, "te2": 2 * steps}  # instance + prior, every step
+    assert calls_c == {"vae": steps + len(latents), "te1": steps + len(captions), "te2": steps + len(captions)}
+    assert len(latents) < steps and len(captions) < steps and not uncached.prior_cache.store
+
+
+def test_prior_captions_must_not_hold_the_identifier(tmp_path, tiny_dir, concept_dir):
+    Image.new("RGB", (32, 32)).save(tmp_path / "0.png")
+    (tmp_path / "captions.txt").write_text("a photo of <new1> dog\n")
+    with pytest.raises(LatexBlendError, match="holds the identifier <new1>"):
+        check_inputs(config(tiny_dir, concept_dir, tmp_path))
+
+
 # --------------------------------------------------------------------------- runs, resume, extraction
 
 

@@ -632,6 +632,7 @@ def bench_train_cmd(
     steps: Annotated[int, typer.Option(help="Timed steps per setting.")] = 5,
     size: Annotated[int | None, typer.Option(help="Training resolution [512, tiny: 64].")] = None,
     device: str | None = None,
+    no_cache_prior: Annotated[bool, typer.Option("--no-cache-prior", help="Encode prior data every step.")] = False,
     out: BenchOutOpt = Path("bench_train.json"),
 ) -> None:
     """Training step: steps/s, samples/s, peak memory, FLOPs and utilisation, with/without checkpointing."""
@@ -640,7 +641,7 @@ def bench_train_cmd(
     _quiet_libraries()
     from latexblend.bench import bench_train
 
-    _bench_report(bench_train(model, steps=steps, size=size, device=device), out)
+    _bench_report(bench_train(model, steps=steps, size=size, device=device, cache_prior=not no_cache_prior), out)
 
 
 @bench_app.command("extract")

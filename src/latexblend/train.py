@@ -25,7 +25,7 @@ from torch import nn
 
 from latexblend.attention import SpliceProcessor, SpliceState, install_processors, project_kv
 from latexblend.config import TrainConfig, to_dict
-from latexblend.data import augment, draw, list_images, load_prior, open_image, prior_sample, template_pool
+from latexblend.data import augment, draw, draw_flip, list_images, load_prior, open_image, prior_sample, template_pool
 from latexblend.errors import LatexBlendError
 from latexblend.extract import ENCODERS, KV_FILE, TOKENS_FILE, bank_dtype, concept_span, encode_prompts, extract_bank
 from latexblend.fileio import atomic_path, write_text_atomic
@@ -33,7 +33,7 @@ from latexblend.tokens import Span, token_ids
 
 #: Settings that do not change what a step computes (may differ when resuming).
 _NOT_HASHED = ("steps", "resume", "overwrite", "checkpoint_every", "log_every", "log_tensorboard", "runs_dir",
-               "bank_dir", "bank_dtype", "extract_prompt", "gradient_checkpointing")
+               "bank_dir", "bank_dtype", "extract_prompt", "gradient_checkpointing", "cache_prior")
 
 
 # --------------------------------------------------------------------------- trainable pieces
@@ -92,6 +92,29 @@ class Template:
     base_kv: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
+class PriorCache:
+    """What the fixed prior data costs every step, kept after its first use (``cache_prior``): per prior
+    image and flip its VAE moments (mean and log-variance), per caption its text features.
+
+    Exact: the VAE and the text encoders are frozen, captions never hold the identifier (checked in
+    :func:`check_inputs`), and each step still draws the latent from the moments with its own
+    generator. Disabled, every value is computed again at every use, in the same way.
+    """
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.store: dict = {}
+
+    def get(self, key, compute):
+        """The value kept for ``key``, else ``compute()`` (kept when enabled)."""
+        if key in self.store:
+            return self.store[key]
+        value = compute()
+        if self.enabled:
+            self.store[key] = value
+        return value
+
+
 @dataclass
 class Setup:
     cfg: TrainConfig
@@ -111,6 +134,7 @@ class Setup:
     device: torch.device
     unet_dtype: torch.dtype
     vae_dtype: torch.dtype
+    prior_cache: PriorCache
     extra: dict = field(default_factory=dict)
 
     def kv_tensors(self) -> dict[str, torch.Tensor]:
@@ -148,7 +172,12 @@ def check_inputs(cfg: TrainConfig) -> tuple[list, list]:
     if not folder.exists():
         raise LatexBlendError(f"no prior data: {folder} does not exist; generate it with `latexblend prior "
                               f"--class-noun '{cfg.class_noun}'`, pass --prior DIR, or train with --no-prior")
-    return images, load_prior(folder, cfg.class_noun, cfg.prior_captions)
+    prior = load_prior(folder, cfg.class_noun, cfg.prior_captions)
+    bad = next((caption for _, caption in prior if cfg.token in caption), None)
+    if bad is not None:
+        raise LatexBlendError(f"prior caption '{bad}' holds the identifier {cfg.token}: prior captions describe the "
+                              f"class, never the concept")
+    return images, prior
 
 
 def _check_resolution(pipe, size: int) -> None:
@@ -222,7 +251,7 @@ def build_setup(cfg: TrainConfig, images: list, prior: list, device, dtype: torc
         pipe.unet.enable_gradient_checkpointing()
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     return Setup(cfg, pipe, images, prior, templates, rows, kv, state, scheduler, fp, size, dtype, pipe.device,
-                 pipe.unet.dtype, pipe.vae.dtype)
+                 pipe.unet.dtype, pipe.vae.dtype, PriorCache(cfg.cache_prior))
 
 
 # --------------------------------------------------------------------------- one step
@@ -250,39 +279,81 @@ class Batch:
 
 
 def make_batch(setup: Setup, g: torch.Generator) -> Batch:
-    """Draw images, templates (independently for the two flows), augmentation, noise and timesteps."""
-    cfg, pipe = setup.cfg, setup.pipe
-    factor, samples, prompts, replace = pipe.vae_scale_factor, [], [], []
+    """Draw images, templates (independently for the two flows), augmentation, noise and timesteps.
+    Each latent is drawn with ``g`` from its VAE distribution (a prior image's from the prior cache)."""
+    cfg, factor, device = setup.cfg, setup.pipe.vae_scale_factor, setup.device
+    samples, prompts, replace = [], [], []
     for _ in range(cfg.batch_size):
         image = draw(g, setup.images)
         prompts.append(draw(g, setup.templates).instance)
         replace.append(draw(g, setup.templates))
         samples.append(augment(image, setup.size, factor, g))
+    moments, time_ids = [_vae_moments(setup, torch.stack([s.pixels for s in samples]))], [s.time_ids for s in samples]
     for _ in range(cfg.batch_size if setup.prior else 0):
         path, caption = draw(g, setup.prior)
-        samples.append(prior_sample(open_image(path), setup.size, factor, g))
+        prior_moments, ids = prior_latent(setup, path, draw_flip(g))
+        moments.append(prior_moments)
+        time_ids.append(ids)
         prompts.append(caption)
-    vae, device = pipe.vae, setup.device
-    pixels = torch.stack([s.pixels for s in samples]).to(device, setup.vae_dtype)
-    with torch.no_grad():
-        latents = vae.encode(pixels).latent_dist.sample(generator=g).float() * vae.config.scaling_factor
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    latents = DiagonalGaussianDistribution(torch.cat(moments)).sample(generator=g).float()
+    latents = latents * setup.pipe.vae.config.scaling_factor
     noise = torch.randn(latents.shape, generator=g).to(device)
-    t = torch.randint(0, setup.scheduler.config.num_train_timesteps, (len(samples),), generator=g).to(device)
-    masks = torch.stack([s.mask for s in samples[: cfg.batch_size]]).to(device)
-    time_ids = torch.tensor([s.time_ids for s in samples], dtype=torch.float32, device=device)
+    t = torch.randint(0, setup.scheduler.config.num_train_timesteps, (len(time_ids),), generator=g).to(device)
+    masks = torch.stack([s.mask for s in samples]).to(device)
+    time_ids = torch.tensor(time_ids, dtype=torch.float32, device=device)
     return Batch(latents, noise, t, masks, time_ids, prompts, replace, cfg.batch_size)
+
+
+def _vae_moments(setup: Setup, pixels: torch.Tensor) -> torch.Tensor:
+    """The VAE's latent distribution parameters (mean, log-variance) [B, 8, h, w] of ``pixels`` [B, 3, H, W]."""
+    with torch.no_grad():
+        return setup.pipe.vae.encode(pixels.to(setup.device, setup.vae_dtype)).latent_dist.parameters
+
+
+def prior_latent(setup: Setup, path, flip: bool) -> tuple[torch.Tensor, tuple]:
+    """``(VAE moments [1, 8, h, w], time_ids)`` of prior image ``path`` (hflipped when ``flip``), cached."""
+    def compute():
+        sample = prior_sample(open_image(path), setup.size, setup.pipe.vae_scale_factor, flip)
+        return _vae_moments(setup, sample.pixels[None]), sample.time_ids
+
+    return setup.prior_cache.get(("latent", str(path), flip), compute)
+
+
+def _encode(setup: Setup, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    pipe = setup.pipe
+    return encode_prompts([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2], prompts,
+                          setup.device)
+
+
+def prior_text(setup: Setup, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(context [1, 77, D], pooled [1, P])`` of a prior caption: frozen (no identifier), so no gradient; cached."""
+    def compute():
+        with torch.no_grad():
+            return _encode(setup, [caption])
+
+    return setup.prior_cache.get(("text", caption), compute)
+
+
+def fill_prior_cache(setup: Setup) -> None:
+    """Encode every prior image (both flips) and caption now: the steady state of a long run (benchmarks)."""
+    for path, caption in setup.prior:
+        for flip in (False, True):
+            prior_latent(setup, path, flip)
+        prior_text(setup, caption)
 
 
 def encode_batch(setup: Setup, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """``(context [B, 77, D], pooled [B, P])`` with the learned identifier rows; with the base flow the
-    instance samples' pooled embedding is the replace prompt's (METHOD section 2, item 6)."""
-    pipe = setup.pipe
-    context, pooled = encode_prompts([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2],
-                                     batch.prompts, setup.device)
+    instance samples' pooled embedding is the replace prompt's (METHOD section 2, item 6). Prior
+    captions come from :func:`prior_text`."""
+    n = batch.n_instance
+    context, pooled = _encode(setup, batch.prompts[:n])
     if setup.cfg.base_flow:
-        rep = torch.stack([t.pooled for t in batch.replace]).to(pooled.dtype)
-        pooled = torch.cat([rep, pooled[batch.n_instance :]])
-    return context, pooled
+        pooled = torch.stack([t.pooled for t in batch.replace]).to(pooled.dtype)
+    prior = [prior_text(setup, caption) for caption in batch.prompts[n:]]
+    return torch.cat([context, *(c for c, _ in prior)]), torch.cat([pooled, *(p for _, p in prior)])
 
 
 def unet_loss(setup: Setup, batch: Batch, context: torch.Tensor, pooled: torch.Tensor) -> tuple:
