@@ -251,6 +251,24 @@ def test_one_step_changes_only_kv_and_the_identifier_rows(tiny_dir, concept_dir,
         assert torch.equal(enc.get_input_embeddings().weight, rb)  # the frozen matrix is untouched
 
 
+@pytest.mark.parametrize("rank", [0, 2])
+def test_no_weight_gradients_anywhere_in_the_frozen_model(tiny_dir, concept_dir, prior_dir, rank):
+    from latexblend.train import step_loss
+
+    s = setup_for(config(tiny_dir, concept_dir, prior_dir, kv_rank=rank))
+    step_loss(s, 0)[0].backward()
+    trainable = {id(p) for p in s.parameters()}
+    assert len(trainable) == 2 * len(attn2_modules(s.pipe.unet)) * (2 if rank else 1) + 2  # K/V (+ LoRA pairs), rows
+    assert all(p.grad is not None and p.requires_grad for p in s.parameters())
+    frozen = 0
+    for model in (s.pipe.unet, s.pipe.text_encoder, s.pipe.text_encoder_2, s.pipe.vae):
+        for name, p in model.named_parameters():
+            if id(p) not in trainable:
+                assert not p.requires_grad and p.grad is None, name
+                frozen += 1
+    assert frozen > 100
+
+
 def _train_steps(s, steps):
     """Losses of ``steps`` optimizer steps and the number of forward calls of the VAE encoder and each text
     encoder during them."""
