@@ -361,8 +361,8 @@ def unet_loss(setup: Setup, batch: Batch, context: torch.Tensor, pooled: torch.T
     n, state, sched = batch.n_instance, setup.state, setup.scheduler
     by_prompt = {t.instance: t.concept_span for t in setup.templates}
     state.base_kv = [t.base_kv for t in batch.replace] if setup.cfg.base_flow else []
-    state.concept_spans = [by_prompt[p] for p in batch.prompts[:n]]
-    state.replace_spans = [t.replace_span for t in batch.replace]
+    state.set_spans([by_prompt[p] for p in batch.prompts[:n]], [t.replace_span for t in batch.replace],
+                    setup.device)
     noisy = sched.add_noise(batch.latents, batch.noise, batch.timesteps)
     dtype = setup.unet_dtype
     pred = setup.pipe.unet(noisy.to(dtype), batch.timesteps, context.to(dtype),
