@@ -309,6 +309,29 @@ def test_prior_cache_is_exact_and_skips_the_vae_and_text_encoders(tiny_dir, conc
     assert len(latents) < steps and len(captions) < steps and not uncached.prior_cache.store
 
 
+def test_compiled_unet_gives_the_same_losses_with_one_graph_for_all_templates(tiny_dir, concept_dir, prior_dir,
+                                                                             monkeypatch):
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from latexblend import train as train_module
+
+    monkeypatch.setattr(train_module, "COMPILE_BACKEND", "eager")  # graph capture without code generation
+    steps = 4
+    plain, compiled = (setup_for(config(tiny_dir, concept_dir, prior_dir, compile_unet=on)) for on in (False, True))
+    pairs = {(b.prompts[0], b.replace[0].instance) for b in (make_batch(plain, step_generator(42, s))
+                                                             for s in range(steps))}
+    assert len(pairs) > 1  # the steps use different template pairs (span positions)
+    graphs = counters["stats"]["unique_graphs"]
+    try:
+        losses_c, _ = _train_steps(compiled, steps)
+        assert counters["stats"]["unique_graphs"] - graphs == 1  # compiled once, never recompiled per template
+    finally:
+        torch._dynamo.reset()
+    losses_p, _ = _train_steps(plain, steps)
+    torch.testing.assert_close(torch.stack(losses_c), torch.stack(losses_p), rtol=1e-5, atol=1e-6)
+
+
 def test_prior_captions_must_not_hold_the_identifier(tmp_path, tiny_dir, concept_dir):
     Image.new("RGB", (32, 32)).save(tmp_path / "0.png")
     (tmp_path / "captions.txt").write_text("a photo of <new1> dog\n")

@@ -33,7 +33,9 @@ from latexblend.tokens import Span, token_ids
 
 #: Settings that do not change what a step computes (may differ when resuming).
 _NOT_HASHED = ("steps", "resume", "overwrite", "checkpoint_every", "log_every", "log_tensorboard", "runs_dir",
-               "bank_dir", "bank_dtype", "extract_prompt", "gradient_checkpointing", "cache_prior")
+               "bank_dir", "bank_dtype", "extract_prompt", "gradient_checkpointing", "cache_prior", "compile_unet")
+#: torch.compile backend of ``compile_unet`` (tests use "eager": the same graph capture, no code generation)
+COMPILE_BACKEND = "inductor"
 
 
 # --------------------------------------------------------------------------- trainable pieces
@@ -249,9 +251,17 @@ def build_setup(cfg: TrainConfig, images: list, prior: list, device, dtype: torc
     install_processors(pipe.unet, lambda layer: SpliceProcessor(layer, state))
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
+    if cfg.compile_unet:
+        compile_unet(pipe.unet)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     return Setup(cfg, pipe, images, prior, templates, rows, kv, state, scheduler, fp, size, dtype, pipe.device,
                  pipe.unet.dtype, pipe.vae.dtype, PriorCache(cfg.cache_prior))
+
+
+def compile_unet(unet) -> None:
+    """``torch.compile`` the UNet's forward in place (with :data:`COMPILE_BACKEND`); compiled at its first call.
+    One graph serves every template pair: the splice reads span positions from a tensor."""
+    unet.compile(backend=COMPILE_BACKEND)
 
 
 # --------------------------------------------------------------------------- one step
