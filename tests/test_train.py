@@ -251,6 +251,94 @@ def test_one_step_changes_only_kv_and_the_identifier_rows(tiny_dir, concept_dir,
         assert torch.equal(enc.get_input_embeddings().weight, rb)  # the frozen matrix is untouched
 
 
+@pytest.mark.parametrize("rank", [0, 2])
+def test_no_weight_gradients_anywhere_in_the_frozen_model(tiny_dir, concept_dir, prior_dir, rank):
+    from latexblend.train import step_loss
+
+    s = setup_for(config(tiny_dir, concept_dir, prior_dir, kv_rank=rank))
+    step_loss(s, 0)[0].backward()
+    trainable = {id(p) for p in s.parameters()}
+    assert len(trainable) == 2 * len(attn2_modules(s.pipe.unet)) * (2 if rank else 1) + 2  # K/V (+ LoRA pairs), rows
+    assert all(p.grad is not None and p.requires_grad for p in s.parameters())
+    frozen = 0
+    for model in (s.pipe.unet, s.pipe.text_encoder, s.pipe.text_encoder_2, s.pipe.vae):
+        for name, p in model.named_parameters():
+            if id(p) not in trainable:
+                assert not p.requires_grad and p.grad is None, name
+                frozen += 1
+    assert frozen > 100
+
+
+def _train_steps(s, steps):
+    """Losses of ``steps`` optimizer steps and the number of forward calls of the VAE encoder and each text
+    encoder during them."""
+    from latexblend.train import step_loss
+
+    calls = {"vae": 0, "te1": 0, "te2": 0}
+    modules = {"vae": s.pipe.vae.encoder, "te1": s.pipe.text_encoder, "te2": s.pipe.text_encoder_2}
+    handles = [m.register_forward_hook(lambda *a, key=key: calls.__setitem__(key, calls[key] + 1))
+               for key, m in modules.items()]
+    opt = torch.optim.AdamW(s.parameters(), lr=1e-2)
+    losses = []
+    try:
+        for step in range(steps):
+            loss = step_loss(s, step)[0]
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+    finally:
+        for h in handles:
+            h.remove()
+    return losses, calls
+
+
+def test_prior_cache_is_exact_and_skips_the_vae_and_text_encoders(tiny_dir, concept_dir, prior_dir):
+    steps = 6
+    cached, uncached = (setup_for(config(tiny_dir, concept_dir, prior_dir, cache_prior=on)) for on in (True, False))
+    losses_c, calls_c = _train_steps(cached, steps)
+    losses_u, calls_u = _train_steps(uncached, steps)
+    assert all(torch.equal(a, b) for a, b in zip(losses_c, losses_u, strict=True))  # bit for bit
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(cached.named_parameters(), uncached.named_parameters(),
+                                                           strict=True))
+    assert not torch.equal(cached.rows.rows[0], setup_for(config(tiny_dir, concept_dir)).rows.rows[0])  # rows trained
+    latents = [k for k in cached.prior_cache.store if k[0] == "latent"]
+    captions = [k for k in cached.prior_cache.store if k[0] == "text"]
+    assert calls_u == {"vae": 2 * steps, "te1": 2 * steps, "te2": 2 * steps}  # instance + prior, every step
+    assert calls_c == {"vae": steps + len(latents), "te1": steps + len(captions), "te2": steps + len(captions)}
+    assert len(latents) < steps and len(captions) < steps and not uncached.prior_cache.store
+
+
+def test_compiled_unet_gives_the_same_losses_with_one_graph_for_all_templates(tiny_dir, concept_dir, prior_dir,
+                                                                             monkeypatch):
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from latexblend import train as train_module
+
+    monkeypatch.setattr(train_module, "COMPILE_BACKEND", "eager")  # graph capture without code generation
+    steps = 4
+    plain, compiled = (setup_for(config(tiny_dir, concept_dir, prior_dir, compile_unet=on)) for on in (False, True))
+    pairs = {(b.prompts[0], b.replace[0].instance) for b in (make_batch(plain, step_generator(42, s))
+                                                             for s in range(steps))}
+    assert len(pairs) > 1  # the steps use different template pairs (span positions)
+    graphs = counters["stats"]["unique_graphs"]
+    try:
+        losses_c, _ = _train_steps(compiled, steps)
+        assert counters["stats"]["unique_graphs"] - graphs == 1  # compiled once, never recompiled per template
+    finally:
+        torch._dynamo.reset()
+    losses_p, _ = _train_steps(plain, steps)
+    torch.testing.assert_close(torch.stack(losses_c), torch.stack(losses_p), rtol=1e-5, atol=1e-6)
+
+
+def test_prior_captions_must_not_hold_the_identifier(tmp_path, tiny_dir, concept_dir):
+    Image.new("RGB", (32, 32)).save(tmp_path / "0.png")
+    (tmp_path / "captions.txt").write_text("a photo of <new1> dog\n")
+    with pytest.raises(LatexBlendError, match="holds the identifier <new1>"):
+        check_inputs(config(tiny_dir, concept_dir, tmp_path))
+
+
 # --------------------------------------------------------------------------- runs, resume, extraction
 
 
@@ -319,6 +407,34 @@ def test_lora_variant_trains_low_rank_and_reextracts(tmp_path, tiny_dir, concept
     first = load_bank(tmp_path / "b" / "c.safetensors")
     for layer in first.layers:
         torch.testing.assert_close(bank.k[layer], first.k[layer], rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_are_averaged_in_few_flat_buckets_element_for_element():
+    from latexblend.train import average_gradients, grad_buckets
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(3, 4), (5,), (2, 2, 2), (7, 3), (1,), (6, 2)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    params.append(torch.nn.Parameter(torch.randn(4, generator=g, dtype=torch.float64)))
+    for i, p in enumerate(params):
+        p.grad = None if i == 2 else torch.randn(p.shape, generator=g, dtype=p.dtype)
+    before = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+    cap = 20 * 4  # bytes: several float32 buckets (one over the cap alone); the float64 tensor apart
+    buckets = grad_buckets(params, cap)
+    assert [len(b) for b in buckets] == [2, 1, 1, 2, 1] and sum(buckets, []) == params
+    calls = []
+
+    def reduce(flat):  # stands in for the cross-process mean: any elementwise map must come back in place
+        calls.append(flat.numel())
+        return flat * 3 - 1
+
+    average_gradients(params, reduce, cap)
+    assert calls == [sum(p.numel() for p in b) for b in buckets]
+    for p, old in zip(params, before, strict=True):
+        assert p.grad.shape == p.shape and p.grad.dtype == p.dtype
+        assert torch.equal(p.grad, old * 3 - 1)
+    average_gradients(params, lambda flat: flat)  # default cap: every float32 gradient in one bucket
+    assert len(grad_buckets(params)) == 2
 
 
 def test_two_processes_train_identically(tmp_path, tiny_dir, concept_dir, prior_dir):

@@ -300,18 +300,22 @@ def _train_setup(model: str, size: int | None, device: str, tmp: Path, **overrid
     return build_setup(cfg, images, prior, device, dtype), dtype
 
 
-def _train_rows(setup, dtype: torch.dtype, device: str, steps: int) -> list[dict]:
-    """A row per gradient-checkpointing setting (FLOPs counted once, on the first step)."""
+def _train_rows(setup, dtype: torch.dtype, device: str, steps: int, compile_unet: bool = False) -> list[dict]:
+    """A row per gradient-checkpointing setting (FLOPs counted once, on the first step, uncompiled), in the
+    steady state of a long run: the prior cache filled first. ``warmup_s``: the untimed first step of a
+    setting (with ``compile_unet``, the compilation)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from latexblend.train import step_loss
+    from latexblend import train
 
     optimizer = torch.optim.AdamW(setup.parameters(), lr=1e-5)
     autocast = torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
+    with autocast:
+        train.fill_prior_cache(setup)
 
     def one(step: int) -> None:
         with autocast:
-            loss = step_loss(setup, step)[0]
+            loss = train.step_loss(setup, step)[0]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -319,21 +323,25 @@ def _train_rows(setup, dtype: torch.dtype, device: str, steps: int) -> list[dict
     with FlopCounterMode(display=False) as counter:
         one(0)
     flops = counter.get_total_flops()
+    if compile_unet:
+        train.compile_unet(setup.pipe.unet)
     rows, peak_tflops = [], _peak_tflops(_device_name(device))
     for checkpointing in (False, True):
         unet = setup.pipe.unet
         unet.enable_gradient_checkpointing() if checkpointing else unet.disable_gradient_checkpointing()
-        one(1)  # warm-up
+        warmup, _ = _timed(lambda: one(1), device)
         seconds, peak = _timed(lambda: [one(s) for s in range(2, 2 + steps)], device)
         per_step = seconds / steps
         rows.append({"gradient_checkpointing": checkpointing, "steps_per_s": round(1 / per_step, 3),
                      "samples_per_s": round(2 * setup.cfg.batch_size / per_step, 3),
-                     "peak_gib": round(peak, 3), "tflop_per_step": round(flops / 1e12, 4),
-                     "mfu": round(flops / per_step / (peak_tflops * 1e12), 4) if peak_tflops else None})
+                     "peak_gib": round(peak, 3), "tflop_per_step": float(f"{flops / 1e12:.4g}"),
+                     "mfu": round(flops / per_step / (peak_tflops * 1e12), 4) if peak_tflops else None,
+                     "warmup_s": round(warmup, 2)})
     return rows
 
 
-def bench_train(model: str = "tiny", steps: int = 5, size: int | None = None, device: str | None = None) -> dict:
+def bench_train(model: str = "tiny", steps: int = 5, size: int | None = None, device: str | None = None,
+                cache_prior: bool = True, compile_unet: bool = False) -> dict:
     """Steps/s, samples/s, peak memory and FLOP utilisation of the dual-flow training step,
     without and with gradient checkpointing (one setup; FLOPs from ``torch.utils.flop_counter``)."""
     import tempfile
@@ -341,13 +349,14 @@ def bench_train(model: str = "tiny", steps: int = 5, size: int | None = None, de
     from latexblend.models import default_device
 
     device = device or default_device()
-    with tempfile.TemporaryDirectory() as tmp:  # prior images are read at every step
-        setup, dtype = _train_setup(model, size, device, Path(tmp))
-        rows = _train_rows(setup, dtype, device, steps)
+    with tempfile.TemporaryDirectory() as tmp:  # prior images are read on every cache miss
+        setup, dtype = _train_setup(model, size, device, Path(tmp), cache_prior=cache_prior)
+        rows = _train_rows(setup, dtype, device, steps, compile_unet)
     trainable = sum(p.numel() for p in setup.parameters())
     return {"benchmark": "train", "model": model, "device": device, "device_name": _device_name(device),
             "dtype": str(dtype).replace("torch.", ""), "size": setup.size, "steps": steps,
-            "batch": "1 instance + 1 prior", "trainable_params": trainable, "rows": rows, "env": _env()}
+            "batch": "1 instance + 1 prior", "cache_prior": cache_prior, "compile_unet": compile_unet,
+            "trainable_params": trainable, "rows": rows, "env": _env()}
 
 
 def bench_extract(model: str = "tiny", device: str | None = None, repeats: int = 3) -> dict:

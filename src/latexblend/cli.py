@@ -532,6 +532,7 @@ def train_cmd(
     fixed_template: Annotated[bool, Opt("--fixed-template", help="Ablation: 'photo of {}' for both flows.")] = False,
     kv_rank: Annotated[int | None, Opt(help="LoRA rank on to_k/to_v (0: full weights).")] = None,
     gradient_checkpointing: Annotated[bool, Opt("--gradient-checkpointing")] = False,
+    compile_unet: Annotated[bool, Opt("--compile-unet", help="torch.compile the UNet (first step compiles).")] = False,
     use_8bit_adam: Annotated[bool, Opt("--use-8bit-adam", help="8-bit AdamW (needs bitsandbytes).")] = False,
     mixed_precision: Annotated[str | None, Opt(help="auto, no, bf16 or fp16 [default: auto].")] = None,
     checkpoint_every: Annotated[int | None, Opt(help="Checkpoint period in steps, 0: off [default: 500].")] = None,
@@ -551,7 +552,8 @@ def train_cmd(
                  bank_dir=bank_dir)
     switches = dict(use_prior=not no_prior, scale_lr=not no_scale_lr, base_flow=not no_base_flow,
                     fixed_template=fixed_template, gradient_checkpointing=gradient_checkpointing,
-                    use_8bit_adam=use_8bit_adam, log_tensorboard=log_tensorboard, overwrite=overwrite)
+                    compile_unet=compile_unet, use_8bit_adam=use_8bit_adam, log_tensorboard=log_tensorboard,
+                    overwrite=overwrite)
     defaults = dict(use_prior=True, scale_lr=True, base_flow=True)
     flags.update({k: v for k, v in switches.items() if v != defaults.get(k, False)})
     farm = _farm_index(index, concept, images)
@@ -632,6 +634,8 @@ def bench_train_cmd(
     steps: Annotated[int, typer.Option(help="Timed steps per setting.")] = 5,
     size: Annotated[int | None, typer.Option(help="Training resolution [512, tiny: 64].")] = None,
     device: str | None = None,
+    no_cache_prior: Annotated[bool, typer.Option("--no-cache-prior", help="Encode prior data every step.")] = False,
+    compile_unet: Annotated[bool, typer.Option("--compile-unet", help="torch.compile the UNet.")] = False,
     out: BenchOutOpt = Path("bench_train.json"),
 ) -> None:
     """Training step: steps/s, samples/s, peak memory, FLOPs and utilisation, with/without checkpointing."""
@@ -640,7 +644,8 @@ def bench_train_cmd(
     _quiet_libraries()
     from latexblend.bench import bench_train
 
-    _bench_report(bench_train(model, steps=steps, size=size, device=device), out)
+    _bench_report(bench_train(model, steps=steps, size=size, device=device, cache_prior=not no_cache_prior,
+                              compile_unet=compile_unet), out)
 
 
 @bench_app.command("extract")

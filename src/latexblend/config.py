@@ -167,6 +167,8 @@ class TrainConfig:
     init_token: str = "pll"
     kv_rank: int = 0  # > 0: LoRA of this rank on to_k/to_v instead of full weights
     gradient_checkpointing: bool = False
+    compile_unet: bool = False  # torch.compile the UNet (the first step compiles)
+    cache_prior: bool = True  # keep prior images' VAE moments and captions' text features after first use
     use_8bit_adam: bool = False
     mixed_precision: str = "auto"  # auto: bf16 on CUDA, none on CPU
     checkpoint_every: int = 500  # 0: no intermediate checkpoints

@@ -153,7 +153,7 @@ def augment(img: Image.Image, size: int, factor: int, g: torch.Generator) -> Sam
     from PIL import Image
 
     orig = (img.height, img.width)
-    if float(torch.rand((), generator=g)) < 0.5:
+    if draw_flip(g):
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     lat = size // factor
     mask = torch.zeros(1, lat, lat)
@@ -174,13 +174,21 @@ def augment(img: Image.Image, size: int, factor: int, g: torch.Generator) -> Sam
     return Sample(pixels, mask + 1.0, (*orig, top, left, size, size))
 
 
-def prior_sample(img: Image.Image, size: int, factor: int, g: torch.Generator) -> Sample:
-    """A class image: centre square at ``size``, random hflip, loss everywhere."""
+def draw_flip(g: torch.Generator) -> bool:
+    """A fair coin from ``g``: flip the image left-right?"""
+    import torch
+
+    return float(torch.rand((), generator=g)) < 0.5
+
+
+def prior_sample(img: Image.Image, size: int, factor: int, flip: bool) -> Sample:
+    """A class image: centre square at ``size``, hflipped when ``flip`` (drawn with :func:`draw_flip`),
+    loss everywhere."""
     import torch
     from PIL import Image
 
     orig = (img.height, img.width)
-    if float(torch.rand((), generator=g)) < 0.5:
+    if flip:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     lat = size // factor
     return Sample(_to_tensor(_square(img, size)), torch.ones(1, lat, lat), (*orig, 0, 0, size, size))

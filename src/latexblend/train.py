@@ -25,7 +25,7 @@ from torch import nn
 
 from latexblend.attention import SpliceProcessor, SpliceState, install_processors, project_kv
 from latexblend.config import TrainConfig, to_dict
-from latexblend.data import augment, draw, list_images, load_prior, open_image, prior_sample, template_pool
+from latexblend.data import augment, draw, draw_flip, list_images, load_prior, open_image, prior_sample, template_pool
 from latexblend.errors import LatexBlendError
 from latexblend.extract import ENCODERS, KV_FILE, TOKENS_FILE, bank_dtype, concept_span, encode_prompts, extract_bank
 from latexblend.fileio import atomic_path, write_text_atomic
@@ -33,7 +33,9 @@ from latexblend.tokens import Span, token_ids
 
 #: Settings that do not change what a step computes (may differ when resuming).
 _NOT_HASHED = ("steps", "resume", "overwrite", "checkpoint_every", "log_every", "log_tensorboard", "runs_dir",
-               "bank_dir", "bank_dtype", "extract_prompt", "gradient_checkpointing")
+               "bank_dir", "bank_dtype", "extract_prompt", "gradient_checkpointing", "cache_prior", "compile_unet")
+#: torch.compile backend of ``compile_unet`` (tests use "eager": the same graph capture, no code generation)
+COMPILE_BACKEND = "inductor"
 
 
 # --------------------------------------------------------------------------- trainable pieces
@@ -92,6 +94,29 @@ class Template:
     base_kv: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
+class PriorCache:
+    """What the fixed prior data costs every step, kept after its first use (``cache_prior``): per prior
+    image and flip its VAE moments (mean and log-variance), per caption its text features.
+
+    Exact: the VAE and the text encoders are frozen, captions never hold the identifier (checked in
+    :func:`check_inputs`), and each step still draws the latent from the moments with its own
+    generator. Disabled, every value is computed again at every use, in the same way.
+    """
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.store: dict = {}
+
+    def get(self, key, compute):
+        """The value kept for ``key``, else ``compute()`` (kept when enabled)."""
+        if key in self.store:
+            return self.store[key]
+        value = compute()
+        if self.enabled:
+            self.store[key] = value
+        return value
+
+
 @dataclass
 class Setup:
     cfg: TrainConfig
@@ -106,6 +131,12 @@ class Setup:
     fingerprint: str
     size: int
     dtype: torch.dtype
+    # the pipeline's device and the UNet's and VAE's weight dtypes, read once: diffusers walks every
+    # module for ``pipe.device`` and ``model.dtype``, which cost milliseconds per call
+    device: torch.device
+    unet_dtype: torch.dtype
+    vae_dtype: torch.dtype
+    prior_cache: PriorCache
     extra: dict = field(default_factory=dict)
 
     def kv_tensors(self) -> dict[str, torch.Tensor]:
@@ -143,7 +174,12 @@ def check_inputs(cfg: TrainConfig) -> tuple[list, list]:
     if not folder.exists():
         raise LatexBlendError(f"no prior data: {folder} does not exist; generate it with `latexblend prior "
                               f"--class-noun '{cfg.class_noun}'`, pass --prior DIR, or train with --no-prior")
-    return images, load_prior(folder, cfg.class_noun, cfg.prior_captions)
+    prior = load_prior(folder, cfg.class_noun, cfg.prior_captions)
+    bad = next((caption for _, caption in prior if cfg.token in caption), None)
+    if bad is not None:
+        raise LatexBlendError(f"prior caption '{bad}' holds the identifier {cfg.token}: prior captions describe the "
+                              f"class, never the concept")
+    return images, prior
 
 
 def _check_resolution(pipe, size: int) -> None:
@@ -215,8 +251,17 @@ def build_setup(cfg: TrainConfig, images: list, prior: list, device, dtype: torc
     install_processors(pipe.unet, lambda layer: SpliceProcessor(layer, state))
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
+    if cfg.compile_unet:
+        compile_unet(pipe.unet)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    return Setup(cfg, pipe, images, prior, templates, rows, kv, state, scheduler, fp, size, dtype)
+    return Setup(cfg, pipe, images, prior, templates, rows, kv, state, scheduler, fp, size, dtype, pipe.device,
+                 pipe.unet.dtype, pipe.vae.dtype, PriorCache(cfg.cache_prior))
+
+
+def compile_unet(unet) -> None:
+    """``torch.compile`` the UNet's forward in place (with :data:`COMPILE_BACKEND`); compiled at its first call.
+    One graph serves every template pair: the splice reads span positions from a tensor."""
+    unet.compile(backend=COMPILE_BACKEND)
 
 
 # --------------------------------------------------------------------------- one step
@@ -244,39 +289,81 @@ class Batch:
 
 
 def make_batch(setup: Setup, g: torch.Generator) -> Batch:
-    """Draw images, templates (independently for the two flows), augmentation, noise and timesteps."""
-    cfg, pipe = setup.cfg, setup.pipe
-    factor, samples, prompts, replace = pipe.vae_scale_factor, [], [], []
+    """Draw images, templates (independently for the two flows), augmentation, noise and timesteps.
+    Each latent is drawn with ``g`` from its VAE distribution (a prior image's from the prior cache)."""
+    cfg, factor, device = setup.cfg, setup.pipe.vae_scale_factor, setup.device
+    samples, prompts, replace = [], [], []
     for _ in range(cfg.batch_size):
         image = draw(g, setup.images)
         prompts.append(draw(g, setup.templates).instance)
         replace.append(draw(g, setup.templates))
         samples.append(augment(image, setup.size, factor, g))
+    moments, time_ids = [_vae_moments(setup, torch.stack([s.pixels for s in samples]))], [s.time_ids for s in samples]
     for _ in range(cfg.batch_size if setup.prior else 0):
         path, caption = draw(g, setup.prior)
-        samples.append(prior_sample(open_image(path), setup.size, factor, g))
+        prior_moments, ids = prior_latent(setup, path, draw_flip(g))
+        moments.append(prior_moments)
+        time_ids.append(ids)
         prompts.append(caption)
-    vae = pipe.vae
-    pixels = torch.stack([s.pixels for s in samples]).to(pipe.device, vae.dtype)
-    with torch.no_grad():
-        latents = vae.encode(pixels).latent_dist.sample(generator=g).float() * vae.config.scaling_factor
-    noise = torch.randn(latents.shape, generator=g).to(pipe.device)
-    t = torch.randint(0, setup.scheduler.config.num_train_timesteps, (len(samples),), generator=g).to(pipe.device)
-    masks = torch.stack([s.mask for s in samples[: cfg.batch_size]]).to(pipe.device)
-    time_ids = torch.tensor([s.time_ids for s in samples], dtype=torch.float32, device=pipe.device)
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    latents = DiagonalGaussianDistribution(torch.cat(moments)).sample(generator=g).float()
+    latents = latents * setup.pipe.vae.config.scaling_factor
+    noise = torch.randn(latents.shape, generator=g).to(device)
+    t = torch.randint(0, setup.scheduler.config.num_train_timesteps, (len(time_ids),), generator=g).to(device)
+    masks = torch.stack([s.mask for s in samples]).to(device)
+    time_ids = torch.tensor(time_ids, dtype=torch.float32, device=device)
     return Batch(latents, noise, t, masks, time_ids, prompts, replace, cfg.batch_size)
+
+
+def _vae_moments(setup: Setup, pixels: torch.Tensor) -> torch.Tensor:
+    """The VAE's latent distribution parameters (mean, log-variance) [B, 8, h, w] of ``pixels`` [B, 3, H, W]."""
+    with torch.no_grad():
+        return setup.pipe.vae.encode(pixels.to(setup.device, setup.vae_dtype)).latent_dist.parameters
+
+
+def prior_latent(setup: Setup, path, flip: bool) -> tuple[torch.Tensor, tuple]:
+    """``(VAE moments [1, 8, h, w], time_ids)`` of prior image ``path`` (hflipped when ``flip``), cached."""
+    def compute():
+        sample = prior_sample(open_image(path), setup.size, setup.pipe.vae_scale_factor, flip)
+        return _vae_moments(setup, sample.pixels[None]), sample.time_ids
+
+    return setup.prior_cache.get(("latent", str(path), flip), compute)
+
+
+def _encode(setup: Setup, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    pipe = setup.pipe
+    return encode_prompts([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2], prompts,
+                          setup.device)
+
+
+def prior_text(setup: Setup, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(context [1, 77, D], pooled [1, P])`` of a prior caption: frozen (no identifier), so no gradient; cached."""
+    def compute():
+        with torch.no_grad():
+            return _encode(setup, [caption])
+
+    return setup.prior_cache.get(("text", caption), compute)
+
+
+def fill_prior_cache(setup: Setup) -> None:
+    """Encode every prior image (both flips) and caption now: the steady state of a long run (benchmarks)."""
+    for path, caption in setup.prior:
+        for flip in (False, True):
+            prior_latent(setup, path, flip)
+        prior_text(setup, caption)
 
 
 def encode_batch(setup: Setup, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """``(context [B, 77, D], pooled [B, P])`` with the learned identifier rows; with the base flow the
-    instance samples' pooled embedding is the replace prompt's (METHOD section 2, item 6)."""
-    pipe = setup.pipe
-    context, pooled = encode_prompts([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2],
-                                     batch.prompts, pipe.device)
+    instance samples' pooled embedding is the replace prompt's (METHOD section 2, item 6). Prior
+    captions come from :func:`prior_text`."""
+    n = batch.n_instance
+    context, pooled = _encode(setup, batch.prompts[:n])
     if setup.cfg.base_flow:
-        rep = torch.stack([t.pooled for t in batch.replace]).to(pooled.dtype)
-        pooled = torch.cat([rep, pooled[batch.n_instance :]])
-    return context, pooled
+        pooled = torch.stack([t.pooled for t in batch.replace]).to(pooled.dtype)
+    prior = [prior_text(setup, caption) for caption in batch.prompts[n:]]
+    return torch.cat([context, *(c for c, _ in prior)]), torch.cat([pooled, *(p for _, p in prior)])
 
 
 def unet_loss(setup: Setup, batch: Batch, context: torch.Tensor, pooled: torch.Tensor) -> tuple:
@@ -284,12 +371,12 @@ def unet_loss(setup: Setup, batch: Batch, context: torch.Tensor, pooled: torch.T
     n, state, sched = batch.n_instance, setup.state, setup.scheduler
     by_prompt = {t.instance: t.concept_span for t in setup.templates}
     state.base_kv = [t.base_kv for t in batch.replace] if setup.cfg.base_flow else []
-    state.concept_spans = [by_prompt[p] for p in batch.prompts[:n]]
-    state.replace_spans = [t.replace_span for t in batch.replace]
+    state.set_spans([by_prompt[p] for p in batch.prompts[:n]], [t.replace_span for t in batch.replace],
+                    setup.device)
     noisy = sched.add_noise(batch.latents, batch.noise, batch.timesteps)
-    unet = setup.pipe.unet
-    pred = unet(noisy.to(unet.dtype), batch.timesteps, context.to(unet.dtype),
-                added_cond_kwargs={"text_embeds": pooled.to(unet.dtype), "time_ids": batch.time_ids}).sample
+    dtype = setup.unet_dtype
+    pred = setup.pipe.unet(noisy.to(dtype), batch.timesteps, context.to(dtype),
+                           added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": batch.time_ids}).sample
     target = batch.noise
     if sched.config.prediction_type == "v_prediction":
         target = sched.get_velocity(batch.latents, batch.noise, batch.timesteps)
@@ -308,6 +395,39 @@ def step_loss(setup: Setup, step: int, rank: int = 0) -> tuple[torch.Tensor, tor
 
 
 # --------------------------------------------------------------------------- the loop
+
+#: Largest flat gradient buffer of one collective (bytes): 341 M fp32 SDXL K/V values take 6 buckets.
+BUCKET_BYTES = 256 * 2**20
+
+
+def grad_buckets(params: list[nn.Parameter], cap: int = BUCKET_BYTES) -> list[list[nn.Parameter]]:
+    """``params`` in order, cut into runs of one dtype and device of at most ``cap`` bytes (or one tensor)."""
+    buckets: list[list[nn.Parameter]] = []
+    size = 0
+    for p in params:
+        nbytes = p.numel() * p.element_size()
+        last = buckets[-1][-1] if buckets else None
+        if last is None or (last.dtype, last.device) != (p.dtype, p.device) or size + nbytes > cap:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(p)
+        size += nbytes
+    return buckets
+
+
+def average_gradients(params: list[nn.Parameter], reduce, cap: int = BUCKET_BYTES) -> None:
+    """Average every gradient across processes with one collective per bucket (:func:`grad_buckets`).
+
+    ``reduce(flat) -> flat`` is the cross-process mean of a 1-D tensor (the identity on one process).
+    A missing gradient counts as zeros; afterwards each ``p.grad`` is a view of its bucket's reduced
+    buffer. One code path for 1 and N processes; per element the same sum and division as reducing
+    each gradient on its own.
+    """
+    for bucket in grad_buckets(params, cap):
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket])
+        flat = reduce(flat)
+        for p, g in zip(bucket, flat.split([p.numel() for p in bucket]), strict=True):
+            p.grad = g.view_as(p)
 
 
 def train(cfg: TrainConfig, progress: bool = True, on_step=None) -> Path | None:
@@ -342,8 +462,7 @@ def train(cfg: TrainConfig, progress: bool = True, on_step=None) -> Path | None:
         with acc.autocast():
             loss, inst, prior_loss = step_loss(setup, step, acc.process_index)
         acc.backward(loss)
-        for p in params:  # one code path for 1 and N processes: average the gradients by hand
-            p.grad = acc.reduce(p.grad if p.grad is not None else torch.zeros_like(p), reduction="mean")
+        average_gradients(params, lambda flat: acc.reduce(flat, reduction="mean"))
         if cfg.max_grad_norm:
             acc.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
