@@ -43,6 +43,8 @@ def test_bench_train_and_extract_write_well_formed_results(tiny_dir, tmp_path):
     assert data["trainable_params"] == 2 * sum(c * 64 for c in (48,) * 3 + (64,) * 8) + 2 * 32  # K/V + 2 rows
     assert all(row["tflop_per_step"] > 0 and row["steps_per_s"] > 0 for row in data["rows"])
     assert data["rows"][0]["tflop_per_step"] == data["rows"][1]["tflop_per_step"]
+    assert data["cache_prior"] is True and data["compile_unet"] is False
+    assert all(row["warmup_s"] >= 0 for row in data["rows"])
     out = tmp_path / "e.json"
     r = runner.invoke(app, ["bench", "extract", "--model", str(tiny_dir), "--repeats", "1", "--out", str(out)])
     assert r.exit_code == 0, r.output

@@ -348,6 +348,8 @@ def prior_text(setup: Setup, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 def fill_prior_cache(setup: Setup) -> None:
     """Encode every prior image (both flips) and caption now: the steady state of a long run (benchmarks)."""
+    if not setup.prior_cache.enabled:
+        return
     for path, caption in setup.prior:
         for flip in (False, True):
             prior_latent(setup, path, flip)
