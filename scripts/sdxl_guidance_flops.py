@@ -17,18 +17,12 @@ import argparse
 import json
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from latexblend import guidance
 from latexblend.attention import BlendState, MapProcessor, MapState, install_processors
+from latexblend.bench import count_tflop
 from latexblend.models import attn2_shapes, build_sdxl_random
 from latexblend.tokens import Span
-
-
-def tflop(fn) -> float:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops() / 1e12
 
 
 def main() -> None:
@@ -49,7 +43,7 @@ def main() -> None:
     added = {"text_embeds": torch.randn(2, 1280, **meta), "time_ids": torch.randn(2, 6, **meta)}
     t = torch.tensor(900.0, device="meta")
     with torch.no_grad():
-        step = tflop(lambda: unet(torch.randn(2, 4, h, h, **meta), t, context, added_cond_kwargs=added))
+        step = count_tflop(lambda: unet(torch.randn(2, 4, h, h, **meta), t, context, added_cond_kwargs=added), "meta")
     cond = {k: v[:1] for k, v in added.items()}
 
     def guided(stop_early: bool) -> float:
@@ -57,9 +51,10 @@ def main() -> None:
         if not stop_early:
             guidance.collector = lambda store, layers: store.__setitem__
         try:
-            return tflop(lambda: guidance.guidance_pass(
+            return count_tflop(lambda: guidance.guidance_pass(
                 unet, torch.randn(1, 4, h, h, device="meta"), torch.ones(1, 1, 1, 1, device="meta"),
-                lambda x: unet(x, t, context[:1], added_cond_kwargs=cond), maps, list(shapes), state.row_spans, (h, h)))
+                lambda x: unet(x, t, context[:1], added_cond_kwargs=cond), maps, list(shapes), state.row_spans,
+                (h, h)), "meta")
         finally:
             guidance.collector = collector
 

@@ -163,7 +163,7 @@ def _steering_columns(stats: dict | None) -> dict:
             "guidance_saved_mib": round(saved / 2**20, 2) if saved else None}
 
 
-def _counted(fn: Callable[[], object], device: str) -> float:
+def count_tflop(fn: Callable[[], object], device: str) -> float:
     """TFLOP of one call (``torch.utils.flop_counter``: matmuls, convolutions and attention, forward and
     backward); a measurement pass, slower than an uncounted call. On the CPU, SDPA runs as its math
     decomposition while counting: the counter has no formula for the CPU's fused attention kernel."""
@@ -225,7 +225,7 @@ def bench_modes(model: str = "tiny", counts: Sequence[int] = (2, 4), steps: int 
                 return _timed(lambda: call(prompt), device)
             if blender.steering is not None:  # the warm-up counts (untimed: the counting costs time)
                 blender.steering.count_saved = True
-            stats[f"{mode}@{n}"] = {"tflop": _counted(lambda: call(prompt), device),
+            stats[f"{mode}@{n}"] = {"tflop": count_tflop(lambda: call(prompt), device),
                                     **(blender.steering.stats if blender.steering is not None else {})}
             if profile_dir is not None:
                 _profiled(lambda: call(prompt), device, Path(profile_dir) / f"profile_{mode}_{n}.txt")
@@ -234,7 +234,7 @@ def bench_modes(model: str = "tiny", counts: Sequence[int] = (2, 4), steps: int 
     def stock_b(n: int, prompt: str, warm_up: bool):
         if not warm_up:
             return _timed(lambda: call(prompt), device)
-        stats[f"stock_b@{n}"] = {"tflop": _counted(lambda: call(prompt), device)}
+        stats[f"stock_b@{n}"] = {"tflop": count_tflop(lambda: call(prompt), device)}
         return 0.0, 0.0
 
     times: dict[str, list[float]] = {}

@@ -308,6 +308,7 @@ BenchModelOpt = Annotated[
     str, typer.Option(help="'tiny', 'sdxl-random' (full SDXL, random weights), a folder or hub id.")
 ]
 BenchOutOpt = Annotated[Path, typer.Option(help="JSON output (CSV written beside it).")]
+BenchSizeOpt = Annotated[int | None, typer.Option(help="Image side in px (default: the model's).")]
 
 
 def _bench_report(result: dict, out: Path) -> None:
@@ -328,7 +329,7 @@ def bench_generate_cmd(
     concepts: Annotated[str, typer.Option(help="Comma-separated concept counts.")] = "0,1,4,8",
     steps: int = 20,
     repeats: int = 3,
-    size: Annotated[int | None, typer.Option(help="Image side [model default].")] = None,
+    size: BenchSizeOpt = None,
     device: str | None = None, dtype: str = "auto",
     out: BenchOutOpt = Path("bench_generate.json"),
 ) -> None:
@@ -670,7 +671,7 @@ def bench_modes_cmd(
     concepts: Annotated[str, typer.Option(help="Comma-separated concept counts (2-6).")] = "2,4",
     steps: int = 20,
     repeats: int = 3,
-    size: Annotated[int | None, typer.Option(help="Image side [model default].")] = None,
+    size: BenchSizeOpt = None,
     device: str | None = None, dtype: str = "auto",
     out: BenchOutOpt = Path("bench_modes.json"),
     profile: Annotated[Path | None, typer.Option(
