@@ -92,6 +92,17 @@ def tiny_model(out_dir: Annotated[Path, typer.Argument(help="Folder to write (mu
     typer.echo(f"wrote tiny SDXL model to {path}")
 
 
+@app.command("toy-model")
+@friendly
+def toy_model(out_dir: Annotated[Path, typer.Argument(help="Folder to write (must not exist or be empty).")]) -> None:
+    """Write the embedded trained toy-world model (32 px) as a diffusers folder."""
+    _quiet_libraries()
+    from latexblend.toymodel import save_toy_model
+
+    path = save_toy_model(out_dir)
+    typer.echo(f"wrote toy SDXL model to {path}")
+
+
 # --------------------------------------------------------------------------- bank
 
 
@@ -647,6 +658,39 @@ def bench_train_cmd(
 
     _bench_report(bench_train(model, steps=steps, size=size, device=device, cache_prior=not no_cache_prior,
                               compile_unet=compile_unet), out)
+
+
+@bench_app.command("fidelity")
+@friendly
+def bench_fidelity_cmd(
+    model: Annotated[str, typer.Option(help="Only 'toy' (its exact detectors score the images).")] = "toy",
+    concepts: Annotated[str, typer.Option(help="Comma-separated toy concepts.")] = "patchdog,stripecar",
+    variants: Annotated[str, typer.Option(help="Trained variants (no bank always runs).")
+                        ] = "full,no-base-flow,fixed-template",
+    steps: Annotated[int | None, typer.Option(help="Training steps per concept [toy recipe].")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate before batch scaling [toy recipe].")] = None,
+    seeds: Annotated[int, typer.Option(help="Seeds per prompt.")] = 4,
+    out: Annotated[Path, typer.Option(help="Output folder (fidelity.json, grid-<variant>.png).")
+                   ] = Path("out/fidelity"),
+) -> None:
+    """Concept-present % and prompt fidelity % on held-out toy prompts, per method variant."""
+    _quiet_libraries()
+    from latexblend import toy
+    from latexblend.fidelity import TOY_RECIPE, VARIANTS, FidelitySettings, run_fidelity, table
+
+    if model != "toy":
+        raise LatexBlendError("bench fidelity needs --model toy (its scenes have exact detectors)")
+    names = [c.strip() for c in concepts.split(",") if c.strip()]
+    chosen = [v.strip() for v in variants.split(",") if v.strip()]
+    bad = [c for c in names if c not in toy.CONCEPTS] + [v for v in chosen if v not in VARIANTS]
+    if bad or not names or seeds < 1:
+        raise LatexBlendError(f"unknown concept/variant {', '.join(bad) or '(none given)'}; concepts: "
+                              f"{', '.join(toy.CONCEPTS)}; variants: {', '.join(VARIANTS)}; --seeds >= 1")
+    settings = FidelitySettings(concepts=names, variants=chosen, steps=steps or TOY_RECIPE["steps"],
+                                lr=lr if lr is not None else TOY_RECIPE["lr"], seeds=seeds)
+    result = run_fidelity(out, settings, progress=typer.echo)
+    typer.echo(table(result))
+    typer.echo(f"wrote {out / 'fidelity.json'} and grids in {out}/ ({result['wall_s']:.0f} s)")
 
 
 @bench_app.command("extract")

@@ -1,6 +1,6 @@
 """Base models: a registry of specs, the embedded tiny SDXL, loading, and ``attn2`` bookkeeping.
 
-``--model`` accepts a registry name (``sdxl``, ``tiny``), a local diffusers folder, or a hub id.
+``--model`` accepts a registry name (``sdxl``, ``tiny``, ``toy``), a local diffusers folder, or a hub id.
 ``tiny`` is an SDXL-architecture model with seeded random weights and the real CLIP tokenizers that
 the package builds offline, saves as an ordinary diffusers folder, and loads like any checkpoint.
 """
@@ -49,6 +49,7 @@ class ModelSpec:
 REGISTRY: dict[str, ModelSpec] = {
     "sdxl": ModelSpec("sdxl", SDXL_HUB_ID, {640: 10, 1280: 60}, 2048, 1024),
     "tiny": ModelSpec("tiny", "builtin", {48: 3, 64: 8}, 64, 64),
+    "toy": ModelSpec("toy", "builtin", {64: 3, 96: 4}, 64, 32),
     "sdxl-random": ModelSpec("sdxl-random", "builtin", {640: 10, 1280: 60}, 2048, 1024),
 }
 
@@ -154,15 +155,21 @@ def build_sdxl_random(device: str = "cuda", dtype: str = "bf16", seed: int = 0) 
 
 def save_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     """Write the tiny model as a diffusers folder, atomically (a complete folder or none)."""
+    marker = {"latexblend_tiny.json": json.dumps({"version": TINY_VERSION, "seed": seed})}
+    return write_model_folder(out_dir, lambda: build_tiny_pipeline(seed), marker)
+
+
+def write_model_folder(out_dir: str | Path, build, files: dict[str, str]) -> Path:
+    """Save the pipeline ``build()`` makes, plus text ``files``, as a diffusers folder, atomically."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise LatexBlendError(f"{out_dir} exists and is not empty; choose a new folder")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
-        pipe = build_tiny_pipeline(seed)
-        pipe.save_pretrained(tmp)
-        (tmp / "latexblend_tiny.json").write_text(json.dumps({"version": TINY_VERSION, "seed": seed}))
+        build().save_pretrained(tmp)
+        for name, text in files.items():
+            (tmp / name).write_text(text)
         if out_dir.exists():
             out_dir.rmdir()
         os.replace(tmp, out_dir)
@@ -176,19 +183,24 @@ def cache_home() -> Path:
     return Path(os.environ.get("LATEXBLEND_HOME", Path.home() / ".cache" / "latexblend"))
 
 
-def tiny_model_dir() -> Path:
-    """The cached tiny-model folder, built on first use."""
-    path = cache_home() / f"tiny-sdxl-v{TINY_VERSION}"
+def cached_model_dir(name: str, save) -> Path:
+    """``cache_home()/name``, written by ``save(path)`` on first use."""
+    path = cache_home() / name
     if not (path / "model_index.json").exists():
         shutil.rmtree(path, ignore_errors=True)
         try:
-            save_tiny_model(path)
+            save(path)
         except FileExistsError:  # pragma: no cover - another process built it first
             pass
         except OSError as err:
             if not (path / "model_index.json").exists():
-                raise LatexBlendError(f"cannot build the tiny model in {path}: {err}") from err
+                raise LatexBlendError(f"cannot build the model in {path}: {err}") from err
     return path
+
+
+def tiny_model_dir() -> Path:
+    """The cached tiny-model folder, built on first use."""
+    return cached_model_dir(f"tiny-sdxl-v{TINY_VERSION}", save_tiny_model)
 
 
 # --------------------------------------------------------------------------- loading
@@ -198,6 +210,10 @@ def resolve_model(model: str) -> str:
     """A registry name, local folder or hub id -> what ``from_pretrained`` takes."""
     if model == "tiny":
         return str(tiny_model_dir())
+    if model == "toy":
+        from latexblend.toymodel import toy_model_dir
+
+        return str(toy_model_dir())
     if model == "sdxl-random":
         raise LatexBlendError("'sdxl-random' has no files (random weights built in memory): it works with "
                               "train, generate and bench, not with commands that read a model folder")

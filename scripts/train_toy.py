@@ -1,0 +1,299 @@
+"""Train the ``toy`` base model (VAE, then UNet) on the toy world and export fp16 weights to the package.
+
+    OMP_NUM_THREADS=1 python scripts/train_toy.py --work runs/toy-build --vae-steps 600 --unet-steps 6000
+    python scripts/train_toy.py --work runs/toy-build --export      # write assets/toy-*.safetensors now
+
+Resumable: checkpoints go to WORK every --ckpt-every steps and a rerun continues from the last one.
+The log (WORK/log.txt) holds losses, the VAE check (detector on reconstructions, concepts included)
+and a held-out evaluation every --eval-every UNet steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from latexblend import toy
+from latexblend.toymodel import ASSETS, build_toy_pipeline, toy_vae_config
+
+
+def log(work: Path, text: str) -> None:
+    with open(work / "log.txt", "a") as f:
+        f.write(time.strftime("%H:%M:%S ") + text + "\n")
+    tqdm.write(text)
+
+
+def to_tensor(images) -> torch.Tensor:
+    """PIL images -> [B, 3, S, S] in [-1, 1]."""
+    arr = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 127.5 - 1
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def to_images(x: torch.Tensor):
+    from PIL import Image
+
+    arr = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def vae_scene(rng: random.Random) -> toy.Scene:
+    """VAE data: world scenes and concept objects (the VAE must represent concept colours)."""
+    if rng.random() < 0.3:
+        return toy.random_scene(rng, concept=rng.choice(list(toy.CONCEPTS)))
+    return toy.random_scene(rng)
+
+
+def save_ckpt(work: Path, name: str, state: dict) -> None:
+    tmp = work / f".{name}.tmp"
+    torch.save(state, tmp)
+    tmp.replace(work / name)
+
+
+def train_vae(work: Path, vae, steps: int, batch: int, lr: float) -> None:
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    start = 0
+    if (work / "vae.pt").exists():
+        state = torch.load(work / "vae.pt", weights_only=True)
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+    rng = random.Random(start)
+    vae.train()
+    for step in tqdm(range(start, steps), desc="vae", initial=start, total=steps):
+        x = to_tensor([toy.draw_scene(vae_scene(rng)) for _ in range(batch)])
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        kl = post.kl().mean() / x[0].numel()
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % 50 == 0 or step + 1 == steps:
+            log(work, f"vae step {step + 1} loss {loss.item():.4f} kl {kl.item():.3f}")
+        if (step + 1) % 100 == 0 or step + 1 == steps:
+            save_ckpt(work, "vae.pt", {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1})
+    vae.eval()
+
+
+@torch.no_grad()
+def check_vae(work: Path, vae, n: int = 200) -> float:
+    """Detector agreement on reconstructions (world scenes and concepts); returns the latent scaling."""
+    rng = random.Random(999)
+    scenes = [toy.random_scene(rng) for _ in range(n)] + [
+        toy.random_scene(rng, concept=c) for c in toy.CONCEPTS for _ in range(n // 4)]
+    x = to_tensor([toy.draw_scene(s) for s in scenes])
+    mean = vae.encode(x).latent_dist.mean
+    rec = to_images(vae.decode(mean).sample)
+    world, conc = [], []
+    for s, im in zip(scenes, rec, strict=True):
+        d = toy.detect(im)
+        if s.things[0].colour in toy.CONCEPTS:
+            conc.append(s.things[0].colour in d.concepts())
+        else:
+            world.append(d.background == s.background and all(d.has(t.cls, t.colour) for t in s.things))
+    err = (to_tensor(rec) - x).abs().mean().item()
+    scale = 1.0 / mean.std().item()
+    log(work, f"vae check: L1 {err:.4f}, world scenes all-right {np.mean(world):.1%}, "
+              f"concepts detected {np.mean(conc):.1%}, latent std {mean.std().item():.3f}")
+    return scale
+
+
+def all_captions() -> list[str]:
+    """Every caption the grammar makes (colour words present or dropped)."""
+    singles = [(c, col) for c in toy.CLASSES for col in [None, *toy.COLOURS]]
+    out = []
+    for phrase, _ in toy.BACKGROUNDS.values():
+        for a in singles:
+            out.append(_cap([a], phrase))
+            out.extend(_cap([a, b], phrase) for b in singles)
+    return out
+
+
+def _cap(objs, phrase: str) -> str:
+    return " next to ".join(f"a {c}" if col is None else f"a {col} {c}" for c, col in objs) + f" {phrase}"
+
+
+@torch.no_grad()
+def encode_captions(pipe, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    embs, pooled = [], []
+    for i in range(0, len(captions), 128):
+        e, _, p, _ = pipe.encode_prompt(captions[i:i + 128], device="cpu", do_classifier_free_guidance=False)
+        embs.append(e)
+        pooled.append(p)
+    return torch.cat(embs), torch.cat(pooled)
+
+
+@torch.no_grad()
+def build_data(work: Path, pipe, n: int) -> dict:
+    rng = random.Random(7)
+    scenes = [toy.random_scene(rng, allow=toy.in_training) for _ in range(n)]
+    captions = all_captions()
+    path = work / "data.pt"
+    if path.exists():
+        return {"scenes": scenes, "captions": captions, **torch.load(path, weights_only=True)}
+    moments = []
+    for i in tqdm(range(0, n, 256), desc="encode"):
+        x = to_tensor([toy.draw_scene(s) for s in scenes[i:i + 256]])
+        moments.append(pipe.vae.encode(x).latent_dist.parameters)
+    emb, pooled = encode_captions(pipe, captions)
+    tensors = {"moments": torch.cat(moments), "emb": emb, "pooled": pooled}
+    torch.save(tensors, path)
+    return {"scenes": scenes, "captions": captions, **tensors}
+
+
+def sample_batch(data: dict, index: dict, rng: random.Random, batch: int, scale: float, drop: float = 0.1):
+    ids = [rng.randrange(len(data["scenes"])) for _ in range(batch)]
+    mom = data["moments"][ids]
+    mean, logvar = mom.chunk(2, dim=1)
+    lat = (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)) * scale
+    caps = [index[toy.caption(data["scenes"][i], rng, drop_colour=0.25)] for i in ids]
+    emb, pooled = data["emb"][caps].clone(), data["pooled"][caps].clone()
+    keep = torch.tensor([rng.random() >= drop for _ in ids], dtype=torch.float32)
+    return lat, emb * keep[:, None, None], pooled * keep[:, None]
+
+
+def unet_loss(pipe, sched, lat, emb, pooled) -> torch.Tensor:
+    b = lat.shape[0]
+    noise = torch.randn_like(lat)
+    t = torch.randint(0, 1000, (b,))
+    noisy = sched.add_noise(lat, noise, t)
+    ids = torch.tensor([[toy.SIZE, toy.SIZE, 0, 0, toy.SIZE, toy.SIZE]] * b, dtype=torch.float32)
+    pred = pipe.unet(noisy, t, emb, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+    snr = sched.alphas_cumprod[t] / (1 - sched.alphas_cumprod[t])
+    w = torch.clamp(snr, max=5.0) / snr
+    return (w * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+
+
+@torch.no_grad()
+def evaluate(pipe, unet, prompts: list[str], seeds, steps: int = 20, cfg: float = 5.0) -> dict:
+    """Held-out scores of ``unet`` (background, objects, all) over prompts x seeds."""
+    live = pipe.unet
+    pipe.unet = unet
+    rows = []
+    try:
+        for seed in seeds:
+            g = torch.Generator().manual_seed(seed)
+            images = pipe(prompts, num_inference_steps=steps, guidance_scale=cfg, height=toy.SIZE, width=toy.SIZE,
+                          generator=g).images
+            rows += [toy.score(im, p) for im, p in zip(images, prompts, strict=True)]
+    finally:
+        pipe.unet = live
+    keys = ("background", "objects", "all")
+    return {k: float(np.mean([r[k] for r in rows])) for k in keys}
+
+
+def train_unet(work: Path, pipe, data: dict, args) -> None:
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    unet = pipe.unet
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
+    start = 0
+    if (work / "unet.pt").exists():
+        state = torch.load(work / "unet.pt", weights_only=True)
+        unet.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+    index = {c: i for i, c in enumerate(data["captions"])}
+    rng = random.Random(start + 1)
+    torch.manual_seed(start + 1)
+    prompts = toy.held_out_prompts()
+    unet.train()
+    bar = tqdm(range(start, args.unet_steps), desc="unet", initial=start, total=args.unet_steps)
+    run_loss = None
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+        lat, emb, pooled = sample_batch(data, index, rng, args.batch, data["scale"])
+        loss = unet_loss(pipe, sched, lat, emb, pooled)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), unet.parameters(), strict=True):
+                pe.lerp_(p, 1 - decay)
+        run_loss = loss.item() if run_loss is None else 0.98 * run_loss + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{run_loss:.4f}")
+        done = step + 1
+        if done % 100 == 0:
+            log(work, f"unet step {done} loss {run_loss:.4f}")
+        if done % args.ckpt_every == 0 or done == args.unet_steps:
+            save_ckpt(work, "unet.pt", {"model": unet.state_dict(), "ema": ema.state_dict(),
+                                        "opt": opt.state_dict(), "step": done})
+        if args.eval_every and done % args.eval_every == 0:
+            unet.eval()
+            for name, net in (("ema", ema), ("raw", unet)):
+                log(work, f"eval step {done} {name}: {evaluate(pipe, net, prompts[::2], seeds=[0])}")
+            unet.train()
+
+
+def export(work: Path, pipe, scale: float, which: str = "ema") -> None:
+    from safetensors.torch import save_file
+
+    state = torch.load(work / "unet.pt", weights_only=True)
+    unet_sd = {k: v.half().contiguous() for k, v in state[which].items()}
+    vae_sd = {k: v.half().contiguous() for k, v in pipe.vae.state_dict().items()}
+    ASSETS.mkdir(exist_ok=True)
+    save_file(unet_sd, ASSETS / "toy-unet.safetensors")
+    save_file(vae_sd, ASSETS / "toy-vae.safetensors")
+    digest = hashlib.sha256((ASSETS / "toy-unet.safetensors").read_bytes()).hexdigest()[:12]
+    meta = {"id": digest, "scaling_factor": scale, "unet_steps": state["step"], "weights": which,
+            "size": toy.SIZE}
+    (ASSETS / "toy.json").write_text(json.dumps(meta, indent=1))
+    log(work, f"exported {which} weights at step {state['step']} to {ASSETS} (id {digest})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=Path("runs/toy-build"))
+    ap.add_argument("--vae-steps", type=int, default=600)
+    ap.add_argument("--vae-lr", type=float, default=2e-3)
+    ap.add_argument("--unet-steps", type=int, default=6000)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--ema", type=float, default=0.995)
+    ap.add_argument("--data", type=int, default=20000)
+    ap.add_argument("--ckpt-every", type=int, default=100)
+    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--export", action="store_true", help="only export the latest checkpoints")
+    ap.add_argument("--weights", default="ema", choices=["ema", "model"])
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    pipe = build_toy_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    if not args.export:
+        train_vae(args.work, pipe.vae, args.vae_steps, 32, args.vae_lr)
+    else:
+        pipe.vae.load_state_dict(torch.load(args.work / "vae.pt", weights_only=True)["model"])
+    pipe.vae.eval().requires_grad_(False)
+    scale = check_vae(args.work, pipe.vae) if not (args.work / "scale.json").exists() else \
+        json.loads((args.work / "scale.json").read_text())["scale"]
+    (args.work / "scale.json").write_text(json.dumps({"scale": scale}))
+    pipe.vae.register_to_config(scaling_factor=scale)
+    assert toy_vae_config(scale)["scaling_factor"] == scale and math.isfinite(scale)
+    if not args.export:
+        data = build_data(args.work, pipe, args.data)
+        data["scale"] = scale
+        train_unet(args.work, pipe, data, args)
+    export(args.work, pipe, scale, args.weights)
+
+
+if __name__ == "__main__":
+    main()

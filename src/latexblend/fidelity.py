@@ -1,0 +1,212 @@
+"""Fidelity benchmark on the toy world: does a trained concept appear in new scenes, and does the
+rest of the prompt survive? Scored by the exact detectors of :mod:`latexblend.toy`.
+
+For each concept of :data:`latexblend.toy.CONCEPTS` (a two-colour pattern on an object class) it
+draws instance images and a prior set (plain objects of the class with their captions), trains the
+variants (full method, ``--no-base-flow``, ``--fixed-template``) with the toy recipe, then generates
+held-out prompts x seeds with no bank and with each variant's bank, plus two-concept prompts. Per
+variant: concept-present %, prompt-fidelity % (background and the other named objects right), their
+product, the per-image joint rate, standard errors; JSON and one grid PNG per variant.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from latexblend import toy
+from latexblend.fileio import write_text_atomic
+
+VARIANTS = {"full": {}, "no-base-flow": {"base_flow": False}, "fixed-template": {"fixed_template": True}}
+#: Prompts with the concept's class noun; the other objects and backgrounds vary (none is an instance prompt).
+PROMPTS = {
+    "dog": ["a dog on the beach", "a dog in the snow", "a dog at night", "a dog on the grass",
+            "a dog next to a red car in the snow", "a blue tree next to a dog at night",
+            "a dog next to a yellow tree on the beach", "a purple car next to a dog on the grass"],
+    "car": ["a car on the beach", "a car in the snow", "a car at night", "a car on the grass",
+            "a car next to a red dog in the snow", "a blue tree next to a car at night",
+            "a car next to a yellow tree on the beach", "a purple dog next to a car on the grass"],
+}
+PAIR_PROMPTS = ["a dog next to a car on the beach", "a dog next to a car in the snow",
+                "a car next to a dog at night", "a car next to a dog on the grass"]
+
+
+@dataclass
+class FidelitySettings:
+    """What the benchmark trains and generates (defaults: the ``toy`` recipe, see :data:`TOY_RECIPE`)."""
+
+    concepts: list[str] = field(default_factory=lambda: list(toy.CONCEPTS))
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    steps: int = 300
+    lr: float = 1e-3
+    seeds: int = 4
+    sample_steps: int = 20
+    cfg: float = 5.0
+    num_images: int = 8
+    num_prior: int = 32
+    seed: int = 0
+    two_concept: bool = True
+
+
+#: Training recipe that learns on the toy model (measured with this benchmark; see docs/TOY.md).
+TOY_RECIPE = {"steps": 300, "lr": 1e-3}
+
+
+def draw_data(root: Path, concept: str, num_images: int, num_prior: int, seed: int) -> tuple[Path, Path]:
+    """Instance images of ``concept`` and a captioned prior set of its class, drawn at 32 px."""
+    style = toy.CONCEPTS[concept]
+    rng = random.Random(seed)
+    inst, prior = root / "data" / concept, root / "data" / f"prior-{style.cls}"
+    inst.mkdir(parents=True, exist_ok=True)
+    prior.mkdir(parents=True, exist_ok=True)
+    for i in range(num_images):
+        toy.draw_scene(toy.random_scene(rng, concept=concept)).save(inst / f"{i:02d}.png")
+    captions = []
+    for i in range(num_prior):
+        scene = toy.random_scene(rng, two=False, allow=lambda s: s.things[0].cls == style.cls)
+        toy.draw_scene(scene).save(prior / f"{i:03d}.png")
+        captions.append(toy.caption(scene))
+    write_text_atomic(prior / "captions.txt", "\n".join(captions) + "\n")
+    return inst, prior
+
+
+def train_variant(root: Path, concept: str, variant: str, settings: FidelitySettings, data: tuple[Path, Path]):
+    """Train ``concept`` with ``variant``'s switches on ``toy``; the bank (a :class:`ConceptBank`)."""
+    from latexblend.bank import bank_path, load_bank
+    from latexblend.config import TrainConfig
+    from latexblend.train import train
+
+    name = f"{concept}-{variant}"
+    cfg = TrainConfig(name=name, images=str(data[0]), prior=str(data[1]), class_noun=toy.CONCEPTS[concept].cls,
+                      model="toy", resolution=toy.SIZE, steps=settings.steps, lr=settings.lr, seed=settings.seed,
+                      checkpoint_every=0, log_every=max(1, settings.steps), runs_dir=str(root / "runs"),
+                      bank_dir=str(root / "bank"), overwrite=True, **VARIANTS[variant])
+    train(cfg, progress=False)
+    return load_bank(bank_path(name, root / "bank"))
+
+
+def _sem(values: list[float]) -> float:
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Rates in % with standard errors over images: concept, fidelity, product, joint."""
+    out = {}
+    for key in ("concept", "fidelity", "joint"):
+        vals = [float(r[key]) for r in rows if key in r]
+        if vals:
+            out[f"{key}_pct"] = 100 * sum(vals) / len(vals)
+            out[f"{key}_se"] = 100 * _sem(vals)
+    if "concept_pct" in out:
+        out["product_pct"] = out["concept_pct"] * out["fidelity_pct"] / 100
+    out["images"] = len(rows)
+    return out
+
+
+def generate_rows(pipe, prompts: list[str], seeds: int, settings: FidelitySettings, concepts: list[str],
+                  banks: list | None) -> tuple[list[dict], list]:
+    """Generate prompts x seeds (blending ``banks`` if given) and score each image for ``concepts``."""
+    import torch
+
+    from latexblend.generate import apply
+
+    blender = apply(pipe, banks) if banks else None
+    rows, images = [], []
+    try:
+        for prompt in prompts:
+            gens = [torch.Generator().manual_seed(settings.seed + j) for j in range(seeds)]
+            out = pipe(prompt=prompt, num_inference_steps=settings.sample_steps, guidance_scale=settings.cfg,
+                       height=toy.SIZE, width=toy.SIZE, num_images_per_prompt=seeds, generator=gens).images
+            for j, image in enumerate(out):
+                rows.append(score_row(image, prompt, concepts) | {"seed": settings.seed + j})
+                images.append(image)
+    finally:
+        if blender is not None:
+            blender.remove()
+    return rows, images
+
+
+def score_row(image, prompt: str, concepts: list[str]) -> dict:
+    """One image's scores: every concept present, the rest of the prompt right, both."""
+    found = toy.detect(image).concepts()
+    classes = {toy.CONCEPTS[c].cls for c in concepts}
+    spec = toy.parse_prompt(prompt)
+    det = toy.detect(image)
+    others = [(c, col) for c, col in spec["objects"] if c not in classes]
+    fidelity = det.background == spec["background"] and all(det.has(c, col) for c, col in others)
+    present = all(c in found for c in concepts)
+    return {"prompt": prompt, "concept": present, "fidelity": fidelity, "joint": present and fidelity}
+
+
+def save_grid(images: list, path: Path, cols: int, scale: int = 3) -> None:
+    from PIL import Image
+
+    from latexblend.fileio import atomic_path
+    from latexblend.generate import make_grid
+
+    grid = make_grid([im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in images], cols=cols)
+    with atomic_path(path) as tmp:
+        grid.save(tmp, format="PNG")
+
+
+def run_fidelity(out: str | Path, settings: FidelitySettings | None = None, progress=print) -> dict:
+    """The whole benchmark; writes ``out/fidelity.json`` and ``out/grid-<variant>.png``. Returns the JSON."""
+    from latexblend.models import load_pipeline
+
+    settings = settings or FidelitySettings()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    banks: dict[str, dict] = {}
+    for concept in settings.concepts:
+        data = draw_data(out, concept, settings.num_images, settings.num_prior, settings.seed)
+        for variant in settings.variants:
+            progress(f"training {concept} ({variant}, {settings.steps} steps)")
+            banks.setdefault(variant, {})[concept] = train_variant(out, concept, variant, settings, data)
+    pipe = load_pipeline("toy", device="cpu", dtype="fp32")
+    result = {"settings": settings.__dict__, "variants": {}}
+    for variant in ["no-bank", *settings.variants]:
+        rows, images = [], []
+        for concept in settings.concepts:
+            bank = None if variant == "no-bank" else [banks[variant][concept]]
+            r, ims = generate_rows(pipe, PROMPTS[toy.CONCEPTS[concept].cls], settings.seeds, settings, [concept], bank)
+            rows += [x | {"concept_name": concept} for x in r]
+            images += ims
+        result["variants"][variant] = summarise(rows) | {"per_concept": {
+            c: summarise([x for x in rows if x["concept_name"] == c]) for c in settings.concepts}}
+        save_grid(images, out / f"grid-{variant}.png", cols=settings.seeds * 2)
+        progress(f"{variant}: {_line(result['variants'][variant])}")
+    if settings.two_concept and len(settings.concepts) >= 2 and "full" in banks:
+        pair = settings.concepts[:2]
+        for variant, chosen in (("two-concept-no-bank", None), ("two-concept", [banks["full"][c] for c in pair])):
+            rows, images = generate_rows(pipe, PAIR_PROMPTS, settings.seeds, settings, pair, chosen)
+            result["variants"][variant] = summarise(rows)
+            save_grid(images, out / f"grid-{variant}.png", cols=settings.seeds * 2)
+            progress(f"{variant}: {_line(result['variants'][variant])}")
+    result["wall_s"] = round(time.perf_counter() - t0, 1)
+    write_text_atomic(out / "fidelity.json", json.dumps(result, indent=1))
+    return result
+
+
+def _line(summary: dict) -> str:
+    return (f"concept {summary['concept_pct']:.0f}% (se {summary['concept_se']:.0f}), fidelity "
+            f"{summary['fidelity_pct']:.0f}% (se {summary['fidelity_se']:.0f}), product "
+            f"{summary['product_pct']:.0f}%, joint {summary['joint_pct']:.0f}%")
+
+
+def table(result: dict) -> str:
+    """Markdown table of a fidelity result."""
+    lines = ["| variant | concept present % | prompt fidelity % | product % | both in one image % | images |",
+             "|---|---|---|---|---|---|"]
+    for name, s in result["variants"].items():
+        lines.append(f"| {name} | {s['concept_pct']:.0f} ± {s['concept_se']:.0f} | {s['fidelity_pct']:.0f} ± "
+                     f"{s['fidelity_se']:.0f} | {s['product_pct']:.0f} | {s['joint_pct']:.0f} | {s['images']} |")
+    return "\n".join(lines)

@@ -1,0 +1,112 @@
+"""The toy world: drawing, grammar, held-out split and exact detectors."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from PIL import Image
+
+from latexblend import toy
+
+
+def _scenes(n: int, seed: int = 0, concepts: bool = True) -> list[toy.Scene]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        concept = rng.choice(list(toy.CONCEPTS)) if concepts and i % 4 == 0 else None
+        out.append(toy.random_scene(rng, concept=concept))
+    return out
+
+
+def test_detector_is_exact_on_drawn_scenes():
+    scenes = _scenes(600)
+    assert sum(len(s.things) == 2 for s in scenes) > 150
+    for scene in scenes:
+        det = toy.detect(toy.draw_scene(scene))
+        assert det.background == scene.background
+        assert [(f.cls, f.concept) for f in det.objects] == [
+            (t.cls, t.colour if t.colour in toy.CONCEPTS else None) for t in scene.things]
+        for found, thing in zip(det.objects, scene.things, strict=True):
+            if thing.colour not in toy.CONCEPTS:
+                assert found.colour == thing.colour
+
+
+def test_no_concept_found_in_base_scenes():
+    for scene in _scenes(1500, seed=1, concepts=False):
+        assert toy.detect(toy.draw_scene(scene)).concepts() == []
+
+
+def test_detector_reads_upscaled_images_and_rejects_plain_background():
+    scene = toy.random_scene(random.Random(3), two=True)
+    big = toy.draw_scene(scene, size=128)
+    assert big.size == (128, 128)
+    det = toy.detect(big)
+    assert det.background == scene.background and len(det.objects) == 2
+    empty = toy.detect(Image.new("RGB", (32, 32), toy.BACKGROUNDS["snow"][1]))
+    assert empty.background == "snow" and empty.objects == []
+
+
+def test_held_out_combinations_never_drawn_for_training():
+    rng = random.Random(5)
+    keys = {toy.combo(toy.random_scene(rng, allow=toy.in_training)) for _ in range(3000)}
+    assert not keys & (toy.HELD_OUT_SINGLES | toy.HELD_OUT_PAIRS)
+    prompts = toy.held_out_prompts()
+    assert len(prompts) == 20 and sum(" next to " in p for p in prompts) == 10
+    for p in prompts:
+        spec = toy.parse_prompt(p)
+        assert spec is not None and all(col is not None for _, col in spec["objects"])
+
+
+def test_caption_round_trips_through_the_parser():
+    rng = random.Random(9)
+    for scene in _scenes(200, seed=2, concepts=False):
+        spec = toy.parse_prompt(toy.caption(scene, rng, drop_colour=0.5))
+        assert spec["background"] == scene.background
+        assert [c for c, _ in spec["objects"]] == [t.cls for t in scene.things]
+        assert all(col in (None, t.colour) for (_, col), t in zip(spec["objects"], scene.things, strict=True))
+    assert toy.parse_prompt("a photo of a dog") is None
+    assert toy.parse_prompt("a green dog on the grass") is None
+
+
+def test_score_counts_what_the_prompt_names():
+    scene = toy.Scene("beach", (toy.Thing("dog", "red", (2, 8, 14, 20)), toy.Thing("car", "blue", (17, 10, 30, 17))))
+    image = toy.draw_scene(scene)
+    assert toy.score(image, "a red dog next to a blue car on the beach") == {
+        "background": True, "objects": True, "all": True}
+    assert toy.score(image, "a red dog next to a blue car in the snow")["background"] is False
+    assert toy.score(image, "a yellow dog on the beach")["objects"] is False
+    concept = toy.Scene("grass", (toy.Thing("dog", "patchdog", (4, 4, 20, 20)),))
+    got = toy.score(toy.draw_scene(concept), "a dog on the grass", concept="patchdog")
+    assert got["concept"] and got["all"]
+    assert toy.score(image, "a dog next to a blue car on the beach", concept="patchdog")["concept"] is False
+    with pytest.raises(ValueError):
+        toy.score(image, "a photo of a dog")
+
+
+def test_toy_architecture_matches_its_registry_spec():
+    from latexblend.models import REGISTRY, attn2_shapes
+    from latexblend.toymodel import build_toy_pipeline
+
+    pipe = build_toy_pipeline()
+    dims: dict[int, int] = {}
+    for dim in attn2_shapes(pipe.unet).values():
+        dims[dim] = dims.get(dim, 0) + 1
+    spec = REGISTRY["toy"]
+    assert dims == spec.attn2_dims
+    assert pipe.vae_scale_factor * pipe.unet.config.sample_size == spec.resolution == toy.SIZE
+
+
+def test_fidelity_scores_count_concepts_and_the_rest_of_the_prompt():
+    from latexblend.fidelity import score_row, summarise
+
+    scene = toy.Scene("snow", (toy.Thing("dog", "patchdog", (1, 8, 14, 21)), toy.Thing("car", "red", (17, 10, 30, 16))))
+    row = score_row(toy.draw_scene(scene), "a dog next to a red car in the snow", ["patchdog"])
+    assert row["concept"] and row["fidelity"] and row["joint"]
+    miss = score_row(toy.draw_scene(scene), "a dog next to a blue car in the snow", ["patchdog"])
+    assert miss["concept"] and not miss["fidelity"]
+    plain = toy.Scene("snow", (toy.Thing("dog", "red", (1, 8, 14, 21)),))
+    assert not score_row(toy.draw_scene(plain), "a dog in the snow", ["patchdog"])["concept"]
+    s = summarise([row, miss, row, miss])
+    assert s["concept_pct"] == 100 and s["fidelity_pct"] == 50 and s["product_pct"] == 50
+    assert abs(s["fidelity_se"] - 100 * (1 / 3) ** 0.5 / 2) < 1e-9
