@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -110,3 +111,15 @@ def test_fidelity_scores_count_concepts_and_the_rest_of_the_prompt():
     s = summarise([row, miss, row, miss])
     assert s["concept_pct"] == 100 and s["fidelity_pct"] == 50 and s["product_pct"] == 50
     assert abs(s["fidelity_se"] - 100 * (1 / 3) ** 0.5 / 2) < 1e-9
+
+
+def test_concept_pattern_counts_mirrored_but_not_with_wrong_colours():
+    scene = toy.Scene("grass", (toy.Thing("dog", "patchdog", (4, 4, 20, 20)),))
+    image = toy.draw_scene(scene)
+    assert toy.detect(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)).concepts() == ["patchdog"]
+    car = toy.draw_scene(toy.Scene("grass", (toy.Thing("car", "stripecar", (4, 4, 28, 16)),)))
+    assert toy.detect(car.transpose(Image.Transpose.FLIP_TOP_BOTTOM)).concepts() == []
+    arr = np.asarray(image).copy()
+    arr[(arr == toy.CONCEPT_COLOURS["cyan"]).all(-1)] = toy.CONCEPT_COLOURS["orange"]
+    det = toy.detect(Image.fromarray(arr))
+    assert det.concepts() == [] and [o.colour for o in det.objects] == ["orange"]

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from latexblend import toy
 from latexblend.fileio import write_text_atomic
+from latexblend.toy import draw_data
 
 VARIANTS = {"full": {}, "no-base-flow": {"base_flow": False}, "fixed-template": {"fixed_template": True}}
 #: Prompts with the concept's class noun; the other objects and backgrounds vary (none is an instance prompt).
@@ -50,28 +50,11 @@ class FidelitySettings:
     num_prior: int = 32
     seed: int = 0
     two_concept: bool = True
+    quality: bool = True  # also score the toy model itself on the held-out prompts
 
 
 #: Training recipe that learns on the toy model (measured with this benchmark; see docs/TOY.md).
 TOY_RECIPE = {"steps": 300, "lr": 1e-3}
-
-
-def draw_data(root: Path, concept: str, num_images: int, num_prior: int, seed: int) -> tuple[Path, Path]:
-    """Instance images of ``concept`` and a captioned prior set of its class, drawn at 32 px."""
-    style = toy.CONCEPTS[concept]
-    rng = random.Random(seed)
-    inst, prior = root / "data" / concept, root / "data" / f"prior-{style.cls}"
-    inst.mkdir(parents=True, exist_ok=True)
-    prior.mkdir(parents=True, exist_ok=True)
-    for i in range(num_images):
-        toy.draw_scene(toy.random_scene(rng, concept=concept)).save(inst / f"{i:02d}.png")
-    captions = []
-    for i in range(num_prior):
-        scene = toy.random_scene(rng, two=False, allow=lambda s: s.things[0].cls == style.cls)
-        toy.draw_scene(scene).save(prior / f"{i:03d}.png")
-        captions.append(toy.caption(scene))
-    write_text_atomic(prior / "captions.txt", "\n".join(captions) + "\n")
-    return inst, prior
 
 
 def train_variant(root: Path, concept: str, variant: str, settings: FidelitySettings, data: tuple[Path, Path]):
@@ -146,6 +129,26 @@ def score_row(image, prompt: str, concepts: list[str]) -> dict:
     return {"prompt": prompt, "concept": present, "fidelity": fidelity, "joint": present and fidelity}
 
 
+def held_out_quality(pipe, seeds: int = 4, steps: int = 20, cfg: float = 5.0) -> dict:
+    """The toy model itself on the 20 held-out prompts x ``seeds``: background right %, object class
+    and colour right % (one-object prompts), both objects right % (two-object prompts)."""
+    import torch
+
+    single, pair, backs = [], [], []
+    for prompt in toy.held_out_prompts():
+        spec = toy.parse_prompt(prompt)
+        gens = [torch.Generator().manual_seed(j) for j in range(seeds)]
+        images = pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=cfg, height=toy.SIZE,
+                      width=toy.SIZE, num_images_per_prompt=seeds, generator=gens).images
+        for image in images:
+            det = toy.detect(image)
+            backs.append(det.background == spec["background"])
+            (pair if len(spec["objects"]) == 2 else single).append(all(det.has(c, col) for c, col in spec["objects"]))
+    rate = lambda v: round(100 * sum(v) / len(v), 1)  # noqa: E731
+    return {"background_pct": rate(backs), "object_pct": rate(single), "two_objects_pct": rate(pair),
+            "images": len(backs), "steps": steps, "cfg": cfg}
+
+
 def save_grid(images: list, path: Path, cols: int, scale: int = 3) -> None:
     from PIL import Image
 
@@ -173,6 +176,9 @@ def run_fidelity(out: str | Path, settings: FidelitySettings | None = None, prog
             banks.setdefault(variant, {})[concept] = train_variant(out, concept, variant, settings, data)
     pipe = load_pipeline("toy", device="cpu", dtype="fp32")
     result = {"settings": settings.__dict__, "variants": {}}
+    if settings.quality:
+        result["base_quality"] = held_out_quality(pipe, settings.seeds, settings.sample_steps, settings.cfg)
+        progress(f"toy model on held-out prompts: {result['base_quality']}")
     for variant in ["no-bank", *settings.variants]:
         rows, images = [], []
         for concept in settings.concepts:

@@ -5,7 +5,9 @@ objects "next to" each other (left and right halves), each a class with a distin
 car = wide rectangle, tree = triangle) and a colour. Captions come from a small grammar; a fixed set
 of combinations is held out of training so prompts can test what the model composes.
 
-Concepts are objects of a class drawn with a two-colour pattern in colours the world never uses, big
+Concepts are objects of a class drawn with a two-colour pattern (left | right or top | bottom halves;
+a left | right pattern counts in either order, since training augments with horizontal flips) in
+colours the world never uses (but the toy VAE was trained on), big
 enough to survive a 4x VAE at 32 px; :func:`detect` finds background, objects and concept patterns
 exactly on drawn scenes (nearest-palette colours, connected components, shape features), so a
 generated image can be scored without any learned metric.
@@ -13,12 +15,16 @@ generated image can be scored without any learned metric.
 
 from __future__ import annotations
 
+import argparse
 import random
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from latexblend.fileio import write_text_atomic
 
 SIZE = 32
 BACKGROUNDS: dict[str, tuple[str, tuple[int, int, int]]] = {
@@ -286,17 +292,20 @@ def _shape_class(pts: np.ndarray) -> tuple[str, tuple[int, int, int, int]]:
 
 
 def _concept_of(labels: np.ndarray, pts: np.ndarray, box) -> str | None:
-    """The concept whose two halves' colours fill (>= 50% each) the two halves of this component."""
+    """The concept whose two colours fill (>= 50% each) the two halves of this component (a left | right
+    pattern in either order)."""
     x0, y0, x1, y1 = box
     for name, style in CONCEPTS.items():
         coord, mid = (pts[:, 1], (x0 + x1 + 1) / 2) if style.axis == "x" else (pts[:, 0], (y0 + y1 + 1) / 2)
         first, second = pts[coord < mid], pts[coord >= mid]
         if len(first) < 3 or len(second) < 3:
             continue
-        fa = np.mean(labels[first[:, 0], first[:, 1]] == PALETTE_NAMES.index(style.first))
-        sa = np.mean(labels[second[:, 0], second[:, 1]] == PALETTE_NAMES.index(style.second))
-        if fa >= 0.5 and sa >= 0.5:
-            return name
+        orders = [(style.first, style.second)] + ([(style.second, style.first)] if style.axis == "x" else [])
+        for a, b in orders:
+            fa = np.mean(labels[first[:, 0], first[:, 1]] == PALETTE_NAMES.index(a))
+            sa = np.mean(labels[second[:, 0], second[:, 1]] == PALETTE_NAMES.index(b))
+            if fa >= 0.5 and sa >= 0.5:
+                return name
     return None
 
 
@@ -334,3 +343,40 @@ def score(image: Image.Image, prompt: str, concept: str | None = None) -> dict:
     if concept:
         out["concept"] = concept in det.concepts()
     return out
+
+
+# --------------------------------------------------------------------------- concept data
+
+
+def draw_data(root: Path, concept: str, num_images: int, num_prior: int, seed: int) -> tuple[Path, Path]:
+    """Instance images of ``concept`` and a captioned prior set of its class, drawn at 32 px."""
+    style = CONCEPTS[concept]
+    rng = random.Random(seed)
+    inst, prior = root / "data" / concept, root / "data" / f"prior-{style.cls}"
+    inst.mkdir(parents=True, exist_ok=True)
+    prior.mkdir(parents=True, exist_ok=True)
+    for i in range(num_images):
+        draw_scene(random_scene(rng, concept=concept)).save(inst / f"{i:02d}.png")
+    captions = []
+    for i in range(num_prior):
+        scene = random_scene(rng, two=False, allow=lambda s: s.things[0].cls == style.cls)
+        draw_scene(scene).save(prior / f"{i:03d}.png")
+        captions.append(caption(scene))
+    write_text_atomic(prior / "captions.txt", "\n".join(captions) + "\n")
+    return inst, prior
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Draw a toy concept's instance images and a captioned prior set.")
+    ap.add_argument("root", help="writes ROOT/data/<concept>/ and ROOT/data/prior-<class>/")
+    ap.add_argument("--concept", default="patchdog", choices=sorted(CONCEPTS))
+    ap.add_argument("--num", type=int, default=8)
+    ap.add_argument("--prior", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    inst, prior = draw_data(Path(args.root), args.concept, args.num, args.prior, args.seed)
+    print(f"drew {args.num} '{args.concept}' images in {inst}/ and {args.prior} prior images in {prior}/")
+
+
+if __name__ == "__main__":
+    main()
