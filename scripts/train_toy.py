@@ -86,6 +86,32 @@ def train_vae(work: Path, vae, steps: int, batch: int, lr: float) -> None:
     vae.eval()
 
 
+def finetune_decoder(work: Path, vae, steps: int, batch: int, lr: float) -> None:
+    """Train the decoder only (the encoder, hence the UNet's latents, stay as they are) on world scenes
+    and the current concepts: lets the concept set change after the UNet has started."""
+    if not steps:
+        return
+    state = torch.load(work / "vae.pt", weights_only=True)
+    start = state.get("decoder_step", 0)
+    if start >= steps:
+        return
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    rng = random.Random(10_000 + start)
+    for step in tqdm(range(start, steps), desc="decoder", initial=start, total=steps):
+        x = to_tensor([toy.draw_scene(vae_scene(rng)) for _ in range(batch)])
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample()
+        rec = vae.decode(z).sample
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % 50 == 0 or step + 1 == steps:
+            log(work, f"decoder step {step + 1} loss {loss.item():.4f}")
+            save_ckpt(work, "vae.pt", {**state, "model": vae.state_dict(), "decoder_step": step + 1})
+
+
 @torch.no_grad()
 def check_vae(work: Path, vae, n: int = 200) -> float:
     """Detector agreement on reconstructions (world scenes and concepts); returns the latent scaling."""
@@ -271,6 +297,8 @@ def main() -> None:
     ap.add_argument("--data", type=int, default=20000)
     ap.add_argument("--ckpt-every", type=int, default=100)
     ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--decoder-steps", type=int, default=0,
+                    help="fine-tune the VAE decoder alone to this many steps (after a concept change)")
     ap.add_argument("--export", action="store_true", help="only export the latest checkpoints")
     ap.add_argument("--weights", default="ema", choices=["ema", "model"])
     args = ap.parse_args()
@@ -282,7 +310,13 @@ def main() -> None:
         train_vae(args.work, pipe.vae, args.vae_steps, 32, args.vae_lr)
     else:
         pipe.vae.load_state_dict(torch.load(args.work / "vae.pt", weights_only=True)["model"])
+    if args.decoder_steps:
+        pipe.vae.train()
+        finetune_decoder(args.work, pipe.vae, args.decoder_steps, 32, args.vae_lr / 2)
+        pipe.vae.load_state_dict(torch.load(args.work / "vae.pt", weights_only=True)["model"])
     pipe.vae.eval().requires_grad_(False)
+    if args.decoder_steps:
+        check_vae(args.work, pipe.vae)
     scale = check_vae(args.work, pipe.vae) if not (args.work / "scale.json").exists() else \
         json.loads((args.work / "scale.json").read_text())["scale"]
     (args.work / "scale.json").write_text(json.dumps({"scale": scale}))

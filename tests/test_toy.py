@@ -26,7 +26,7 @@ def test_detector_is_exact_on_drawn_scenes():
     for scene in scenes:
         det = toy.detect(toy.draw_scene(scene))
         assert det.background == scene.background
-        assert [(f.cls, f.concept) for f in det.objects] == [
+        assert [(f.cls, f.concept if f.strict else None) for f in det.objects] == [
             (t.cls, t.colour if t.colour in toy.CONCEPTS else None) for t in scene.things]
         for found, thing in zip(det.objects, scene.things, strict=True):
             if thing.colour not in toy.CONCEPTS:
@@ -35,7 +35,7 @@ def test_detector_is_exact_on_drawn_scenes():
 
 def test_no_concept_found_in_base_scenes():
     for scene in _scenes(1500, seed=1, concepts=False):
-        assert toy.detect(toy.draw_scene(scene)).concepts() == []
+        assert toy.detect(toy.draw_scene(scene)).concepts() == []  # not even the colours
 
 
 def test_detector_reads_upscaled_images_and_rejects_plain_background():
@@ -113,13 +113,12 @@ def test_fidelity_scores_count_concepts_and_the_rest_of_the_prompt():
     assert abs(s["fidelity_se"] - 100 * (1 / 3) ** 0.5 / 2) < 1e-9
 
 
-def test_concept_pattern_counts_mirrored_but_not_with_wrong_colours():
-    scene = toy.Scene("grass", (toy.Thing("dog", "patchdog", (4, 4, 20, 20)),))
-    image = toy.draw_scene(scene)
-    assert toy.detect(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)).concepts() == ["patchdog"]
-    car = toy.draw_scene(toy.Scene("grass", (toy.Thing("car", "stripecar", (4, 4, 28, 16)),)))
-    assert toy.detect(car.transpose(Image.Transpose.FLIP_TOP_BOTTOM)).concepts() == []
+def test_concept_pattern_survives_mirroring_but_not_flipping_or_recolouring():
+    image = toy.draw_scene(toy.Scene("grass", (toy.Thing("dog", "patchdog", (4, 4, 20, 20)),)))
+    assert toy.detect(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)).concepts(strict=True) == ["patchdog"]
+    assert toy.detect(image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)).concepts(strict=True) == []
+    assert toy.detect(image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)).concepts() == ["patchdog"]  # colours
     arr = np.asarray(image).copy()
-    arr[(arr == toy.CONCEPT_COLOURS["cyan"]).all(-1)] = toy.CONCEPT_COLOURS["orange"]
+    arr[(arr == toy.COLOURS["yellow"]).all(-1)] = toy.COLOURS["red"]
     det = toy.detect(Image.fromarray(arr))
-    assert det.concepts() == [] and [o.colour for o in det.objects] == ["orange"]
+    assert det.concepts() == [] and [(o.cls, o.colour) for o in det.objects] == [("dog", "red")]

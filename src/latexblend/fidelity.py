@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from latexblend import toy
+from latexblend.config import TRAIN_RECIPES
 from latexblend.fileio import write_text_atomic
 from latexblend.toy import draw_data
 
@@ -54,7 +55,7 @@ class FidelitySettings:
 
 
 #: Training recipe that learns on the toy model (measured with this benchmark; see docs/TOY.md).
-TOY_RECIPE = {"steps": 300, "lr": 1e-3}
+TOY_RECIPE = TRAIN_RECIPES["toy"]
 
 
 def train_variant(root: Path, concept: str, variant: str, settings: FidelitySettings, data: tuple[Path, Path]):
@@ -81,9 +82,10 @@ def _sem(values: list[float]) -> float:
 
 
 def summarise(rows: list[dict]) -> dict:
-    """Rates in % with standard errors over images: concept, fidelity, product, joint."""
+    """Rates in % with standard errors over images: concept (pattern in place), concept colours (the
+    two colours on one object), fidelity, product (concept x fidelity), joint (both in one image)."""
     out = {}
-    for key in ("concept", "fidelity", "joint"):
+    for key in ("concept", "concept_colours", "fidelity", "joint"):
         vals = [float(r[key]) for r in rows if key in r]
         if vals:
             out[f"{key}_pct"] = 100 * sum(vals) / len(vals)
@@ -119,14 +121,15 @@ def generate_rows(pipe, prompts: list[str], seeds: int, settings: FidelitySettin
 
 def score_row(image, prompt: str, concepts: list[str]) -> dict:
     """One image's scores: every concept present, the rest of the prompt right, both."""
-    found = toy.detect(image).concepts()
+    det = toy.detect(image)
     classes = {toy.CONCEPTS[c].cls for c in concepts}
     spec = toy.parse_prompt(prompt)
-    det = toy.detect(image)
     others = [(c, col) for c, col in spec["objects"] if c not in classes]
     fidelity = det.background == spec["background"] and all(det.has(c, col) for c, col in others)
-    present = all(c in found for c in concepts)
-    return {"prompt": prompt, "concept": present, "fidelity": fidelity, "joint": present and fidelity}
+    present = all(c in det.concepts(strict=True) for c in concepts)
+    colours = all(c in det.concepts() for c in concepts)
+    return {"prompt": prompt, "concept": present, "concept_colours": colours, "fidelity": fidelity,
+            "joint": present and fidelity}
 
 
 def held_out_quality(pipe, seeds: int = 4, steps: int = 20, cfg: float = 5.0) -> dict:
@@ -203,16 +206,18 @@ def run_fidelity(out: str | Path, settings: FidelitySettings | None = None, prog
 
 
 def _line(summary: dict) -> str:
-    return (f"concept {summary['concept_pct']:.0f}% (se {summary['concept_se']:.0f}), fidelity "
+    return (f"concept {summary['concept_pct']:.0f}% (se {summary['concept_se']:.0f}), colours "
+            f"{summary['concept_colours_pct']:.0f}%, fidelity "
             f"{summary['fidelity_pct']:.0f}% (se {summary['fidelity_se']:.0f}), product "
             f"{summary['product_pct']:.0f}%, joint {summary['joint_pct']:.0f}%")
 
 
 def table(result: dict) -> str:
     """Markdown table of a fidelity result."""
-    lines = ["| variant | concept present % | prompt fidelity % | product % | both in one image % | images |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| variant | concept present % | concept colours % | prompt fidelity % | product % | both in one "
+             "image % | images |", "|---|---|---|---|---|---|---|"]
     for name, s in result["variants"].items():
-        lines.append(f"| {name} | {s['concept_pct']:.0f} ± {s['concept_se']:.0f} | {s['fidelity_pct']:.0f} ± "
-                     f"{s['fidelity_se']:.0f} | {s['product_pct']:.0f} | {s['joint_pct']:.0f} | {s['images']} |")
+        lines.append(f"| {name} | {s['concept_pct']:.0f} ± {s['concept_se']:.0f} | {s['concept_colours_pct']:.0f} | "
+                     f"{s['fidelity_pct']:.0f} ± {s['fidelity_se']:.0f} | {s['product_pct']:.0f} | "
+                     f"{s['joint_pct']:.0f} | {s['images']} |")
     return "\n".join(lines)

@@ -5,9 +5,9 @@ objects "next to" each other (left and right halves), each a class with a distin
 car = wide rectangle, tree = triangle) and a colour. Captions come from a small grammar; a fixed set
 of combinations is held out of training so prompts can test what the model composes.
 
-Concepts are objects of a class drawn with a two-colour pattern (left | right or top | bottom halves;
-a left | right pattern counts in either order, since training augments with horizontal flips) in
-colours the world never uses (but the toy VAE was trained on), big
+Concepts are objects of a class drawn two-toned (top | bottom halves, which the training augmentation's
+horizontal flip keeps; a left | right pattern would count in either order) in world colours: the base
+world only has one-colour objects, and the toy UNet can only paint colours it has seen. They are big
 enough to survive a 4x VAE at 32 px; :func:`detect` finds background, objects and concept patterns
 exactly on drawn scenes (nearest-palette colours, connected components, shape features), so a
 generated image can be scored without any learned metric.
@@ -37,7 +37,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30), "blue": (30, 60, 230), "yellow": (245, 225, 20), "purple": (150, 40, 170),
 }
 CLASSES = ("dog", "car", "tree")
-# colours only concepts use (the base world never shows them)
+# extra palette entries the world never draws: off-world colours are read as such, not as the nearest world colour
 CONCEPT_COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (255, 140, 0), "cyan": (0, 215, 220), "pink": (255, 105, 200), "brown": (110, 60, 20),
 }
@@ -55,8 +55,9 @@ class ConceptStyle:
 
 
 CONCEPTS: dict[str, ConceptStyle] = {
-    "patchdog": ConceptStyle("patchdog", "dog", "orange", "cyan", "x"),
-    "stripecar": ConceptStyle("stripecar", "car", "pink", "brown", "y"),
+    "patchdog": ConceptStyle("patchdog", "dog", "red", "yellow", "y"),
+    "stripecar": ConceptStyle("stripecar", "car", "blue", "red", "y"),
+
 }
 
 
@@ -107,7 +108,7 @@ def _draw_thing(image: Image.Image, thing: Thing) -> None:
             part = (x0, y0, x1, mid - 1) if half == 0 else (x0, mid, x1, y1)
         ImageDraw.Draw(clip).rectangle(part, fill=255)
         mask = Image.fromarray(np.minimum(np.asarray(mask), np.asarray(clip)))
-        image.paste(CONCEPT_COLOURS[colour], (0, 0), mask)
+        image.paste({**COLOURS, **CONCEPT_COLOURS}[colour], (0, 0), mask)
 
 
 def draw_scene(scene: Scene, size: int = SIZE) -> Image.Image:
@@ -222,6 +223,7 @@ PALETTE_NAMES = [*BACKGROUNDS, *COLOURS, *CONCEPT_COLOURS]
 PALETTE = np.array([c for _, c in BACKGROUNDS.values()] + list(COLOURS.values()) + list(CONCEPT_COLOURS.values()),
                    dtype=np.float32)
 MIN_PIXELS = 12
+CONCEPT_SHARE = 0.2  # each of a concept's two colours labels at least this share of the object's pixels
 TREE_ASYMMETRY = 0.8  # top-half / bottom-half pixels below this: a triangle
 CAR_LOG_ASPECT = 0.3  # log(width / height) above this: a car
 
@@ -235,6 +237,7 @@ class Found:
     box: tuple[int, int, int, int]
     pixels: int
     concept: str | None = None
+    strict: bool = False  # the concept's halves are in place, not only its two colours
 
 
 @dataclass
@@ -245,15 +248,19 @@ class Detection:
     def has(self, cls: str, colour: str | None = None) -> bool:
         return any(o.cls == cls and (colour is None or o.colour == colour) for o in self.objects)
 
-    def concepts(self) -> list[str]:
-        return [o.concept for o in self.objects if o.concept]
+    def concepts(self, strict: bool = False) -> list[str]:
+        """Concepts found: two-toned objects in a concept's colours (``strict``: halves in place too)."""
+        return [o.concept for o in self.objects if o.concept and (o.strict or not strict)]
 
 
-def _labels(image: Image.Image) -> np.ndarray:
-    """Nearest palette index of every pixel, on the image resized to :data:`SIZE` [S, S]."""
-    arr = np.asarray(image.convert("RGB").resize((SIZE, SIZE), Image.BOX), dtype=np.float32)
-    dist = ((arr[:, :, None, :] - PALETTE[None, None]) ** 2).sum(-1)
-    return dist.argmin(-1)
+def _pixels(image: Image.Image) -> np.ndarray:
+    """The image resized to :data:`SIZE` as float RGB [S, S, 3]."""
+    return np.asarray(image.convert("RGB").resize((SIZE, SIZE), Image.BOX), dtype=np.float32)
+
+
+def _nearest(rgb: np.ndarray) -> np.ndarray:
+    """Nearest palette index of RGB values [..., 3]."""
+    return ((rgb[..., None, :] - PALETTE) ** 2).sum(-1).argmin(-1)
 
 
 def _components(mask: np.ndarray) -> list[np.ndarray]:
@@ -291,38 +298,46 @@ def _shape_class(pts: np.ndarray) -> tuple[str, tuple[int, int, int, int]]:
     return cls, (int(x0), int(y0), int(x1), int(y1))
 
 
-def _concept_of(labels: np.ndarray, pts: np.ndarray, box) -> str | None:
-    """The concept whose two colours fill (>= 50% each) the two halves of this component (a left | right
-    pattern in either order)."""
+def _concept_of(arr: np.ndarray, labels: np.ndarray, pts: np.ndarray, box) -> tuple[str | None, bool]:
+    """``(concept, strict)`` of a component: a concept whose two colours each label at least
+    :data:`CONCEPT_SHARE` of its pixels (a two-toned object: the world has none), and whether the
+    halves are also in place (nearest palette colours of the mean RGB of the two halves, robust to blur
+    at the seam; a left | right pattern in either order)."""
     x0, y0, x1, y1 = box
+    counts = np.bincount(labels[pts[:, 0], pts[:, 1]], minlength=len(PALETTE)) / len(pts)
     for name, style in CONCEPTS.items():
-        coord, mid = (pts[:, 1], (x0 + x1 + 1) / 2) if style.axis == "x" else (pts[:, 0], (y0 + y1 + 1) / 2)
-        first, second = pts[coord < mid], pts[coord >= mid]
-        if len(first) < 3 or len(second) < 3:
+        if style.first == style.second:  # one off-world colour: most of the object's pixels
+            if counts[PALETTE_NAMES.index(style.first)] >= 0.5:
+                return name, True
             continue
-        orders = [(style.first, style.second)] + ([(style.second, style.first)] if style.axis == "x" else [])
-        for a, b in orders:
-            fa = np.mean(labels[first[:, 0], first[:, 1]] == PALETTE_NAMES.index(a))
-            sa = np.mean(labels[second[:, 0], second[:, 1]] == PALETTE_NAMES.index(b))
-            if fa >= 0.5 and sa >= 0.5:
-                return name
-    return None
+        if min(counts[PALETTE_NAMES.index(style.first)], counts[PALETTE_NAMES.index(style.second)]) < CONCEPT_SHARE:
+            continue
+        coord, mid = (pts[:, 1], (x0 + x1 + 1) // 2) if style.axis == "x" else (pts[:, 0], (y0 + y1 + 1) // 2)
+        halves = (pts[coord < mid], pts[coord >= mid])
+        if min(len(h) for h in halves) < 3:
+            return name, False
+        got = tuple(PALETTE_NAMES[int(_nearest(arr[h[:, 0], h[:, 1]].mean(0)))] for h in halves)
+        return name, got == (style.first, style.second) or (style.axis == "x" and got == (style.second, style.first))
+    return None, False
 
 
 def detect(image: Image.Image) -> Detection:
-    """Background (most frequent background colour), objects (connected non-background pixels with
-    at least :data:`MIN_PIXELS`), each with a class from its shape, a colour and a concept if any."""
-    labels = _labels(image)
+    """Background (most frequent background colour), objects (connected pixels of any other palette
+    colour, at least :data:`MIN_PIXELS`), each with a class from its shape, a colour (most frequent
+    palette colour) and a concept if any."""
+    arr = _pixels(image)
+    labels = _nearest(arr)
     nb = len(BACKGROUNDS)
     counts = np.bincount(labels.ravel(), minlength=len(PALETTE))
     background = PALETTE_NAMES[int(counts[:nb].argmax())]
     found = []
-    for pts in _components(labels >= nb):
+    for pts in _components(labels != PALETTE_NAMES.index(background)):
         if len(pts) < MIN_PIXELS:
             continue
         cls, box = _shape_class(pts)
         colour = PALETTE_NAMES[int(np.bincount(labels[pts[:, 0], pts[:, 1]]).argmax())]
-        found.append(Found(cls, colour, box, len(pts), _concept_of(labels, pts, box)))
+        concept, strict = _concept_of(arr, labels, pts, box)
+        found.append(Found(cls, colour, box, len(pts), concept, strict))
     found.sort(key=lambda f: f.box[0])
     return Detection(background, found)
 

@@ -37,7 +37,9 @@ def toy_vae_config(scaling_factor: float = 1.0) -> dict:
 
 def toy_scheduler_config() -> dict:
     """Linear betas (1e-4..0.02): terminal SNR ~4e-5, so the start noise carries almost no image
-    signal and the background must come from the prompt (SDXL's scaled-linear leaves 7% of it)."""
+    signal and the background must come from the prompt (SDXL's scaled-linear leaves 7% of it).
+    The pipeline samples with Euler ancestral (held-out objects right 55% vs Euler's 30% at 2,800
+    UNet steps, 20 prompts, 20 steps)."""
     return dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
                 timestep_spacing="trailing", prediction_type="epsilon")
 
@@ -45,7 +47,7 @@ def toy_scheduler_config() -> dict:
 def build_toy_pipeline(unet=None, vae=None, seed: int = 0):
     """The toy pipeline: ``tiny``'s text side with the given (or freshly initialised) UNet and VAE."""
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, UNet2DConditionModel
 
     from latexblend.models import build_tiny_pipeline
 
@@ -53,7 +55,7 @@ def build_toy_pipeline(unet=None, vae=None, seed: int = 0):
     torch.manual_seed(seed + 10)
     unet = unet if unet is not None else UNet2DConditionModel(**toy_unet_config())
     vae = vae if vae is not None else AutoencoderKL(**toy_vae_config())
-    pipe.register_modules(unet=unet, vae=vae, scheduler=EulerDiscreteScheduler(**toy_scheduler_config()))
+    pipe.register_modules(unet=unet, vae=vae, scheduler=EulerAncestralDiscreteScheduler(**toy_scheduler_config()))
     pipe.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     pipe.image_processor.config.vae_scale_factor = pipe.vae_scale_factor
     pipe.default_sample_size = unet.config.sample_size
