@@ -3,8 +3,9 @@
 Draws a few images of a procedural concept (a red disc with a blue bar and a yellow square, placed and
 coloured differently on each background), generates a small prior set with the base model, trains the
 three variants, extracts their banks, and measures the held-out denoising loss (epsilon MSE, fixed
-noise and timesteps) of the concept images under prompts outside the template pool, with each bank
-blended into the span ``a dog`` of the vanilla model versus the plain prompt. Prints a markdown table
+noise and timesteps, DDPM forward noising as in training) of the concept images under prompts outside
+the template pool, with each bank blended into the span ``a dog`` of the vanilla model versus the
+plain prompt, with paired standard errors over the (prompt, image, timestep) samples. Prints a markdown table
 and writes it with the raw numbers to ``<out>/ablation.json``.
 
     python scripts/ablation_tiny.py [--steps 300] [--lr 3e-3] [--out out/ablation_tiny]
@@ -28,15 +29,19 @@ HELD_OUT = ("a dog on the grass", "a dog in the snow at night", "a dog next to a
 VARIANTS = {"full": {}, "no-base-flow": {"base_flow": False}, "fixed-template": {"fixed_template": True}}
 
 
-def held_out_loss(pipe, bank, images, timesteps, noise) -> float:
-    """Mean epsilon MSE of ``images`` over the held-out prompts, with ``bank`` blended at ``a dog`` (or not)."""
+def held_out_loss(pipe, bank, images, timesteps, noise) -> torch.Tensor:
+    """Epsilon MSE per (prompt, image, timestep) [P * N * T] of ``images`` over the held-out prompts, with
+    ``bank`` blended at ``a dog`` (or not). Noised with the DDPM forward process training uses (never the
+    pipeline's sampler, whose state after a generation would add no noise)."""
+    from diffusers import DDPMScheduler
+
     from latexblend.attention import BlendProcessor, BlendState, install_processors
     from latexblend.data import _square, _to_tensor
     from latexblend.tokens import locate_spans, token_ids
 
     state = BlendState(t_frac=0.0)
     restore = install_processors(pipe.unet, lambda layer: BlendProcessor(layer, state))
-    sched = pipe.scheduler
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
     pixels = torch.stack([_to_tensor(_square(im, 64)) for im in images])
     with torch.no_grad():
         lat = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
@@ -56,10 +61,10 @@ def held_out_loss(pipe, bank, images, timesteps, noise) -> float:
                 ctx, pooled = ctx.expand(len(ts), -1, -1), pooled.expand(len(ts), -1)
                 time_ids = torch.tensor([[64, 64, 0, 0, 64, 64]] * len(ts), dtype=torch.float32)
                 pred = pipe.unet(noisy, ts, ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
-            losses.append(float((pred - noise).pow(2).mean()))
+            losses.append((pred - noise).pow(2).mean(dim=(1, 2, 3)))
     finally:
         restore()
-    return sum(losses) / len(losses)
+    return torch.cat(losses)
 
 
 def main() -> None:
@@ -95,12 +100,19 @@ def main() -> None:
     noise = torch.randn(len(images) * len(timesteps), 4, 8, 8, generator=g)
     plain = held_out_loss(pipe, None, images, timesteps, noise)
     table = {v: held_out_loss(pipe, bank, images, timesteps, noise) for v, bank in rows.items()}
-    lines = ["| variant | held-out loss, no bank | with bank | change | train time (s) |", "|---|---|---|---|---|"]
+    lines = ["| variant | held-out loss, no bank | with bank | change (± s.e., paired) | train time (s) |",
+             "|---|---|---|---|---|"]
+    result = {}
     for v, loss in table.items():
-        lines.append(f"| {v} | {plain:.5f} | {loss:.5f} | {100 * (loss - plain) / plain:+.2f}% | {timings[v]:.0f} |")
+        diff = 100 * (loss - plain) / plain.mean()
+        change, se = float(diff.mean()), float(diff.std() / len(diff) ** 0.5)
+        result[v] = {"with_bank": float(loss.mean()), "change_pct": change, "se_pct": se}
+        lines.append(f"| {v} | {float(plain.mean()):.5f} | {float(loss.mean()):.5f} | {change:+.2f}% ± {se:.2f} | "
+                     f"{timings[v]:.0f} |")
     print("\n".join(lines))
-    (out / "ablation.json").write_text(json.dumps({"steps": args.steps, "lr": args.lr, "plain": plain,
-                                                    "with_bank": table, "train_s": timings}, indent=2))
+    (out / "ablation.json").write_text(json.dumps({"steps": args.steps, "lr": args.lr, "plain": float(plain.mean()),
+                                                    "variants": result, "samples": len(plain), "train_s": timings},
+                                                   indent=2))
 
 
 if __name__ == "__main__":

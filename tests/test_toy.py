@@ -122,3 +122,36 @@ def test_concept_pattern_survives_mirroring_but_not_flipping_or_recolouring():
     arr[(arr == toy.COLOURS["yellow"]).all(-1)] = toy.COLOURS["red"]
     det = toy.detect(Image.fromarray(arr))
     assert det.concepts() == [] and [(o.cls, o.colour) for o in det.objects] == [("dog", "red")]
+
+
+def _samples_folder(tmp_path, entries):
+    import json
+
+    images = []
+    for i, (scene, prompt, concepts) in enumerate(entries):
+        toy.draw_scene(scene).save(tmp_path / f"{i}.png")
+        images.append({"file": f"{i}.png", "prompt": prompt, "concepts": concepts, "seed": i})
+    meta = {"format": "latexblend-samples", "images": images, "concepts": {"patchdog": {}}}
+    (tmp_path / "metadata.json").write_text(json.dumps(meta))
+    return tmp_path
+
+
+def test_evaluate_with_the_toy_detector(tmp_path):
+    from typer.testing import CliRunner
+
+    from latexblend.cli import app
+    from latexblend.fidelity import score_samples
+
+    things = (toy.Thing("dog", "patchdog", (2, 8, 15, 21)), toy.Thing("car", "red", (17, 10, 30, 16)))
+    concept = toy.Scene("beach", things)
+    plain = toy.Scene("snow", (toy.Thing("dog", "blue", (4, 4, 20, 20)),))
+    folder = _samples_folder(tmp_path, [(concept, "a dog next to a red car on the beach", ["patchdog"]),
+                                        (plain, "a dog at night", ["patchdog"])])
+    metrics = score_samples(folder)
+    assert [r["concept"] for r in metrics["images"]] == [True, False]
+    assert [r["fidelity"] for r in metrics["images"]] == [True, False]
+    assert metrics["overall"]["concept_pct"] == 50 and metrics["overall"]["images"] == 2
+    result = CliRunner().invoke(app, ["evaluate", "--samples", str(folder), "--detector", "toy"])
+    assert result.exit_code == 0 and (folder / "toy_metrics.json").is_file()
+    bad = CliRunner().invoke(app, ["evaluate", "--samples", str(folder), "--detector", "dino"])
+    assert bad.exit_code == 2 and "--detector" in bad.output

@@ -383,9 +383,18 @@ def evaluate_cmd(
     report: Annotated[bool, typer.Option("--report/--no-report", help="Write report.html.")] = True,
     batch_size: BatchOpt = 32,
     device: DeviceOpt = None,
+    detector: Annotated[str, typer.Option(
+        "--detector", help="'clip' (CLIP/DINO) or 'toy' (exact toy-world detectors: writes toy_metrics.json).")
+    ] = "clip",
 ) -> None:
     """CLIP-T (cosine and CLIPScore), CLIP-I and DINO per image and per concept; metrics.json/.csv, report.html."""
     from latexblend import evaluate as ev
+
+    if detector not in ("clip", "toy"):
+        raise LatexBlendError(f"--detector must be 'clip' or 'toy', not '{detector}'")
+    if detector == "toy":
+        _evaluate_toy(samples)
+        return
 
     if text_policy not in ev.TEXT_POLICIES:
         raise LatexBlendError(f"--text-policy must be one of {', '.join(ev.TEXT_POLICIES)}, not '{text_policy}'")
@@ -398,6 +407,18 @@ def evaluate_cmd(
     written = ev.write_outputs(metrics, samples, report=report)
     typer.echo("\n".join(ev.table_lines(metrics)))
     typer.echo("wrote " + ", ".join(str(p) for p in written))
+
+
+def _evaluate_toy(samples: Path) -> None:
+    import json
+
+    from latexblend.fidelity import score_samples
+    from latexblend.fileio import write_text_atomic
+
+    metrics = score_samples(samples)
+    path = write_text_atomic(samples / "toy_metrics.json", json.dumps(metrics, indent=2) + "\n")
+    typer.echo(" ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics["overall"].items()))
+    typer.echo(f"wrote {path}")
 
 
 @cc101_app.command("jobs")

@@ -42,8 +42,8 @@ class FidelitySettings:
 
     concepts: list[str] = field(default_factory=lambda: list(toy.CONCEPTS))
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
-    steps: int = 300
-    lr: float = 1e-3
+    steps: int = TRAIN_RECIPES["toy"]["steps"]
+    lr: float = TRAIN_RECIPES["toy"]["lr"]
     seeds: int = 4
     sample_steps: int = 20
     cfg: float = 5.0
@@ -83,9 +83,10 @@ def _sem(values: list[float]) -> float:
 
 def summarise(rows: list[dict]) -> dict:
     """Rates in % with standard errors over images: concept (pattern in place), concept colours (the
-    two colours on one object), fidelity, product (concept x fidelity), joint (both in one image)."""
+    two colours on one object), slot colour (an object of the concept's class has one of its colours),
+    fidelity, product (concept x fidelity), joint (both in one image)."""
     out = {}
-    for key in ("concept", "concept_colours", "fidelity", "joint"):
+    for key in ("concept", "concept_colours", "slot_colour", "fidelity", "joint"):
         vals = [float(r[key]) for r in rows if key in r]
         if vals:
             out[f"{key}_pct"] = 100 * sum(vals) / len(vals)
@@ -128,8 +129,10 @@ def score_row(image, prompt: str, concepts: list[str]) -> dict:
     fidelity = det.background == spec["background"] and all(det.has(c, col) for c, col in others)
     present = all(c in det.concepts(strict=True) for c in concepts)
     colours = all(c in det.concepts() for c in concepts)
-    return {"prompt": prompt, "concept": present, "concept_colours": colours, "fidelity": fidelity,
-            "joint": present and fidelity}
+    styles = [toy.CONCEPTS[c] for c in concepts]
+    slot = all(any(o.cls == s.cls and o.colour in (s.first, s.second) for o in det.objects) for s in styles)
+    return {"prompt": prompt, "concept": present, "concept_colours": colours, "slot_colour": slot,
+            "fidelity": fidelity, "joint": present and fidelity}
 
 
 def held_out_quality(pipe, seeds: int = 4, steps: int = 20, cfg: float = 5.0) -> dict:
@@ -214,10 +217,39 @@ def _line(summary: dict) -> str:
 
 def table(result: dict) -> str:
     """Markdown table of a fidelity result."""
-    lines = ["| variant | concept present % | concept colours % | prompt fidelity % | product % | both in one "
-             "image % | images |", "|---|---|---|---|---|---|---|"]
+    lines = ["| variant | concept present % | concept colours % | slot colour % | prompt fidelity % | product % | "
+             "both in one image % | images |", "|---|---|---|---|---|---|---|---|"]
     for name, s in result["variants"].items():
         lines.append(f"| {name} | {s['concept_pct']:.0f} ± {s['concept_se']:.0f} | {s['concept_colours_pct']:.0f} | "
+                     f"{s['slot_colour_pct']:.0f} ± {s['slot_colour_se']:.0f} | "
                      f"{s['fidelity_pct']:.0f} ± {s['fidelity_se']:.0f} | {s['product_pct']:.0f} | "
                      f"{s['joint_pct']:.0f} | {s['images']} |")
     return "\n".join(lines)
+
+
+def score_samples(folder: str | Path) -> dict:
+    """Toy-detector metrics of a ``generate`` output folder made with ``--model toy``: per image
+    (background and the other named objects right, each toy concept's pattern present) and overall
+    rates in %. Concepts whose bank name is a :data:`latexblend.toy.CONCEPTS` name are scored."""
+    from PIL import Image
+
+    from latexblend.errors import LatexBlendError
+    from latexblend.evaluate import read_samples
+
+    samples = read_samples(folder)
+    rows = []
+    for img in samples.images:
+        if toy.parse_prompt(img.expanded_prompt) is None:
+            raise LatexBlendError(f"{img.file}: prompt '{img.expanded_prompt}' is not in the toy grammar "
+                                  "(--detector toy scores toy-world prompts only)")
+        if not img.path.is_file():
+            raise LatexBlendError(f"image {img.path} listed in metadata.json does not exist")
+        concepts = [c for c in img.concepts if c in toy.CONCEPTS]
+        with Image.open(img.path) as im:
+            row = score_row(im.convert("RGB"), img.expanded_prompt, concepts)
+        rows.append({"file": img.file, "seed": img.seed, "concepts": concepts} | row)
+    overall = summarise(rows)
+    if not any(r["concepts"] for r in rows):
+        overall = {k: v for k, v in overall.items() if not k.startswith(("concept", "slot", "product"))}
+    return {"format": "latexblend-toy-metrics", "format_version": 1, "samples": str(samples.folder),
+            "detector": "latexblend.toy.detect", "overall": overall, "images": rows}
