@@ -37,10 +37,6 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30), "blue": (30, 60, 230), "yellow": (245, 225, 20), "purple": (150, 40, 170),
 }
 CLASSES = ("dog", "car", "tree")
-# extra palette entries the world never draws: off-world colours are read as such, not as the nearest world colour
-CONCEPT_COLOURS: dict[str, tuple[int, int, int]] = {
-    "orange": (255, 140, 0), "cyan": (0, 215, 220), "pink": (255, 105, 200), "brown": (110, 60, 20),
-}
 
 
 @dataclass(frozen=True)
@@ -108,7 +104,7 @@ def _draw_thing(image: Image.Image, thing: Thing) -> None:
             part = (x0, y0, x1, mid - 1) if half == 0 else (x0, mid, x1, y1)
         ImageDraw.Draw(clip).rectangle(part, fill=255)
         mask = Image.fromarray(np.minimum(np.asarray(mask), np.asarray(clip)))
-        image.paste({**COLOURS, **CONCEPT_COLOURS}[colour], (0, 0), mask)
+        image.paste(COLOURS[colour], (0, 0), mask)
 
 
 def draw_scene(scene: Scene, size: int = SIZE) -> Image.Image:
@@ -219,9 +215,9 @@ def parse_prompt(prompt: str) -> dict | None:
 # --------------------------------------------------------------------------- detectors
 
 
-PALETTE_NAMES = [*BACKGROUNDS, *COLOURS, *CONCEPT_COLOURS]
-PALETTE = np.array([c for _, c in BACKGROUNDS.values()] + list(COLOURS.values()) + list(CONCEPT_COLOURS.values()),
-                   dtype=np.float32)
+#: The world's colours: every pixel is read as the nearest of them (concepts use world colours too).
+PALETTE_NAMES = [*BACKGROUNDS, *COLOURS]
+PALETTE = np.array([c for _, c in BACKGROUNDS.values()] + list(COLOURS.values()), dtype=np.float32)
 MIN_PIXELS = 12
 CONCEPT_SHARE = 0.2  # each of a concept's two colours labels at least this share of the object's pixels
 TREE_ASYMMETRY = 0.8  # top-half / bottom-half pixels below this: a triangle
@@ -306,10 +302,6 @@ def _concept_of(arr: np.ndarray, labels: np.ndarray, pts: np.ndarray, box) -> tu
     x0, y0, x1, y1 = box
     counts = np.bincount(labels[pts[:, 0], pts[:, 1]], minlength=len(PALETTE)) / len(pts)
     for name, style in CONCEPTS.items():
-        if style.first == style.second:  # one off-world colour: most of the object's pixels
-            if counts[PALETTE_NAMES.index(style.first)] >= 0.5:
-                return name, True
-            continue
         if min(counts[PALETTE_NAMES.index(style.first)], counts[PALETTE_NAMES.index(style.second)]) < CONCEPT_SHARE:
             continue
         coord, mid = (pts[:, 1], (x0 + x1 + 1) // 2) if style.axis == "x" else (pts[:, 0], (y0 + y1 + 1) // 2)
