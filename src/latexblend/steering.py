@@ -68,7 +68,7 @@ class Steering:
         self.maps = MapState()
         self.stats = {"guidance_passes": 0, "guidance_saved_bytes": None, "rectify_passes": 0}
         self.image_maps: list[dict] = []  # per finished image, in pipeline order: {concept: [h, w] array}
-        self.history: list[dict] = []  # per guidance pass: t_frac, loss [B], delta [B, 4, h, w]
+        self.history: list[dict] = []  # with guidance.history, per pass of the last call: t_frac, loss [B], delta
         self.count_saved = False  # measure the guidance pass's saved activations (stats; benchmarks: costs time)
         self._spans = None
         self._busy = False
@@ -88,6 +88,7 @@ class Steering:
 
     def _new_call(self) -> None:
         self._flush()
+        self.history = []
         self._spans = self.state.row_spans
         self._pending = None
         self._masks: list | None = None
@@ -150,7 +151,8 @@ class Steering:
         self.stats["guidance_passes"] += 1
         if self.count_saved:
             self.stats["guidance_saved_bytes"] = max(self.stats["guidance_saved_bytes"] or 0, nbytes)
-        self.history.append({"t_frac": self.state.t_frac, "loss": loss, "delta": delta})
+        if self.guidance.history:
+            self.history.append({"t_frac": self.state.t_frac, "loss": loss, "delta": delta})
         repeats = sample.shape[0] // delta.shape[0]
         return (sample.float() + (scale * delta).repeat(repeats, 1, 1, 1)).to(sample.dtype)
 
