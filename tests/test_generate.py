@@ -385,3 +385,12 @@ def test_distributed_units_cover_everything_once():
     seen = [(p, j) for rank in range(4) for p, js in work_units(cfg, rank, 4).items() for j in js]
     assert sorted(seen) == [(p, j) for p in range(3) for j in range(5)]
     assert work_units(cfg) == {p: list(range(5)) for p in range(3)}
+
+
+def test_a_single_string_is_a_one_element_list_in_settings_files():
+    """YAML ``prompts: "a dog"`` used to be read one character at a time ('a', ' ', 'd', ...)."""
+    from latexblend.config import merge
+
+    cfg = merge(GenerateConfig, {"prompts": "a dog on the grass", "concepts": "corgi", "cfg": "7", "steps": 3.0})
+    assert cfg.prompts == ["a dog on the grass"] and cfg.concepts == ["corgi"]
+    assert (cfg.cfg, cfg.steps) == (7.0, 3) and isinstance(cfg.steps, int)

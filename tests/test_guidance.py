@@ -156,7 +156,8 @@ def test_one_update_lowers_the_loss_and_weights_get_no_gradient(tiny_pipe, recor
 
 
 def test_window_follows_t_over_T_and_layer_set_is_used(tiny_pipe, recorded_passes):
-    with apply(tiny_pipe, [bank(tiny_pipe, 0), bank(tiny_pipe, 1)], guidance={"window": 0.6, "layers": "up", "history": True}) as b:
+    options = {"window": 0.6, "layers": "up", "history": True}
+    with apply(tiny_pipe, [bank(tiny_pipe, 0), bank(tiny_pipe, 1)], guidance=options) as b:
         run(tiny_pipe, "a dog and a cat", steps=4)  # t/T = 0.751, 0.501, 0.251, 0.001
         assert [round(h["t_frac"], 3) for h in b.steering.history] == [0.751]
     assert recorded_passes[0]["layers"] == [n for n in attn2_shapes(tiny_pipe.unet) if n.startswith("up_blocks")]

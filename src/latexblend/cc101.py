@@ -80,6 +80,9 @@ def _concept(root: Path, entry: object, where: str, need_prompts: bool) -> Conce
         missing.append("prompt_filename")
     if missing:
         raise LatexBlendError(f"{where}: missing {', '.join(missing)}")
+    for key in ("instance_data_dir", "class_prompt", "prompt_filename"):
+        if key in entry and not isinstance(entry[key], str):
+            raise LatexBlendError(f"{where}: {key} must be a string, got {entry[key]!r:.60}")
     name = _NAME.sub("_", Path(entry["instance_data_dir"]).name).lstrip("._-")
     prompt_file = entry.get("prompt_filename")
     return Concept(name=name, class_noun=str(entry["class_prompt"]).strip(),

@@ -155,6 +155,8 @@ def build_sdxl_random(device: str = "cuda", dtype: str = "bf16", seed: int = 0) 
 def save_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     """Write the tiny model as a diffusers folder, atomically (a complete folder or none)."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LatexBlendError(f"{out_dir} is a file, not a folder; choose a new folder")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise LatexBlendError(f"{out_dir} exists and is not empty; choose a new folder")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -219,6 +221,48 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def resolve_device(device: str | None) -> str:
+    """``device`` checked against this machine (``None``: CUDA when available, else the CPU). Every command
+    taking ``--device`` goes through here: an unknown name or a device this machine lacks is one error."""
+    import torch
+
+    if device is None or device == "auto":
+        return default_device()
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        parsed = None
+    if parsed is None or parsed.type not in DEVICE_TYPES:
+        raise LatexBlendError(f"unknown device '{device}': use cpu, cuda, cuda:N or mps")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LatexBlendError(f"device '{device}': this machine has no CUDA GPU that torch {torch.__version__} "
+                                  f"can use; pass --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise LatexBlendError(f"device '{device}': this machine has {torch.cuda.device_count()} CUDA GPU(s) "
+                                  f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise LatexBlendError(f"device '{device}': MPS is not available on this machine; pass --device cpu")
+    return str(parsed)
+
+
+def resolve_mixed_precision(name: str) -> str:
+    """Training's autocast mode: ``auto`` is bf16 on CUDA when supported, else fp16 on CUDA, else none;
+    ``fp16`` needs a CUDA GPU (one clear error instead of accelerate's traceback)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if name == "auto":
+        return ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "no"
+    if name == "fp16" and not cuda:
+        raise LatexBlendError("mixed precision fp16 needs a CUDA GPU and this machine has none; use auto, no or "
+                              "bf16")
+    return name
+
+
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     """``auto`` is bf16 on CUDA when supported (else fp16) and fp32 on CPU."""
     import torch
@@ -244,7 +288,7 @@ def load_pipeline(model: str = "tiny", device: str | None = None, dtype: str = "
     """
     from diffusers import StableDiffusionXLPipeline
 
-    device = device or default_device()
+    device = resolve_device(device)
     if model == "sdxl-random":
         return build_sdxl_random(device=device, dtype=dtype)
     source = resolve_model(model)
