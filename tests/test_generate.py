@@ -10,10 +10,11 @@ import latexblend
 from conftest import random_bank
 from latexblend.attention import BlendProcessor, project_kv
 from latexblend.bank import ConceptBank, save_bank
+from latexblend.blend import apply
 from latexblend.cli import app
 from latexblend.config import GenerateConfig
 from latexblend.errors import LatexBlendError
-from latexblend.generate import apply, generate
+from latexblend.generate import generate
 from latexblend.models import attn2_modules, build_tiny_pipeline, fingerprint
 from latexblend.tokens import locate_spans, token_ids
 
@@ -54,7 +55,8 @@ def test_no_concepts_matches_stock_pipeline(tiny_pipe, tmp_path):
     expected = stock(tiny_pipe, "a photo of a dog on the beach", seed=3, guidance_scale=6.0)
     arrays = []
     cfg = GenerateConfig(prompts=["a photo of a dog on the beach"], steps=STEPS, seed=3, out=str(tmp_path / "o"))
-    from latexblend.generate import Blender, run_prompts
+    from latexblend.blend import Blender
+    from latexblend.generate import run_prompts
 
     blender = Blender(tiny_pipe, {})
     try:
@@ -198,6 +200,7 @@ def test_generate_writes_images_metadata_and_grid(tiny_pipe, banks_dir, tmp_path
     cfg.prompts[1] = "<husky> and <corgi> at a castle"
     cfg.out = str(tmp_path / "out2")
     out = generate(cfg, pipe=tiny_pipe)
+    assert cfg.height is None and cfg.width is None  # the caller's settings are not changed
     meta = json.loads((out / "metadata.json").read_text())
     assert [im["seed"] for im in meta["images"]] == [10, 11, 10, 11]
     assert meta["images"][0]["expanded_prompt"] == "a dog in front of a castle"

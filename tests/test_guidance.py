@@ -11,11 +11,12 @@ import latexblend.guidance as guidance_mod
 import latexblend.steering as steering_mod
 from conftest import random_bank
 from latexblend.bank import save_bank
+from latexblend.blend import apply
 from latexblend.cli import app
 from latexblend.errors import LatexBlendError
-from latexblend.generate import apply, release_config
 from latexblend.guidance import distance, g1, g2, guidance_loss, layer_hw, select_layers, spatial_log_probs
 from latexblend.models import attn2_shapes
+from latexblend.release import release_config
 from latexblend.tokens import Span, token_ids
 
 runner = CliRunner()
@@ -356,7 +357,7 @@ def test_guided_calls_leave_no_tensors_behind(tiny_pipe):
     import gc
 
     from latexblend.bench import MODES, random_banks
-    from latexblend.generate import apply
+    from latexblend.blend import apply
 
     def live():
         gc.collect()

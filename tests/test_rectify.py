@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from conftest import random_bank
+from latexblend.blend import apply
 from latexblend.errors import LatexBlendError
-from latexblend.generate import apply
 from latexblend.guidance import layer_hw
 from latexblend.rectify import RectifyOptions, coefficients, concept_masks, match_clusters, modulate, resize_masks
 from latexblend.tokens import Span, token_ids

@@ -230,6 +230,43 @@ def farm_concept(concepts_dir: str | Path, index: int) -> str:
     return names[index]
 
 
+def farm_index(index: int | None, concept: str | None, images: str | None) -> int | None:
+    """The farm index: ``index``, else ``$SLURM_ARRAY_TASK_ID`` when no concept is named; never together
+    with a named concept or images."""
+    import os
+
+    if index is None and concept is None and images is None and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        try:
+            index = int(os.environ["SLURM_ARRAY_TASK_ID"])
+        except ValueError as err:
+            task = os.environ["SLURM_ARRAY_TASK_ID"]
+            raise LatexBlendError(f"SLURM_ARRAY_TASK_ID is not an integer: {task}") from err
+    if index is not None and (concept or images):
+        raise LatexBlendError("--index picks a concept from --concepts-dir; do not combine it with --concept/--images")
+    return index
+
+
+def finished_bank(cfg: TrainConfig) -> Path | None:
+    """The concept's bank when it already loads and checks (a farm re-run skips it), else ``None``."""
+    from latexblend.bank import bank_complete, bank_file
+
+    path = bank_file(cfg.name, cfg.bank_dir)
+    return path if bank_complete(path) else None
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """The prompts of a prompts file: one per line, blank lines and ``#`` lines skipped."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise LatexBlendError(f"cannot read prompts file {path}: {err.strerror or err}") from err
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise LatexBlendError(f"prompts file {path} has no prompts")
+    return prompts
+
+
 def train_settings(concept: str | None, concepts_dir: str | Path, flags: dict[str, Any],
                    sets: list[str] | None = None) -> TrainConfig:
     """Defaults < ``<concepts_dir>/<concept>.yaml`` < ``--set key=value`` < explicit flags."""
