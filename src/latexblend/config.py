@@ -67,6 +67,20 @@ def check_range(name: str, value: float, lo: float | None = None, hi: float | No
         raise LatexBlendError(f"{name} must be in {bounds}, got {value}")
 
 
+def check_guidance(window: float, step_size: float, layers: str) -> None:
+    """The bounds of the blending-guidance options, for settings and :class:`~latexblend.guidance.GuidanceOptions`."""
+    check_range("guidance_window", window, 0, 1)
+    if not step_size > 0:
+        raise LatexBlendError(f"guidance_step_size must be > 0, got {step_size}")
+    check_layer_spec(layers)
+
+
+def check_rectify(start: float, clusters: int) -> None:
+    """The bounds of the rectification options, for settings and :class:`~latexblend.rectify.RectifyOptions`."""
+    check_range("rectify_start", start, 0, 1)
+    check_range("rectify_clusters", clusters, 2, 64)
+
+
 def check_layer_spec(spec: str) -> None:
     """``all``, or comma-separated ``down`` / ``mid`` / ``up`` / inner dims / block prefixes."""
     if spec.strip() == "all":
@@ -119,12 +133,8 @@ class GenerateConfig:
         check_range("steps", self.steps, 1, 1000)
         check_range("cfg", self.cfg, 0)
         check_range("blend_start", self.blend_start, 0, 1)
-        check_range("guidance_window", self.guidance_window, 0, 1)
-        if not self.guidance_step_size > 0:
-            raise LatexBlendError(f"guidance_step_size must be > 0, got {self.guidance_step_size}")
-        check_layer_spec(self.guidance_layers)
-        check_range("rectify_start", self.rectify_start, 0, 1)
-        check_range("rectify_clusters", self.rectify_clusters, 2, 64)
+        check_guidance(self.guidance_window, self.guidance_step_size, self.guidance_layers)
+        check_rectify(self.rectify_start, self.rectify_clusters)
         for side in ("height", "width"):
             value = getattr(self, side)
             if value is not None and (value <= 0 or value % 8):

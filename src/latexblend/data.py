@@ -47,26 +47,27 @@ def open_image(path: str | Path) -> Image.Image:
         raise LatexBlendError(f"{path} is not a readable image ({type(err).__name__}): remove or replace it") from err
 
 
-def list_images(folder: str | Path, what: str = "image") -> list[Path]:
-    """The image files of ``folder`` in sorted order, each checked to decode.
+def list_images(folder: str | Path, what: str = "image", strict: bool = True) -> list[Path]:
+    """The image files of ``folder`` (by suffix, hidden files left out) in sorted order.
 
-    Refused with one line: a missing folder, a folder without images, a file that is not an image
-    (other than the caption/list files in :data:`SIDE_FILES`), an image that does not decode.
+    Refused with one line: a missing folder, a folder without images. ``strict`` (training data): also
+    an image that does not decode and a file that is not an image (other than the caption/list files in
+    :data:`SIDE_FILES`). Not strict (evaluation references): other files are ignored and images are not
+    opened, so that the caller can report or skip each unreadable one.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise LatexBlendError(f"{what} folder {folder} does not exist")
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    images = []
-    for path in files:
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    for path in files if strict else ():
         if path.suffix.lower() in IMAGE_SUFFIXES:
             open_image(path)
-            images.append(path)
         elif path.name not in SIDE_FILES:
             raise LatexBlendError(f"{path} is not an image (expected {', '.join(IMAGE_SUFFIXES)}); move it out of "
                                   f"the {what} folder")
     if not images:
-        raise LatexBlendError(f"{what} folder {folder} holds no images")
+        raise LatexBlendError(f"{what} folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return images
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from latexblend.data import IMAGE_SUFFIXES, open_image
+from latexblend.data import list_images, open_image
 from latexblend.errors import LatexBlendError
 from latexblend.fileio import atomic_path, write_text_atomic
 from latexblend.samples import SampleImage, Samples, read_samples
@@ -100,17 +100,6 @@ def preprocess(images: Sequence[Image.Image], spec: Preprocess) -> torch.Tensor:
 # --------------------------------------------------------------------------- references
 
 
-def list_images(folder: str | Path) -> list[Path]:
-    """Image files directly in ``folder`` (sorted); an error if the folder is missing or has none."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise LatexBlendError(f"references folder {folder} does not exist")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise LatexBlendError(f"references folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)})")
-    return files
-
-
 def parse_reference_flags(flags: Sequence[str], concept_names: Sequence[str]) -> dict[str, Path]:
     """``["corgi=data/corgi", ...]`` -> ``{"corgi": Path}``; a bare ``DIR`` needs exactly one concept."""
     out: dict[str, Path] = {}
@@ -150,7 +139,7 @@ def resolve_references(samples: Samples, overrides: Mapping[str, str | Path]) ->
             skipped.append({"kind": "concept", "name": name,
                             "reason": "no references recorded in metadata.json and none given with --references"})
             continue
-        refs[name] = list_images(folder)
+        refs[name] = list_images(folder, "references", strict=False)
     return refs, skipped
 
 
@@ -170,14 +159,12 @@ class Models:
 
 
 def _load(loader: Callable, model_id: str, flag: str, **kwargs):
+    from latexblend.models import load_error
+
     try:
         return loader(model_id, **kwargs)
     except Exception as err:  # hub, file-system and format errors all mean the same to a user
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise LatexBlendError(
-            f"cannot load model '{model_id}' ({type(err).__name__}: {first[:200]}); download it with "
-            f"`hf download {model_id} --local-dir DIR` on a machine with network and pass {flag} DIR"
-        ) from err
+        raise load_error(model_id, model_id, err, flag) from err
 
 
 def load_models(clip_model: str = DEFAULT_CLIP, dino_model: str = DEFAULT_DINO, device: str | None = None) -> Models:
