@@ -60,7 +60,7 @@ def test_no_concepts_matches_stock_pipeline(tiny_pipe, tmp_path):
 
     blender = Blender(tiny_pipe, {})
     try:
-        run_prompts(tiny_pipe, cfg, blender, on_image=lambda r, p, a: arrays.append(a))
+        run_prompts(tiny_pipe, cfg, blender, on_image=lambda r, p, a, m: arrays.append(a))
     finally:
         blender.remove()
     assert np.abs(arrays[0] - expected[0]).max() <= 1e-5
@@ -159,7 +159,7 @@ def test_two_concepts_of_one_class_through_placeholders(tiny_pipe, monkeypatch):
     corgi, husky = bank_for(tiny_pipe, "corgi", "dog", 1), bank_for(tiny_pipe, "husky", "dog", 2)
     with apply(tiny_pipe, [], optional=[corgi, husky]) as blender:
         stock(tiny_pipe, "<husky> playing with <corgi>")
-        assert blender.last_prompts == ["a dog playing with a dog"]
+        assert blender.call.prompts == ["a dog playing with a dog"]
     layer, _, k, v, _, _ = next(c for c in calls if c[1] < 0.9)
     assert torch.equal(v[1, 1:3], husky.v[layer]) and torch.equal(v[1, 5:7], corgi.v[layer])
 
@@ -297,7 +297,7 @@ def test_encode_prompt_wrapper_binds_positional_arguments_and_passes_embeds(tiny
     bank = bank_for(tiny_pipe, "corgi", "dog", 0)
     with apply(tiny_pipe, [bank]) as blender:
         embeds = tiny_pipe.encode_prompt("a dog", None, "cpu", 1, False)[0]  # stock positional order
-        assert embeds.shape == (1, 77, 64) and blender.last_prompts == ["a dog"]
+        assert embeds.shape == (1, 77, 64) and blender.call.prompts == ["a dog"]
         with pytest.raises(LatexBlendError, match="needs the prompt text"):
             tiny_pipe(prompt_embeds=embeds, pooled_prompt_embeds=torch.zeros(1, 32), num_inference_steps=1)
     with apply(tiny_pipe, [], optional=[bank]):  # nothing required: precomputed embeddings pass through

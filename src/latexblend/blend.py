@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from latexblend.attention import BlendProcessor, BlendState, install_processors
 from latexblend.bank import ConceptBank, bank_path, load_bank, verify_bank
+from latexblend.config import check_range
 from latexblend.errors import LatexBlendError
 from latexblend.guidance import GuidanceOptions
 from latexblend.models import fingerprint
@@ -28,7 +30,22 @@ def _options(cls, value):
         return None
     if value is True:
         return cls()
-    return cls(**value) if isinstance(value, dict) else value
+    if not isinstance(value, dict):
+        return value
+    try:
+        return cls(**value)
+    except TypeError as err:  # an unknown key
+        raise LatexBlendError(f"bad {cls.__name__}: {err}") from None
+
+
+@dataclass
+class Call:
+    """One pipeline call as latexblend sees it. The pipeline's ``encode_prompt`` (wrapped) begins it:
+    a call encodes its prompt once, before its first UNet call."""
+
+    prompts: list[str]  # as encoded: placeholders expanded
+    row_spans: list[list[Span]]  # the spans of each conditional sample (prompts x images per prompt)
+    schedule: list[float] | None = None  # scheduler.timesteps on the host, copied at the call's first UNet call
 
 
 class Blender:
@@ -40,8 +57,8 @@ class Blender:
 
     def __init__(self, pipe, banks: dict[str, ConceptBank], required: Sequence[str] = (),
                  blend_start: float = 0.9, bind: bool = True, guidance=None, rectify=None, save_maps: bool = False):
-        if not 0.0 <= blend_start <= 1.0:
-            raise LatexBlendError(f"blend_start must be in [0, 1], got {blend_start}")
+        check_range("blend_start", blend_start, 0, 1)
+        guidance, rectify = _options(GuidanceOptions, guidance), _options(RectifyOptions, rectify)
         if getattr(pipe, "_latexblend", None) is not None:
             raise LatexBlendError("latexblend is already applied to this pipeline; remove() it first")
         self.pipe, self.banks, self.required = pipe, dict(banks), list(required)
@@ -57,19 +74,16 @@ class Blender:
             name: ({k: t.to(device, dtype) for k, t in b.k.items()}, {k: t.to(device, dtype) for k, t in b.v.items()})
             for name, b in self.banks.items()
         }
-        self.last_prompts: list[str] = []
-        self.last_spans: list[list[Span]] = []
+        self.call: Call | None = None  # the current (or last) pipeline call
         num_train = int(pipe.scheduler.config.num_train_timesteps)
         self._restore = install_processors(pipe.unet, lambda layer: BlendProcessor(layer, self.state))
         self._hook = pipe.unet.register_forward_pre_hook(self._on_unet, with_kwargs=True)
         self._num_train = num_train
-        self._schedule: tuple = (None, [])
         self._encode = pipe.encode_prompt
         self._signature = inspect.signature(self._encode)
         pipe.encode_prompt = self._encode_prompt
         pipe._latexblend = self
         self.steering = None  # guidance / rectification / map saving (latexblend.steering)
-        guidance, rectify = _options(GuidanceOptions, guidance), _options(RectifyOptions, rectify)
         if guidance or rectify or save_maps:
             from latexblend.steering import Steering
 
@@ -89,13 +103,12 @@ class Blender:
             return float(t)
         scheduler = self.pipe.scheduler
         index = getattr(scheduler, "step_index", None)
-        schedule = getattr(scheduler, "timesteps", None)
-        if isinstance(index, int) and isinstance(schedule, torch.Tensor):
-            key = (schedule.data_ptr(), schedule.numel())
-            if self._schedule[0] != key:  # once per generation: copy the schedule to the host
-                self._schedule = (key, schedule.detach().float().cpu().tolist())
-            if index < len(self._schedule[1]):
-                return self._schedule[1][index]
+        timesteps = getattr(scheduler, "timesteps", None)
+        if isinstance(index, int) and isinstance(timesteps, torch.Tensor) and self.call is not None:
+            if self.call.schedule is None:  # once per call: copy the schedule to the host
+                self.call.schedule = timesteps.detach().float().cpu().tolist()
+            if index < len(self.call.schedule):
+                return self.call.schedule[index]
         return float(t.flatten()[0])  # schedulers without step_index pay one device sync per step
 
     def concepts_for(self, prompt: str) -> list[str]:
@@ -119,17 +132,21 @@ class Blender:
         if prompt is None:
             if self.required:
                 raise LatexBlendError("latexblend needs the prompt text (not prompt_embeds) to find concept spans")
-            self.state.reset([])
+            self._begin(Call([], []))
             return self._encode(**call)
         if call.get("prompt_2") is not None:
             raise LatexBlendError("prompt_2 is not supported with blended concepts: give one prompt")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        prepared = [self.prepare(p) for p in prompts]
-        self.last_prompts = [text for text, _ in prepared]
-        self.last_spans = [spans for _, spans in prepared]
-        self.state.reset([spans for spans in self.last_spans for _ in range(copies)])
-        call["prompt"] = self.last_prompts[0] if isinstance(prompt, str) else self.last_prompts
+        prepared = [self.prepare(p) for p in ([prompt] if isinstance(prompt, str) else prompt)]
+        self._begin(Call([text for text, _ in prepared], [spans for _, spans in prepared for _ in range(copies)]))
+        call["prompt"] = self.call.prompts[0] if isinstance(prompt, str) else self.call.prompts
         return self._encode(**call)
+
+    def _begin(self, call: Call) -> None:
+        """Start a pipeline call: the processors' per-call state and steering's are set up anew."""
+        self.call = call
+        self.state.reset(call.row_spans)
+        if self.steering is not None:
+            self.steering.begin(call)
 
     def remove(self) -> None:
         """Restore the pipeline's processors and ``encode_prompt``."""

@@ -54,8 +54,9 @@ def run_prompts(pipe, cfg: GenerateConfig, blender: Blender | None, on_image=Non
     """Generate the images of ``units`` (default: ``cfg.num_images`` per prompt); image ``j`` of every
     prompt uses seed ``cfg.seed + j``.
 
-    ``on_image(record, pil_image, array)`` is called for each image (``array`` is the float
-    ``[H, W, 3]`` output in [0, 1]). Returns one record per image.
+    ``on_image(record, pil_image, array, maps)`` is called for each image (``array`` is the float
+    ``[H, W, 3]`` output in [0, 1]; ``maps`` its ``{concept: [h, w] array}`` cross-attention maps when the
+    blender saves maps, else ``None``). Returns one record per image.
     """
     import numpy as np
     from tqdm.auto import tqdm
@@ -74,18 +75,25 @@ def run_prompts(pipe, cfg: GenerateConfig, blender: Blender | None, on_image=Non
                     guidance_scale=cfg.cfg, height=cfg.height, width=cfg.width, num_images_per_prompt=len(seeds),
                     generator=gens, output_type="np",
                 ).images
-                for seed, array in zip(seeds, arrays, strict=True):
-                    expanded = blender.last_prompts[0] if blender is not None else prompt
+                maps = _call_maps(blender, len(seeds))
+                for seed, array, image_maps in zip(seeds, arrays, maps, strict=True):
+                    expanded = blender.call.prompts[0] if blender is not None else prompt
                     record = {"file": samples.image_file(p, seed), "prompt_index": p, "prompt": prompt,
                               "expanded_prompt": expanded,
                               "concepts": blender.concepts_for(prompt) if blender is not None else [],
                               "seed": seed}
                     pil = pipe.numpy_to_pil(np.asarray(array)[None])[0]
                     if on_image:
-                        on_image(record, pil, array)
+                        on_image(record, pil, array, image_maps)
                     records.append(record)
                     bar.update(1)
     return records
+
+
+def _call_maps(blender: Blender | None, n: int) -> list:
+    """The per-image maps of the blender's last call (``None`` each when it does not save maps)."""
+    steering = blender.steering if blender is not None else None
+    return steering.image_maps() if steering is not None and steering.save_maps else [None] * n
 
 
 def steering_options(cfg: GenerateConfig) -> dict:
@@ -154,9 +162,9 @@ def generate(cfg: GenerateConfig, pipe=None) -> Path:
     settings.update(dtype=str(pipe.unet.dtype).replace("torch.", ""), device=str(pipe.unet.device),
                     num_processes=procs.world)
 
-    def save(record, pil, _array):
-        if cfg.save_maps:
-            record["maps"] = samples.save_heatmaps(out, record, pil, blender.steering.pop_image_maps())
+    def save(record, pil, _array, maps):
+        if maps is not None:
+            record["maps"] = samples.save_heatmaps(out, record, pil, maps)
         samples.save_image(out, record, pil, settings)
 
     try:
