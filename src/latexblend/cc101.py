@@ -19,7 +19,7 @@ from pathlib import Path
 
 from latexblend.errors import LatexBlendError
 from latexblend.fileio import write_text_atomic
-from latexblend.samples import samples_complete
+from latexblend.samples import metadata_path, samples_complete
 
 SINGLE_FILE = "dataset.json"
 PAIR_FILE = "dataset_multiconcept.json"
@@ -203,7 +203,7 @@ def job_complete(job: Mapping) -> bool:
 def _fresh_metrics(job: Mapping) -> dict | None:
     """The job's ``metrics.json`` if it is newer than ``metadata.json`` and used the job's references."""
     out = Path(job["out"])
-    metrics_path, meta = out / "metrics.json", out / "metadata.json"
+    metrics_path, meta = out / "metrics.json", metadata_path(out)
     if not metrics_path.is_file() or metrics_path.stat().st_mtime < meta.stat().st_mtime:
         return None
     try:
@@ -282,7 +282,7 @@ def run_jobs(jobs: Sequence[dict], generate: Callable[[dict], None],
         tag = f"[{i}/{len(jobs)}] {job['name']}"
         if job_complete(job):
             log(f"{tag}: samples complete, not generating again")
-        elif (Path(job["out"]) / "metadata.json").exists():
+        elif metadata_path(job["out"]).exists():
             raise LatexBlendError(f"job {job['name']}: {job['out']} holds a generation that does not match the job "
                                   "(missing images or prompts); move it away and run again")
         else:

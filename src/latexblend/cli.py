@@ -341,8 +341,7 @@ def evaluate_cmd(
     """CLIP-T (cosine and CLIPScore), CLIP-I and DINO per image and per concept; metrics.json/.csv, report.html."""
     from latexblend import evaluate as ev
 
-    if text_policy not in ev.TEXT_POLICIES:
-        raise LatexBlendError(f"--text-policy must be one of {', '.join(ev.TEXT_POLICIES)}, not '{text_policy}'")
+    ev.check_text_policy(text_policy)
     parsed = ev.read_samples(samples)  # check the folder and the references before loading any model
     overrides = ev.parse_reference_flags(references or [], sorted(parsed.concepts))
     ev.resolve_references(parsed, overrides)
@@ -507,12 +506,12 @@ def prior_cmd(
     device: Annotated[str | None, Opt(help="cpu or cuda [default: cuda if available].")] = None,
 ) -> None:
     """Generate prior-preservation images of a class with the base model (resumable)."""
-    from latexblend.data import generate_prior, prior_missing
+    from latexblend.data import generate_prior, prior_complete
 
     out = out or Path("reg_data") / class_noun
     if num < 1:
         raise LatexBlendError(f"--num must be at least 1, got {num}")
-    if not prior_missing(out, num) and (out / "captions.txt").is_file():
+    if prior_complete(out, num):
         typer.echo(f"{out}: all {num} prior images exist; nothing to do")
         return
     _quiet_libraries()

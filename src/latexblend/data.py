@@ -203,6 +203,11 @@ def prior_missing(out: str | Path, num: int) -> list[int]:
     return [i for i in range(num) if not (Path(out) / f"{i:05d}.png").is_file()]
 
 
+def prior_complete(out: str | Path, num: int) -> bool:
+    """All ``num`` prior images and their ``captions.txt`` are in ``out``."""
+    return not prior_missing(out, num) and (Path(out) / "captions.txt").is_file()
+
+
 def generate_prior(pipe, class_noun: str, num: int, out: str | Path, seed: int = 0, steps: int = 50,
                    cfg: float = 6.0, resolution: int | None = None, progress: bool = True) -> tuple[int, Path]:
     """Generate ``num`` class images ``00000.png``... into ``out`` with the base model.
@@ -215,10 +220,9 @@ def generate_prior(pipe, class_noun: str, num: int, out: str | Path, seed: int =
     from tqdm.auto import tqdm
 
     out = Path(out)
-    todo = prior_missing(out, num)
-    captions = out / "captions.txt"
-    if not todo and captions.is_file():
+    if prior_complete(out, num):
         return 0, out
+    todo = prior_missing(out, num)
     size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     for i in tqdm(todo, desc=f"prior '{class_noun}'", disable=not progress):
         g = torch.Generator("cpu").manual_seed(seed + i)
@@ -226,7 +230,7 @@ def generate_prior(pipe, class_noun: str, num: int, out: str | Path, seed: int =
                      generator=g).images[0]
         with atomic_path(out / f"{i:05d}.png") as tmp:
             image.save(tmp, format="PNG")
-    write_text_atomic(captions, "\n".join([class_noun] * num) + "\n")
+    write_text_atomic(out / "captions.txt", "\n".join([class_noun] * num) + "\n")
     return len(todo), out
 
 

@@ -330,14 +330,18 @@ def _settings(models: Models, policy: str, batch_size: int, refs: Mapping[str, l
             "references": {name: {"n": len(paths), "files": [str(p) for p in paths]} for name, paths in refs.items()}}
 
 
+def check_text_policy(policy: str) -> None:
+    if policy not in TEXT_POLICIES:
+        raise LatexBlendError(f"unknown text policy '{policy}'; choose one of {', '.join(TEXT_POLICIES)}")
+
+
 def evaluate_samples(samples_dir: str | Path, models: Models, references: Mapping[str, str | Path] | None = None,
                      text_policy: str = "expanded", skip_bad: bool = False, batch_size: int = 32) -> dict:
     """Score every image of a ``generate`` output folder; returns the ``metrics.json`` content.
 
     Nothing is written. Unreadable images are an error, or with ``skip_bad`` listed in ``skipped``.
     """
-    if text_policy not in TEXT_POLICIES:
-        raise LatexBlendError(f"unknown text policy '{text_policy}'; choose one of {', '.join(TEXT_POLICIES)}")
+    check_text_policy(text_policy)
     samples = read_samples(samples_dir)
     refs, skipped = resolve_references(samples, references or {})
     missing = [img for img in samples.images if not img.path.is_file()]

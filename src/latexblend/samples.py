@@ -25,6 +25,11 @@ FORMAT = "latexblend-samples"
 FORMAT_VERSION = 1
 
 
+def metadata_path(folder: str | Path) -> Path:
+    """The folder's ``metadata.json``: it exists once the generation is finished."""
+    return Path(folder) / "metadata.json"
+
+
 # --------------------------------------------------------------------------- writing
 
 
@@ -32,7 +37,7 @@ def prepare_out(out: str | Path | None, rank: int = 0) -> Path:
     """Create (or accept an empty) output folder; refuse one that already holds a run. Every process
     checks the same things, so all of them stop on a bad folder (none waits for the others forever)."""
     path = Path(out or f"out/generate-{time.strftime('%Y%m%d-%H%M%S')}")
-    if (path / "metadata.json").exists():
+    if metadata_path(path).exists():
         raise LatexBlendError(f"{path} already holds a generation (metadata.json); choose another --out")
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -123,7 +128,7 @@ def finish(out: Path, *, model: str, prompts: Sequence[str], settings: dict, con
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "latexblend_version": __version__,
             "model": model, "settings": settings, "concepts": concepts, "images": images, "grids": grids,
             "timings": {"total_s": round(elapsed, 3), "per_image_s": round(elapsed / max(len(images), 1), 3)}}
-    write_text_atomic(out / "metadata.json", json.dumps(meta, indent=2))
+    write_text_atomic(metadata_path(out), json.dumps(meta, indent=2))
     for rank in range(world):
         (out / f".records-{rank}.json").unlink(missing_ok=True)
 
@@ -151,7 +156,7 @@ class Samples:
 
 
 def _read_metadata(folder: Path) -> dict:
-    meta_path = folder / "metadata.json"
+    meta_path = metadata_path(folder)
     if not folder.is_dir():
         raise LatexBlendError(f"samples folder {folder} does not exist")
     if not meta_path.is_file():
