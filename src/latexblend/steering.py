@@ -80,7 +80,7 @@ class SteeredCall:
 
 
 class Steering:
-    """Guidance / rectification / map saving for a :class:`~latexblend.generate.Blender` (see module doc)."""
+    """Guidance / rectification / map saving for a :class:`~latexblend.blend.Blender` (see module doc)."""
 
     def __init__(self, blender, guidance: GuidanceOptions | None = None, rectify: RectifyOptions | None = None,
                  save_maps: bool = False):
@@ -107,7 +107,8 @@ class Steering:
     def remove(self) -> None:
         self._restore()
         self._hook.remove()
-        self._scheduler.__dict__.pop("step", None)
+        if self.guidance:
+            self._scheduler.__dict__.pop("step", None)
 
     def begin(self, call) -> None:
         """A new pipeline call (a :class:`~latexblend.blend.Call`) begins."""
