@@ -21,6 +21,7 @@ from latexblend.evaluate import DEFAULT_CLIP, DEFAULT_DINO
 
 app = typer.Typer(
     name="latexblend", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     help="Multi-concept customized generation by latent textual blending (LatexBlend, CVPR 2025).",
 )
 bank_app = typer.Typer(no_args_is_help=True, help="List, inspect, verify and import concept banks.")
