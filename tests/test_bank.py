@@ -221,7 +221,7 @@ def test_import_wrong_class_noun_and_bad_files(tmp_path, tokenizer, tiny_pipe):
     with pytest.raises(LatexBlendError, match="not an attn2 layer"):
         import_release_bank(tmp_path / "odd.pt", "dog", "x", tokenizer)
     (tmp_path / "junk.pt").write_bytes(b"nope")
-    with pytest.raises(LatexBlendError, match="not a loadable release bank"):
+    with pytest.raises(LatexBlendError, match="junk.pt is not a torch.save file"):
         import_release_bank(tmp_path / "junk.pt", "dog", "x", tokenizer)
 
 
@@ -233,7 +233,7 @@ class _Payload:
 def test_import_never_unpickles_code(tmp_path, tokenizer):
     src = tmp_path / "evil.pt"
     torch.save({"x.attn2.processor": {"k": _Payload(), "v": torch.zeros(2, 4)}}, src)
-    with pytest.raises(LatexBlendError, match="not a loadable release bank"):
+    with pytest.raises(LatexBlendError, match="evil.pt is refused as unsafe"):
         import_release_bank(src, "dog", "evil", tokenizer)
 
 

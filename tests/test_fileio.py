@@ -89,7 +89,7 @@ except LatexBlendError as err:
 
 
 def test_claim_folder_removes_the_folder_it_created_when_the_block_fails(tmp_path):
-    with pytest.raises(LatexBlendError), claim_folder(tmp_path / "new"):
+    with pytest.raises(LatexBlendError), claim_folder(tmp_path / "new" / "deeper"):
         raise LatexBlendError("bad input")
     assert not (tmp_path / "new").exists()
     (tmp_path / "old").mkdir()

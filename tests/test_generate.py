@@ -397,3 +397,19 @@ def test_a_single_string_is_a_one_element_list_in_settings_files():
     cfg = merge(GenerateConfig, {"prompts": "a dog on the grass", "concepts": "corgi", "cfg": "7", "steps": 3.0})
     assert cfg.prompts == ["a dog on the grass"] and cfg.concepts == ["corgi"]
     assert (cfg.cfg, cfg.steps) == (7.0, 3) and isinstance(cfg.steps, int)
+
+
+def test_heatmap_file_names_are_checked(tmp_path):
+    """A concept name becomes part of a heatmap's file name: one with a separator is refused, nothing written."""
+    import numpy as np
+    from PIL import Image
+
+    from latexblend import samples
+
+    pil = Image.new("RGB", (8, 8))
+    record = {"file": "p000_s0000000.png"}
+    files = samples.save_heatmaps(tmp_path, record, pil, {"corgi": np.ones((2, 2))})
+    assert files == {"corgi": "p000_s0000000_map_corgi.png"} and (tmp_path / files["corgi"]).is_file()
+    with pytest.raises(LatexBlendError, match="'../../escaped' is not allowed"):
+        samples.save_heatmaps(tmp_path / "sub", record, pil, {"../../escaped": np.ones((2, 2))})
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["p000_s0000000_map_corgi.png"]

@@ -238,6 +238,17 @@ def prior_complete(out: str | Path, num: int) -> bool:
     return not prior_missing(out, num) and (Path(out) / "captions.txt").is_file()
 
 
+def check_prior_request(class_noun: str, num: int, steps: int, cfg: float) -> None:
+    """The arguments of :func:`generate_prior` (and the ``prior`` command, before it loads a model)."""
+    if not class_noun.strip():
+        raise LatexBlendError("class noun is empty: the prior images and their captions would have no subject")
+    for what, value in (("--num", num), ("--steps", steps)):
+        if value < 1:
+            raise LatexBlendError(f"{what} must be at least 1, got {value}")
+    if not (math.isfinite(cfg) and cfg >= 0):
+        raise LatexBlendError(f"--cfg must be a finite number >= 0, got {cfg}")
+
+
 def generate_prior(pipe, class_noun: str, num: int, out: str | Path, seed: int = 0, steps: int = 50,
                    cfg: float = 6.0, resolution: int | None = None, progress: bool = True) -> tuple[int, Path]:
     """Generate ``num`` class images ``00000.png``... into ``out`` with the base model.
@@ -249,12 +260,7 @@ def generate_prior(pipe, class_noun: str, num: int, out: str | Path, seed: int =
     import torch
     from tqdm.auto import tqdm
 
-    if not class_noun.strip():
-        raise LatexBlendError("class noun is empty: the prior images and their captions would have no subject")
-    if num < 1 or steps < 1:
-        raise LatexBlendError(f"the number of prior images and of steps must be at least 1, got {num} and {steps}")
-    if not (math.isfinite(cfg) and cfg >= 0):
-        raise LatexBlendError(f"the guidance scale must be a finite number >= 0, got {cfg}")
+    check_prior_request(class_noun, num, steps, cfg)
     out = Path(out)
     if prior_complete(out, num):
         return 0, out

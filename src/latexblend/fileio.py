@@ -126,7 +126,7 @@ def _take_lock(lock: Path, what: str) -> None:
             lock.unlink(missing_ok=True)  # stale: its process has ended
             continue
         except OSError as err:
-            raise LatexBlendError(f"cannot write to {lock.parent}: {err.strerror or err}") from err
+            raise LatexBlendError(f"cannot write to output folder {lock.parent}: {err.strerror or err}") from err
         with os.fdopen(fd, "w") as f:
             f.write(f"{os.getpid()}\n")
         return
@@ -136,14 +136,14 @@ def _take_lock(lock: Path, what: str) -> None:
 @contextlib.contextmanager
 def claim_folder(path: str | Path, what: str = "run", lock: bool = True) -> Iterator[Path]:
     """Create ``path`` if needed and hold it for one writer (a lock file with our pid, removed on exit;
-    a lock left by a process that has died is taken over). If the block fails and the folder was created
-    here and is still empty, it is removed again: a refused run leaves nothing behind."""
+    a lock left by a process that has died is taken over). If the block fails, the folders created here
+    (``path`` and any missing parents) are removed again while empty: a refused run leaves nothing behind."""
     path = Path(path)
-    created = not path.exists()
+    created = [p for p in (path, *path.parents) if not p.exists()]  # innermost first
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise LatexBlendError(f"cannot create {path}: {err.strerror or err}") from err
+        raise LatexBlendError(f"cannot write to output folder {path}: {err.strerror or err}") from err
     lock_path = path / LOCK_FILE
     try:
         if lock:
@@ -152,8 +152,9 @@ def claim_folder(path: str | Path, what: str = "run", lock: bool = True) -> Iter
     except BaseException:
         if lock:
             _release(lock_path)
-        if created and path.is_dir() and not any(path.iterdir()):
-            path.rmdir()
+        for folder in created:  # what this call created, while it is still empty
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
         raise
     if lock:
         _release(lock_path)
