@@ -209,6 +209,12 @@ _NAME_CASES = [
          "error: class noun (the default prior folder's name; pass a folder to use another) '../../escaped' is not "
          "allowed: use letters, digits, spaces, '_', '-' and '.', starting with a letter or digit (at most 100 "
          "characters)", absent=("reg_data",)),
+    Case("cc101-job-name-path", 1, "a cc101 jobs file whose job name is `../../escaped`",
+         lambda t, p: (t / "jobs.json").write_text(json.dumps([{
+             "name": "../../escaped", "concepts": ["cat"], "prompts": ["a cat"], "references": {},
+             "out": str(t / "samples" / "x")}])) and ["cc101", "run", "--jobs", str(t / "jobs.json"), "--no-evaluate"],
+         "error: {tmp}/jobs.json: job 0 name part '../../escaped' is not allowed: use letters, digits, '_', '-' and "
+         "'.', starting with a letter or digit (at most 100 characters)", absent=("samples",)),
     Case("yaml-name-path", 1, "concept YAML `name: ../../outside`", lambda t, p: concept_yaml(t, "name: ../../outside"),
          "error: concept name '../../outside' is not allowed: use letters, digits, '_', '-' and '.', starting with "
          "a letter or digit (at most 100 characters)", absent=("runs", "banks")),
