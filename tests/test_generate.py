@@ -413,3 +413,12 @@ def test_heatmap_file_names_are_checked(tmp_path):
     with pytest.raises(LatexBlendError, match="'../../escaped' is not allowed"):
         samples.save_heatmaps(tmp_path / "sub", record, pil, {"../../escaped": np.ones((2, 2))})
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["p000_s0000000_map_corgi.png"]
+
+
+@pytest.mark.parametrize("field, value", [("cfg", float("nan")), ("cfg", float("inf")), ("blend_start", float("nan"))])
+def test_python_api_refuses_non_finite_settings_too(tmp_path, field, value):
+    """Configs built in Python skip config.merge: generate validates them itself (no NaN in metadata.json)."""
+    cfg = GenerateConfig(prompts=["a dog"], steps=2, out=str(tmp_path / "o"), **{field: value})
+    with pytest.raises(LatexBlendError, match=f"{field} must be in .*, got {value}"):
+        generate(cfg)
+    assert not (tmp_path / "o").exists()

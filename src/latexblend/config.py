@@ -118,7 +118,8 @@ def to_dict(obj) -> dict[str, Any]:
 
 
 def check_range(name: str, value: float, lo: float | None = None, hi: float | None = None) -> None:
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
+    """``value`` in ``[lo, hi]`` (``None``: unbounded) and finite, else one line naming ``name``."""
+    if not math.isfinite(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
         bounds = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
         raise LatexBlendError(f"{name} must be in {bounds}, got {value}")
 

@@ -140,6 +140,7 @@ def generate(cfg: GenerateConfig, pipe=None) -> Path:
     """
     from latexblend.models import resolve_device
 
+    cfg.validate()  # also when called from Python with a config not built by config.merge
     start = time.perf_counter()
     procs = Processes()
     banks = load_banks(cfg.concepts, cfg.bank_dir)
