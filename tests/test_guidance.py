@@ -11,11 +11,12 @@ import latexblend.guidance as guidance_mod
 import latexblend.steering as steering_mod
 from conftest import random_bank
 from latexblend.bank import save_bank
+from latexblend.blend import apply
 from latexblend.cli import app
 from latexblend.errors import LatexBlendError
-from latexblend.generate import apply, release_config
 from latexblend.guidance import distance, g1, g2, guidance_loss, layer_hw, select_layers, spatial_log_probs
 from latexblend.models import attn2_shapes
+from latexblend.release import release_config
 from latexblend.tokens import Span, token_ids
 
 runner = CliRunner()
@@ -156,7 +157,8 @@ def test_one_update_lowers_the_loss_and_weights_get_no_gradient(tiny_pipe, recor
 
 
 def test_window_follows_t_over_T_and_layer_set_is_used(tiny_pipe, recorded_passes):
-    with apply(tiny_pipe, [bank(tiny_pipe, 0), bank(tiny_pipe, 1)], guidance={"window": 0.6, "layers": "up"}) as b:
+    options = {"window": 0.6, "layers": "up", "history": True}
+    with apply(tiny_pipe, [bank(tiny_pipe, 0), bank(tiny_pipe, 1)], guidance=options) as b:
         run(tiny_pipe, "a dog and a cat", steps=4)  # t/T = 0.751, 0.501, 0.251, 0.001
         assert [round(h["t_frac"], 3) for h in b.steering.history] == [0.751]
     assert recorded_passes[0]["layers"] == [n for n in attn2_shapes(tiny_pipe.unet) if n.startswith("up_blocks")]
@@ -164,7 +166,7 @@ def test_window_follows_t_over_T_and_layer_set_is_used(tiny_pipe, recorded_passe
 
 def test_update_reaches_unet_input_and_scheduler_step_alike(tiny_pipe):
     seen = {}
-    with apply(tiny_pipe, [bank(tiny_pipe, 0), bank(tiny_pipe, 1)], guidance={"window": 0.0}) as b:
+    with apply(tiny_pipe, [bank(tiny_pipe, 0), bank(tiny_pipe, 1)], guidance={"window": 0.0, "history": True}) as b:
         def main_call(module, args):  # the guidance pass (conditional only, batch 1) also calls the UNet
             if args[0].shape[0] == 2:
                 seen.setdefault("unet", args[0].clone())
@@ -193,7 +195,7 @@ def test_batch_updates_are_per_sample(tiny_pipe):
     banks = [bank(tiny_pipe, i) for i in range(6)]
 
     def first_update(prompts):
-        with apply(tiny_pipe, [], optional=banks, bind=False, guidance={"window": 0.0}) as b:
+        with apply(tiny_pipe, [], optional=banks, bind=False, guidance={"window": 0.0, "history": True}) as b:
             run(tiny_pipe, prompts, steps=1)
             return b.steering.history[0]
 
@@ -207,7 +209,7 @@ def test_batch_updates_are_per_sample(tiny_pipe):
 def test_gradient_checkpointing_same_update_less_saved_memory(tiny_pipe, recorded_passes):
     results = []
     for ckpt in (False, True):
-        with apply(tiny_pipe, [bank(tiny_pipe, 0), bank(tiny_pipe, 1)], guidance={"window": 0.0,
+        with apply(tiny_pipe, [bank(tiny_pipe, 0), bank(tiny_pipe, 1)], guidance={"window": 0.0, "history": True,
                                                                                  "checkpointing": ckpt}) as b:
             run(tiny_pipe, "a dog and a cat", steps=1)
             results.append(b.steering.history[0]["delta"])
@@ -236,7 +238,7 @@ def _one_step(pipe, read, **steering):
 def test_guidance_pass_stops_after_its_last_layer_same_update(tiny_pipe, monkeypatch, ckpt):
     """With layers "down" the pass ends inside the down blocks (conv_out sees only the main step's CFG
     batch of 2) and the update equals the one of a pass run to the end."""
-    options = {"guidance": {"window": 0.0, "layers": "down", "checkpointing": ckpt}}
+    options = {"guidance": {"window": 0.0, "layers": "down", "checkpointing": ckpt, "history": True}}
     early, calls = _one_step(tiny_pipe, lambda b: b.steering.history[0]["delta"], **options)
     assert calls == [2]
     monkeypatch.setattr(guidance_mod, "collector", _full_pass_sink)
@@ -254,20 +256,28 @@ def test_rectify_capture_stops_after_the_last_cross_attention_same_masks(tiny_pi
     assert calls == [1, 2] and torch.equal(early, full)
 
 
-def test_off_is_bit_identical_to_plain_blending(tiny_pipe):
+def test_steering_that_changes_nothing_is_bit_identical_to_plain_blending(tiny_pipe):
     banks = [bank(tiny_pipe, 0), bank(tiny_pipe, 1)]
     with apply(tiny_pipe, banks):
         plain = run(tiny_pipe, "a dog and a cat", steps=3)
-    with apply(tiny_pipe, banks, guidance=None, rectify=None, save_maps=False):
-        off = run(tiny_pipe, "a dog and a cat", steps=3)
     # installed but never active: window 1.0 (t/T >= 1 never) and rectify start 0.0 (t/T < 0 never)
     with apply(tiny_pipe, banks, guidance={"window": 1.0}, rectify={"start": 0.0}) as b:
         idle = run(tiny_pipe, "a dog and a cat", steps=3)
         assert b.steering is not None and not b.steering.history
     with apply(tiny_pipe, banks, guidance={"window": 0.0}):
         guided = run(tiny_pipe, "a dog and a cat", steps=3)
-    assert np.array_equal(plain, off) and np.array_equal(plain, idle)
+    assert np.array_equal(plain, idle)
     assert not np.array_equal(plain, guided)
+    # active at every step, with an update of exactly zero: one concept with bind on (its slot's map is
+    # its noun's: g1 = 0; no second concept: no g2). The guidance pass, the UNet input and the wrapped
+    # scheduler step all run, and the image is still plain blending's, bit for bit.
+    with apply(tiny_pipe, banks[:1]):
+        plain_one = run(tiny_pipe, "a dog on the grass", steps=3)
+    with apply(tiny_pipe, banks[:1], guidance={"window": 0.0, "history": True}) as b:
+        zero = run(tiny_pipe, "a dog on the grass", steps=3)
+        assert b.steering.stats["guidance_passes"] == len(b.steering.history) == 3
+        assert all(h["delta"].shape == (1, 4, 8, 8) and not h["delta"].any() for h in b.steering.history)
+    assert np.array_equal(plain_one, zero)
 
 
 # ---------------------------------------------------------------- CLI, config, release JSON
@@ -300,6 +310,20 @@ def test_cli_guidance_rectify_and_save_maps_end_to_end(banks_dir, tmp_path, tiny
         assert heat.size == (64, 64) and heat.mode == "RGB"
     a, b = (np.asarray(Image.open(out / meta["images"][0]["maps"][n])) for n in ("corgi", "kitty"))
     assert not np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"guidance": {"window": 1.5}}, "guidance_window must be in"),
+    ({"guidance": {"step_size": 0}}, "guidance_step_size must be > 0"),
+    ({"guidance": {"layers": "sideways"}}, "unknown guidance layer set 'sideways'"),
+    ({"rectify": {"start": -0.5}}, "rectify_start must be in"),
+    ({"rectify": {"clusters": 65}}, "rectify_clusters must be in"),  # the settings' upper bound holds here too
+    ({"blend_start": 2.0}, "blend_start must be in"),
+])
+def test_apply_checks_the_same_bounds_as_the_settings(tiny_pipe, options, message):
+    with pytest.raises(LatexBlendError, match=message):
+        apply(tiny_pipe, [bank(tiny_pipe, 0)], **options)
+    assert getattr(tiny_pipe, "_latexblend", None) is None  # nothing left installed
 
 
 @pytest.mark.parametrize("args, message", [
@@ -356,7 +380,7 @@ def test_guided_calls_leave_no_tensors_behind(tiny_pipe):
     import gc
 
     from latexblend.bench import MODES, random_banks
-    from latexblend.generate import apply
+    from latexblend.blend import apply
 
     def live():
         gc.collect()
@@ -378,3 +402,29 @@ def test_guided_calls_leave_no_tensors_behind(tiny_pipe):
         del blender  # a live Blender legitimately keeps its last pass's history
         assert stats["guidance_passes" if "guidance" in mode else "rectify_passes"] > 0, mode
     assert len(live()) <= before
+
+
+@pytest.mark.parametrize("history", [False, True])
+def test_memory_is_flat_over_many_guided_calls(tiny_pipe, history):
+    """A live Blender holds as many tensors (and bytes) after its 4th guided call as after its 2nd: the
+    guidance history is opt-in and reset per call (it used to keep every pass's update for the whole run)."""
+    import gc
+
+    from latexblend.bench import random_banks
+
+    def held():
+        gc.collect()
+        storages = {o.untyped_storage().data_ptr(): o.untyped_storage().nbytes() for o in gc.get_objects()
+                    if isinstance(o, torch.Tensor) and not isinstance(o, torch.nn.Parameter)}
+        return len(storages), sum(storages.values())
+
+    counts = []
+    with apply(tiny_pipe, random_banks(tiny_pipe, 2), guidance={"window": 0.5, "history": history}) as blender:
+        for i in range(4):
+            g = torch.Generator().manual_seed(i)
+            tiny_pipe("a dog and a cat", num_inference_steps=4, generator=g, output_type="latent")
+            counts.append(held())
+        passes, kept = blender.steering.stats["guidance_passes"], len(blender.steering.history)
+    assert passes == 4 * 2  # 4 steps, window 0.5: t/T = 0.751 and 0.501 are guided
+    assert kept == (2 if history else 0)  # only the last call's passes, and only when asked for
+    assert counts[3] == counts[1]

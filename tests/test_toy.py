@@ -155,3 +155,21 @@ def test_evaluate_with_the_toy_detector(tmp_path):
     assert result.exit_code == 0 and (folder / "toy_metrics.json").is_file()
     bad = CliRunner().invoke(app, ["evaluate", "--samples", str(folder), "--detector", "dino"])
     assert bad.exit_code == 2 and "--detector" in bad.output
+
+
+def test_toy_model_folder_loads_with_stock_diffusers_and_draws_the_prompt(tmp_path):
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    from latexblend.toymodel import save_toy_model
+
+    folder = save_toy_model(tmp_path / "toy")
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    gens = [torch.Generator().manual_seed(s) for s in range(2)]
+    images = pipe("a red dog on the beach", num_inference_steps=20, guidance_scale=5.0, num_images_per_prompt=2,
+                  generator=gens).images
+    assert images[0].size == (toy.SIZE, toy.SIZE)
+    assert any(toy.score(im, "a red dog on the beach")["all"] for im in images)
+    with pytest.raises(Exception, match="not empty"):
+        save_toy_model(folder)

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from latexblend import __version__
 from latexblend.errors import LatexBlendError
-from latexblend.fileio import atomic_path
+from latexblend.fileio import safe_name, save_safetensors
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -25,7 +24,6 @@ if TYPE_CHECKING:  # pragma: no cover
 FORMAT = "latexblend-bank"
 FORMAT_VERSION = 1
 SUFFIX = ".safetensors"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
 @dataclass
@@ -83,13 +81,15 @@ class ConceptBank:
         }
 
 
-def check_name(name: str) -> str:
-    if not _NAME.match(name or ""):
-        raise LatexBlendError(f"concept name '{name}' is not allowed: use letters, digits, '_', '-' and '.'")
-    return name
+def check_name(name: str, what: str = "concept name") -> str:
+    """A concept/bank name, checked to be safe as a file name (:func:`latexblend.fileio.safe_name`)."""
+    return safe_name(name, what)
 
 
-def _validate(bank: ConceptBank) -> None:
+def validate_bank(bank: ConceptBank) -> None:
+    """Layers, shapes and values: every row finite (a NaN or Inf row would turn images black)."""
+    import torch
+
     if set(bank.k) != set(bank.v) or not bank.k:
         raise LatexBlendError(f"bank '{bank.name}': k and v must cover the same, non-empty set of layers")
     for layer in bank.k:
@@ -99,25 +99,27 @@ def _validate(bank: ConceptBank) -> None:
                 f"bank '{bank.name}', layer {layer}: k {tuple(k.shape)} and v {tuple(v.shape)} must both be "
                 f"[L={bank.num_tokens}, C]"
             )
+        if not (k.is_floating_point() and v.is_floating_point()):
+            raise LatexBlendError(f"bank '{bank.name}', layer {layer}: rows must be floating point, not {k.dtype}")
+        if not (bool(torch.isfinite(k).all()) and bool(torch.isfinite(v).all())):
+            raise LatexBlendError(f"bank '{bank.name}', layer {layer}: holds NaN or infinite values (a diverged "
+                                  f"training or a damaged file); retrain or re-extract it")
 
 
 def save_bank(bank: ConceptBank, path: str | Path) -> Path:
-    """Write ``bank`` to ``path`` atomically; tensors are stored as contiguous copies on the CPU."""
-    from safetensors.torch import save_file
-
+    """Write ``bank`` to ``path`` atomically; tensors are stored as contiguous copies on the CPU, metadata
+    in sorted order (identical banks give identical files)."""
     check_name(bank.name)
-    _validate(bank)
+    validate_bank(bank)
     tensors = {}
     for layer in bank.k:
         tensors[f"{layer}.k"] = bank.k[layer].detach().to("cpu").contiguous().clone()
         tensors[f"{layer}.v"] = bank.v[layer].detach().to("cpu").contiguous().clone()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=bank.metadata())
-    return path
+    return save_safetensors(tensors, path, bank.metadata())
 
 
-def _open_checked(path: Path) -> Path:
+def checked_file(path: Path) -> Path:
+    """``path``, or one clear error if it is missing, a folder or unreadable."""
     if not path.exists():
         raise LatexBlendError(f"bank file {path} not found")
     if path.is_dir():
@@ -131,7 +133,7 @@ def load_bank(path: str | Path) -> ConceptBank:
     """Read a bank file, with one clear error for a missing, corrupt, truncated or foreign file."""
     from safetensors import safe_open
 
-    path = _open_checked(Path(path))
+    path = checked_file(Path(path))
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -142,21 +144,39 @@ def load_bank(path: str | Path) -> ConceptBank:
         raise LatexBlendError(
             f"{path} is not a latexblend concept bank (convert release .pt banks with `latexblend bank import`)"
         )
-    if int(meta.get("format_version", "0")) > FORMAT_VERSION:
-        raise LatexBlendError(f"{path} has bank format {meta['format_version']}; upgrade latexblend to read it")
-    try:
-        k = {key[:-2]: t for key, t in tensors.items() if key.endswith(".k")}
-        v = {key[:-2]: t for key, t in tensors.items() if key.endswith(".v")}
-        bank = ConceptBank(
-            name=meta["name"], class_noun=meta["class_noun"], noun_ids=json.loads(meta["noun_token_ids"]),
-            k=k, v=v, extraction_prompt=meta.get("extraction_prompt", ""),
-            base_model=meta.get("base_model", "unknown"), fingerprint=meta.get("base_fingerprint_norms") or None,
-            training=json.loads(meta.get("training") or "{}"), source=str(path),
-        )
-    except (KeyError, ValueError) as err:
-        raise LatexBlendError(f"{path}: bank metadata is incomplete or malformed ({err})") from err
-    _validate(bank)
+    version = meta.get("format_version", "")
+    if not version.isdigit():
+        raise LatexBlendError(f"{path}: bank metadata format_version is {version!r}, not a whole number")
+    if int(version) > FORMAT_VERSION:
+        raise LatexBlendError(f"{path} has bank format {version}; upgrade latexblend to read it")
+    bank = _bank_from(path, meta, tensors)
+    validate_bank(bank)
     return bank
+
+
+def _bank_from(path: Path, meta: dict[str, str], tensors: dict) -> ConceptBank:
+    """The :class:`ConceptBank` of a file's metadata and tensors; every field read from the file is checked
+    (the name becomes a file name in ``generate --save-maps``)."""
+    try:
+        noun_ids, training = json.loads(meta["noun_token_ids"]), json.loads(meta.get("training") or "{}")
+        name, noun = meta["name"], meta["class_noun"]
+    except (KeyError, ValueError) as err:
+        raise LatexBlendError(f"{path}: bank metadata is incomplete or malformed ({type(err).__name__}: {err})") \
+            from err
+    if not (isinstance(noun_ids, list) and noun_ids and all(type(i) is int and i >= 0 for i in noun_ids)):
+        raise LatexBlendError(f"{path}: bank metadata noun_token_ids must be a non-empty list of token ids")
+    if not isinstance(training, dict):
+        raise LatexBlendError(f"{path}: bank metadata training must be a JSON object")
+    if not noun.strip():
+        raise LatexBlendError(f"{path}: bank metadata class_noun is empty")
+    safe_name(name, f"{path}: bank name")
+    return ConceptBank(
+        name=name, class_noun=noun, noun_ids=noun_ids,
+        k={key[:-2]: t for key, t in tensors.items() if key.endswith(".k")},
+        v={key[:-2]: t for key, t in tensors.items() if key.endswith(".v")},
+        extraction_prompt=meta.get("extraction_prompt", ""), base_model=meta.get("base_model", "unknown"),
+        fingerprint=meta.get("base_fingerprint_norms") or None, training=training, source=str(path),
+    )
 
 
 def bank_complete(path: str | Path) -> bool:
@@ -174,6 +194,24 @@ def bank_complete(path: str | Path) -> bool:
 def bank_dir(directory: str | Path | None = None) -> Path:
     """The concept-bank folder: ``directory``, else ``$LATEXBLEND_BANK``, else ``./concept_bank``."""
     return Path(directory or os.environ.get("LATEXBLEND_BANK", "concept_bank"))
+
+
+def bank_file(name: str, directory: str | Path | None = None) -> Path:
+    """Where bank ``name`` is (or will be) stored: ``<bank folder>/<name>.safetensors``."""
+    return bank_dir(directory) / f"{check_name(name)}{SUFFIX}"
+
+
+def describe_bank(path: Path) -> dict:
+    """A bank file's metadata, path, sizes and layer count per width, and its training summary."""
+    bank = load_bank(path)
+    widths: dict[int, int] = {}
+    for t in bank.k.values():
+        widths[int(t.shape[1])] = widths.get(int(t.shape[1]), 0) + 1
+    info = {**bank.metadata(), "path": str(path), "file_bytes": path.stat().st_size, "tensor_bytes": bank.nbytes,
+            "layers_by_width": {str(w): n for w, n in sorted(widths.items())}}
+    info.pop("base_fingerprint_norms")
+    info["training"] = bank.training
+    return info
 
 
 def bank_path(name_or_path: str, directory: str | Path | None = None) -> Path:
@@ -234,47 +272,3 @@ def verify_bank(bank: ConceptBank, unet, tokenizer=None, model_fingerprint=None)
                 f"bank '{bank.name}': class noun '{bank.class_noun}' tokenizes as {list(ids)} here but "
                 f"{bank.noun_ids} in the bank; this tokenizer does not match the bank's model"
             )
-
-
-# --------------------------------------------------------------------------- release import
-
-
-def import_release_bank(path: str | Path, class_noun: str, name: str, tokenizer,
-                        base_model: str = "unknown", fingerprint: str | None = None) -> ConceptBank:
-    """Convert a bank saved by the authors' release (``torch.save`` of
-    ``{"<...>.attn2.processor": {"k": [L, C], "v": [L, C]}}``) into a :class:`ConceptBank`.
-
-    The file is read with ``weights_only=True`` (no arbitrary unpickling) onto the CPU; tensors that
-    are views of larger ones are copied down to their own rows, so nothing extra is kept.
-    """
-    import torch
-
-    path = _open_checked(Path(path))
-    try:
-        raw = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise LatexBlendError(f"{path} is not a loadable release bank (torch.save of tensors): {err}") from err
-    if not isinstance(raw, dict) or not raw:
-        raise LatexBlendError(f"{path} does not hold a dict of layers; not a release concept bank")
-    noun_ids = list(tokenizer(class_noun, add_special_tokens=False).input_ids)
-    k, v = {}, {}
-    for key, entry in raw.items():
-        layer = str(key).removesuffix(".processor")
-        if not layer.endswith("attn2") or not isinstance(entry, dict) or not {"k", "v"} <= set(entry):
-            raise LatexBlendError(f"{path}: entry '{key}' is not an attn2 layer with 'k' and 'v' tensors")
-        for store, tensor in ((k, entry["k"]), (v, entry["v"])):
-            t = tensor.detach()
-            while t.ndim > 2 and t.shape[0] == 1:
-                t = t[0]
-            store[layer] = t.contiguous().clone()
-    rows = next(iter(k.values())).shape[0]
-    if rows != 1 + len(noun_ids):
-        raise LatexBlendError(
-            f"{path} holds {rows} rows per layer, but '{class_noun}' is {len(noun_ids)} token(s) "
-            f"(expected {1 + len(noun_ids)} rows): is --class-noun right?"
-        )
-    bank = ConceptBank(name=check_name(name), class_noun=class_noun, noun_ids=noun_ids, k=k, v=v,
-                       extraction_prompt=f"photo of <new1> {class_noun}", base_model=base_model,
-                       fingerprint=fingerprint, training={"imported_from": path.name})
-    _validate(bank)
-    return bank

@@ -20,9 +20,17 @@ import torch
 
 from latexblend import __version__
 from latexblend.bank import ConceptBank
+from latexblend.errors import LatexBlendError
 from latexblend.fileio import write_text_atomic
 
 NOUNS = ["dog", "cat", "car", "tree", "house", "cup", "boat", "bird"]
+
+
+def check_counts(**counts: int) -> None:
+    """Steps and repeats of a benchmark: each at least 1 (one clear error before anything is loaded)."""
+    for key, value in counts.items():
+        if value < 1:
+            raise LatexBlendError(f"--{key} must be at least 1, got {value}")
 
 
 def bench_pipeline(model: str, device: str | None, dtype: str):
@@ -65,8 +73,9 @@ def _timed(fn: Callable[[], object], device: str) -> tuple[float, float]:
 def bench_generate(model: str = "tiny", counts: Sequence[int] = (0, 1, 4, 8), steps: int = 20, repeats: int = 3,
                    size: int | None = None, device: str | None = None, dtype: str = "auto", cfg: float = 6.0) -> dict:
     """Time blended generation with N concepts against the stock pipeline on the same prompt and seed."""
-    from latexblend.generate import apply
+    from latexblend.blend import apply
 
+    check_counts(steps=steps, repeats=repeats)
     pipe = bench_pipeline(model, device, dtype)
     device = str(pipe.unet.device)
     size = size or pipe.default_sample_size * pipe.vae_scale_factor
@@ -202,9 +211,9 @@ def bench_modes(model: str = "tiny", counts: Sequence[int] = (2, 4), steps: int 
     autograd keeps for the guidance pass's backward (weights excluded; any device), the part of its
     memory that checkpointing reduces. ``profile_dir``: also write one profiler table per mode there.
     """
-    from latexblend.errors import LatexBlendError
-    from latexblend.generate import apply
+    from latexblend.blend import apply
 
+    check_counts(steps=steps, repeats=repeats)
     if profile_dir is not None and Path(profile_dir).exists() and not Path(profile_dir).is_dir():
         raise LatexBlendError(f"--profile {profile_dir} exists and is not a folder")
     pipe = bench_pipeline(model, device, dtype)
@@ -346,9 +355,10 @@ def bench_train(model: str = "tiny", steps: int = 5, size: int | None = None, de
     without and with gradient checkpointing (one setup; FLOPs from ``torch.utils.flop_counter``)."""
     import tempfile
 
-    from latexblend.models import default_device
+    from latexblend.models import resolve_device
 
-    device = device or default_device()
+    check_counts(steps=steps)
+    device = resolve_device(device)
     with tempfile.TemporaryDirectory() as tmp:  # prior images are read on every cache miss
         setup, dtype = _train_setup(model, size, device, Path(tmp), cache_prior=cache_prior)
         rows = _train_rows(setup, dtype, device, steps, compile_unet)
@@ -365,9 +375,10 @@ def bench_extract(model: str = "tiny", device: str | None = None, repeats: int =
 
     from latexblend.bank import save_bank
     from latexblend.extract import extract_bank
-    from latexblend.models import default_device
+    from latexblend.models import resolve_device
 
-    device = device or default_device()
+    check_counts(repeats=repeats)
+    device = resolve_device(device)
     with tempfile.TemporaryDirectory() as tmp:
         setup, _ = _train_setup(model, None, device, Path(tmp))
         pipe = setup.pipe

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from latexblend.errors import LatexBlendError
-from latexblend.evaluate import samples_complete
-from latexblend.fileio import write_text_atomic
+from latexblend.fileio import safe_name, write_text_atomic
+from latexblend.samples import metadata_path, samples_complete
 
 SINGLE_FILE = "dataset.json"
 PAIR_FILE = "dataset_multiconcept.json"
@@ -80,6 +80,9 @@ def _concept(root: Path, entry: object, where: str, need_prompts: bool) -> Conce
         missing.append("prompt_filename")
     if missing:
         raise LatexBlendError(f"{where}: missing {', '.join(missing)}")
+    for key in ("instance_data_dir", "class_prompt", "prompt_filename"):
+        if key in entry and not isinstance(entry[key], str):
+            raise LatexBlendError(f"{where}: {key} must be a string, got {entry[key]!r:.60}")
     name = _NAME.sub("_", Path(entry["instance_data_dir"]).name).lstrip("._-")
     prompt_file = entry.get("prompt_filename")
     return Concept(name=name, class_noun=str(entry["class_prompt"]).strip(),
@@ -192,6 +195,15 @@ def read_jobs(path: str | Path) -> list[dict]:
     keys = ("name", "concepts", "prompts", "references", "out")
     if not isinstance(jobs, list) or not all(isinstance(j, dict) and all(k in j for k in keys) for j in jobs):
         raise LatexBlendError(f"{path}: expected a list of jobs with keys {', '.join(keys)}")
+    for i, job in enumerate(jobs):
+        lists = all(isinstance(job[k], list) and all(isinstance(x, str) for x in job[k])
+                    for k in ("concepts", "prompts"))
+        if not (isinstance(job["name"], str) and isinstance(job["out"], str) and lists
+                and isinstance(job["references"], dict)):
+            raise LatexBlendError(f"{path}: job {i} needs a string name and out, lists of strings concepts and "
+                                  "prompts, and a references mapping")
+        for part in job["name"].split("+"):  # the name becomes a file name (<name>.prompts.txt)
+            safe_name(part, f"{path}: job {i} name part")
     return jobs
 
 
@@ -203,7 +215,7 @@ def job_complete(job: Mapping) -> bool:
 def _fresh_metrics(job: Mapping) -> dict | None:
     """The job's ``metrics.json`` if it is newer than ``metadata.json`` and used the job's references."""
     out = Path(job["out"])
-    metrics_path, meta = out / "metrics.json", out / "metadata.json"
+    metrics_path, meta = out / "metrics.json", metadata_path(out)
     if not metrics_path.is_file() or metrics_path.stat().st_mtime < meta.stat().st_mtime:
         return None
     try:
@@ -214,6 +226,60 @@ def _fresh_metrics(job: Mapping) -> dict | None:
         return None
     wanted = {name: {Path(folder).resolve()} for name, folder in job["references"].items()}
     return metrics if used == wanted else None
+
+
+def command_runner(template: str) -> Callable[[dict], None]:
+    """A ``generate(job)`` callable running ``template`` (``{prompts_file} {concepts} {out} {name}``) per
+    job; ``latexblend`` as the command runs this interpreter's ``-m latexblend``. A bad template fails here."""
+    import shlex
+    import subprocess
+    import sys
+
+    def command(fields: dict) -> list[str]:
+        try:
+            args = [a.format(**fields) for a in shlex.split(template)]
+        except (KeyError, IndexError, ValueError) as err:
+            raise LatexBlendError(f"--generate-cmd '{template}': use only {{prompts_file}}, {{concepts}}, "
+                                  f"{{out}}, {{name}} ({type(err).__name__}: {err})") from None
+        if not args:
+            raise LatexBlendError("--generate-cmd is empty")
+        return [sys.executable, "-m", "latexblend", *args[1:]] if args[0] == "latexblend" else args
+
+    def generate(job: dict) -> None:
+        prompts_file = Path(job["out"]).parent / f"{job['name']}.prompts.txt"
+        write_text_atomic(prompts_file, "\n".join(job["prompts"]) + "\n")
+        args = command({"prompts_file": str(prompts_file), "concepts": ",".join(job["concepts"]),
+                        "out": job["out"], "name": job["name"]})
+        try:
+            code = subprocess.run(args).returncode
+        except OSError as err:
+            raise LatexBlendError(f"job {job['name']}: cannot run `{shlex.join(args)}`: {err}") from err
+        if code != 0:
+            raise LatexBlendError(f"job {job['name']}: `{shlex.join(args)}` exited with {code}; "
+                                  "fix it and run again (finished jobs are kept)")
+
+    command({"prompts_file": "", "concepts": "", "out": "", "name": ""})
+    return generate
+
+
+def job_evaluator(clip_model: str, dino_model: str, device: str | None, batch_size: int,
+                  before_load: Callable[[], None] | None = None) -> Callable[[dict], dict]:
+    """An ``evaluate(job)`` callable that loads the models on first use (after ``before_load()``) and
+    writes each job's metrics and report."""
+    loaded = {}
+
+    def evaluate(job: dict) -> dict:
+        from latexblend import evaluate as ev
+
+        if not loaded:
+            if before_load is not None:
+                before_load()
+            loaded["models"] = ev.load_models(clip_model, dino_model, device)
+        metrics = ev.evaluate_samples(job["out"], loaded["models"], job["references"], batch_size=batch_size)
+        ev.write_outputs(metrics, job["out"])
+        return metrics
+
+    return evaluate
 
 
 def run_jobs(jobs: Sequence[dict], generate: Callable[[dict], None],
@@ -228,7 +294,7 @@ def run_jobs(jobs: Sequence[dict], generate: Callable[[dict], None],
         tag = f"[{i}/{len(jobs)}] {job['name']}"
         if job_complete(job):
             log(f"{tag}: samples complete, not generating again")
-        elif (Path(job["out"]) / "metadata.json").exists():
+        elif metadata_path(job["out"]).exists():
             raise LatexBlendError(f"job {job['name']}: {job['out']} holds a generation that does not match the job "
                                   "(missing images or prompts); move it away and run again")
         else:

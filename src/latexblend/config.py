@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,16 +37,20 @@ def load_mapping(path: str | Path) -> dict[str, Any]:
 
 
 def merge(cls: type[T], *layers: dict[str, Any] | None, source: str = "settings") -> T:
-    """Build ``cls`` from layered dicts (later wins; ``None`` values are skipped); unknown keys are errors."""
+    """Build ``cls`` from layered dicts (later wins; ``None`` values are skipped). Unknown keys, values of the
+    wrong type and non-finite numbers are refused with one line; see :func:`coerce` for what is converted."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     for layer in layers:
         for key, value in (layer or {}).items():
-            key = key.replace("-", "_")
+            key = str(key).replace("-", "_")
             if key not in names:
                 raise LatexBlendError(f"unknown {source} key '{key}' (known: {', '.join(sorted(names))})")
             if value is not None:
-                values[key] = value
+                values[key] = coerce(value, hints[key], f"{source} {key}")
     try:
         obj = cls(**values)
     except TypeError as err:
@@ -56,15 +61,81 @@ def merge(cls: type[T], *layers: dict[str, Any] | None, source: str = "settings"
     return obj
 
 
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+               list: "a list of strings"}
+
+
+def coerce(value: Any, kind: Any, what: str) -> Any:
+    """``value`` as the field type ``kind`` (``int``, ``float``, ``bool``, ``str``, ``list[str]``, each maybe
+    ``| None``), else one clear error naming ``what``, the value and the type expected.
+
+    Converted: a whole-number float or a numeric string to ``int`` (``3.0``, ``"3"``); an integer or a numeric
+    string to ``float`` (YAML reads ``1e-5`` as a string); one string to a one-element list
+    (``prompts: "a dog"``). Refused: ``nan`` / ``inf``, a fractional ``int`` (``2.5``), a bool where a number
+    is expected, a number where a string or bool is expected.
+    """
+    import types
+    import typing
+
+    union = typing.get_origin(kind) in (typing.Union, types.UnionType)
+    options = [k for k in typing.get_args(kind) if k is not type(None)] if union else [kind]
+    base = typing.get_origin(options[0]) or options[0]
+    out = _convert(value, base)
+    if out is None:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise LatexBlendError(f"{what} = {shown} ({type(value).__name__}): expected {_TYPE_WORDS.get(base, base)}")
+    if isinstance(out, float) and not math.isfinite(out):
+        raise LatexBlendError(f"{what} = {value!r}: expected a finite number")
+    return out
+
+
+def _convert(value: Any, base: type) -> Any:
+    """``value`` converted to ``base``, or ``None`` when it cannot be (see :func:`coerce`)."""
+    if isinstance(value, bool) or base is bool:
+        return value if isinstance(value, bool) and base is bool else None
+    if base is str:
+        return value if isinstance(value, str) else None
+    if base is list:
+        items = [value] if isinstance(value, str) else value
+        return list(items) if isinstance(items, list | tuple) and all(isinstance(i, str) for i in items) else None
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return None
+    if not isinstance(value, int | float):
+        return None
+    if base is float:
+        return float(value)
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        return None if math.isfinite(value) else value
+    return int(value)
+
+
 def to_dict(obj) -> dict[str, Any]:
     """A dataclass as JSON-ready data (paths as strings)."""
     return json.loads(json.dumps(dataclasses.asdict(obj), default=str))
 
 
 def check_range(name: str, value: float, lo: float | None = None, hi: float | None = None) -> None:
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
+    """``value`` in ``[lo, hi]`` (``None``: unbounded) and finite, else one line naming ``name``."""
+    if not math.isfinite(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
         bounds = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
         raise LatexBlendError(f"{name} must be in {bounds}, got {value}")
+
+
+def check_guidance(window: float, step_size: float, layers: str) -> None:
+    """The bounds of the blending-guidance options, for settings and :class:`~latexblend.guidance.GuidanceOptions`."""
+    check_range("guidance_window", window, 0, 1)
+    if not step_size > 0:
+        raise LatexBlendError(f"guidance_step_size must be > 0, got {step_size}")
+    check_layer_spec(layers)
+
+
+def check_rectify(start: float, clusters: int) -> None:
+    """The bounds of the rectification options, for settings and :class:`~latexblend.rectify.RectifyOptions`."""
+    check_range("rectify_start", start, 0, 1)
+    check_range("rectify_clusters", clusters, 2, 64)
 
 
 def check_layer_spec(spec: str) -> None:
@@ -119,12 +190,8 @@ class GenerateConfig:
         check_range("steps", self.steps, 1, 1000)
         check_range("cfg", self.cfg, 0)
         check_range("blend_start", self.blend_start, 0, 1)
-        check_range("guidance_window", self.guidance_window, 0, 1)
-        if not self.guidance_step_size > 0:
-            raise LatexBlendError(f"guidance_step_size must be > 0, got {self.guidance_step_size}")
-        check_layer_spec(self.guidance_layers)
-        check_range("rectify_start", self.rectify_start, 0, 1)
-        check_range("rectify_clusters", self.rectify_clusters, 2, 64)
+        check_guidance(self.guidance_window, self.guidance_step_size, self.guidance_layers)
+        check_rectify(self.rectify_start, self.rectify_clusters)
         for side in ("height", "width"):
             value = getattr(self, side)
             if value is not None and (value <= 0 or value % 8):
@@ -172,6 +239,7 @@ class TrainConfig:
     use_8bit_adam: bool = False
     mixed_precision: str = "auto"  # auto: bf16 on CUDA, none on CPU
     checkpoint_every: int = 500  # 0: no intermediate checkpoints
+    keep_checkpoints: int = 2  # the newest K checkpoints are kept, older ones deleted (0: keep all)
     log_every: int = 10
     log_tensorboard: bool = False
     runs_dir: str = "runs"
@@ -191,6 +259,9 @@ class TrainConfig:
         check_name(self.name)
         if not str(self.class_noun).strip():
             raise LatexBlendError("class noun is empty")
+        if self.token in self.class_noun:
+            raise LatexBlendError(f"class noun '{self.class_noun}' holds the identifier {self.token}: the class noun "
+                                  f"names the class (e.g. dog), the identifier is added in front of it")
         if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
             raise LatexBlendError(f"resolution must be a positive multiple of 8, got {self.resolution}")
         if self.steps is not None:
@@ -199,6 +270,7 @@ class TrainConfig:
         check_range("lr", self.lr, 0)
         check_range("kv_rank", self.kv_rank, 0)
         check_range("checkpoint_every", self.checkpoint_every, 0)
+        check_range("keep_checkpoints", self.keep_checkpoints, 0)
         check_range("log_every", self.log_every, 1)
         check_range("prior_loss_weight", self.prior_loss_weight, 0)
         check_range("max_grad_norm", self.max_grad_norm, 0)
@@ -230,6 +302,43 @@ def farm_concept(concepts_dir: str | Path, index: int) -> str:
     return names[index]
 
 
+def farm_index(index: int | None, concept: str | None, images: str | None) -> int | None:
+    """The farm index: ``index``, else ``$SLURM_ARRAY_TASK_ID`` when no concept is named; never together
+    with a named concept or images."""
+    import os
+
+    if index is None and concept is None and images is None and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        try:
+            index = int(os.environ["SLURM_ARRAY_TASK_ID"])
+        except ValueError as err:
+            task = os.environ["SLURM_ARRAY_TASK_ID"]
+            raise LatexBlendError(f"SLURM_ARRAY_TASK_ID is not an integer: {task}") from err
+    if index is not None and (concept or images):
+        raise LatexBlendError("--index picks a concept from --concepts-dir; do not combine it with --concept/--images")
+    return index
+
+
+def finished_bank(cfg: TrainConfig) -> Path | None:
+    """The concept's bank when it already loads and checks (a farm re-run skips it), else ``None``."""
+    from latexblend.bank import bank_complete, bank_file
+
+    path = bank_file(cfg.name, cfg.bank_dir)
+    return path if bank_complete(path) else None
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """The prompts of a prompts file: one per line, blank lines and ``#`` lines skipped."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise LatexBlendError(f"cannot read prompts file {path}: {err.strerror or err}") from err
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise LatexBlendError(f"prompts file {path} has no prompts")
+    return prompts
+
+
 def train_settings(concept: str | None, concepts_dir: str | Path, flags: dict[str, Any],
                    sets: list[str] | None = None) -> TrainConfig:
     """Defaults < ``<concepts_dir>/<concept>.yaml`` < ``--set key=value`` < explicit flags."""
@@ -241,9 +350,12 @@ def train_settings(concept: str | None, concepts_dir: str | Path, flags: dict[st
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise LatexBlendError(f"--set takes KEY=VALUE, got '{item}'")
-        extra[key.strip()] = yaml.safe_load(value)
+        try:
+            extra[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise LatexBlendError(f"--set {item}: '{value}' is not a valid value ({str(err).splitlines()[0]})") from err
     model = next((layer["model"] for layer in (flags, extra, *layers[::-1]) if layer.get("model")), TrainConfig.model)
-    return merge(TrainConfig, model_recipe(model), *layers, extra, flags, source="training")
+    return merge(TrainConfig, model_recipe(model), *layers, extra, flags, source="training setting")
 
 
 #: Training defaults per base model, between the dataclass defaults and YAML/flags. ``sdxl`` keeps the

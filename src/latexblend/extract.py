@@ -156,28 +156,35 @@ def set_identifier_rows(tokenizers, encoders, rows_file: Path, token: str, init_
 
 
 def checkpoint_folder(run: Path, checkpoint: int | None) -> Path:
-    """The run folder itself (final weights) or ``checkpoints/step_<N>``."""
+    """The run folder itself (final weights) or ``checkpoints/step_<N>``; refused, naming the missing
+    file(s), when its weights are incomplete."""
     folder = run if checkpoint is None else run / "checkpoints" / f"step_{checkpoint}"
-    if not (folder / KV_FILE).is_file() or not (folder / TOKENS_FILE).is_file():
+    missing = [name for name in (KV_FILE, TOKENS_FILE) if not (folder / name).is_file()]
+    if missing:
         what = "final weights (the run did not finish; pass --checkpoint N)" if checkpoint is None else \
             f"checkpoint {checkpoint}"
-        raise LatexBlendError(f"{run} has no {what}: {folder / KV_FILE} missing")
+        raise LatexBlendError(f"{run} has no {what}: {' and '.join(str(folder / m) for m in missing)} missing")
     return folder
 
 
 def extract_run(run: str | Path, checkpoint: int | None = None, prompt: str | None = None,
-                out: str | Path | None = None, device: str | None = None, dtype: str = "auto") -> tuple:
-    """Re-extract a trained run (``runs/<name>``) into the bank. Returns ``(bank, path)``."""
+                out: str | Path | None = None, device: str | None = None, dtype: str = "auto",
+                overwrite: bool = False) -> tuple:
+    """Re-extract a trained run (``runs/<name>``) into the bank. Returns ``(bank, path)``. An existing bank
+    file is replaced only with ``overwrite``."""
     from latexblend.bank import SUFFIX, bank_dir, save_bank
     from latexblend.config import TrainConfig, load_mapping, merge
-    from latexblend.models import default_device, load_unet_and_tokenizer
+    from latexblend.models import load_unet_and_tokenizer, resolve_device
 
     run = Path(run)
     if not (run / "config.yaml").is_file():
         raise LatexBlendError(f"{run} is not a training run folder (no config.yaml)")
     cfg = merge(TrainConfig, load_mapping(run / "config.yaml"), source=f"{run}/config.yaml")
     folder = checkpoint_folder(run, checkpoint)
-    device = device or default_device()
+    path = Path(out) if out else bank_dir(cfg.bank_dir) / f"{cfg.name}{SUFFIX}"
+    if path.exists() and not overwrite:
+        raise LatexBlendError(f"{path} already exists; pass --overwrite to replace it, or --out FILE")
+    device = resolve_device(device)
     meta = _kv_metadata(folder / KV_FILE)
     base_unet = load_unet_and_tokenizer(cfg.model, device="cpu")[0] if meta.get("kind") == "lora" else None
     weights, meta = weights_from_file(folder / KV_FILE, base_unet)
@@ -190,7 +197,6 @@ def extract_run(run: str | Path, checkpoint: int | None = None, prompt: str | No
     bank = extract_bank(tokenizers, encoders, weights, name=cfg.name, class_noun=cfg.class_noun, token_id=token_id,
                         prompt=prompt, base_model=cfg.model, fingerprint=meta["base_fingerprint"],
                         training=training, dtype=bank_dtype(dtype, device, None))
-    path = Path(out) if out else bank_dir(cfg.bank_dir) / f"{cfg.name}{SUFFIX}"
     return bank, save_bank(bank, path)
 
 

@@ -102,7 +102,7 @@ def generate_rows(pipe, prompts: list[str], seeds: int, settings: FidelitySettin
     """Generate prompts x seeds (blending ``banks`` if given) and score each image for ``concepts``."""
     import torch
 
-    from latexblend.generate import apply
+    from latexblend.blend import apply
 
     blender = apply(pipe, banks) if banks else None
     rows, images = [], []
@@ -159,7 +159,7 @@ def save_grid(images: list, path: Path, cols: int, scale: int = 3) -> None:
     from PIL import Image
 
     from latexblend.fileio import atomic_path
-    from latexblend.generate import make_grid
+    from latexblend.samples import make_grid
 
     grid = make_grid([im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in images], cols=cols)
     with atomic_path(path) as tmp:

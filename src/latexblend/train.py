@@ -25,15 +25,26 @@ from torch import nn
 
 from latexblend.attention import SpliceProcessor, SpliceState, install_processors, project_kv
 from latexblend.config import TrainConfig, to_dict
-from latexblend.data import augment, draw, draw_flip, list_images, load_prior, open_image, prior_sample, template_pool
+from latexblend.data import (
+    augment,
+    draw,
+    draw_flip,
+    list_images,
+    load_prior,
+    open_image,
+    prior_dir,
+    prior_sample,
+    template_pool,
+)
 from latexblend.errors import LatexBlendError
 from latexblend.extract import ENCODERS, KV_FILE, TOKENS_FILE, bank_dtype, concept_span, encode_prompts, extract_bank
-from latexblend.fileio import atomic_path, write_text_atomic
+from latexblend.fileio import save_safetensors, write_text_atomic
 from latexblend.tokens import Span, token_ids
 
 #: Settings that do not change what a step computes (may differ when resuming).
-_NOT_HASHED = ("steps", "resume", "overwrite", "checkpoint_every", "log_every", "log_tensorboard", "runs_dir",
-               "bank_dir", "bank_dtype", "extract_prompt", "gradient_checkpointing", "cache_prior", "compile_unet")
+_NOT_HASHED = ("steps", "resume", "overwrite", "checkpoint_every", "keep_checkpoints", "log_every", "log_tensorboard",
+               "runs_dir", "bank_dir", "bank_dtype", "extract_prompt", "gradient_checkpointing", "cache_prior",
+               "compile_unet")
 #: torch.compile backend of ``compile_unet`` (tests use "eager": the same graph capture, no code generation)
 COMPILE_BACKEND = "inductor"
 
@@ -170,7 +181,7 @@ def check_inputs(cfg: TrainConfig) -> tuple[list, list]:
     images = [open_image(p) for p in list_images(cfg.images, "instance image")]
     if not cfg.use_prior:
         return images, []
-    folder = Path(cfg.prior or Path("reg_data") / cfg.class_noun)
+    folder = Path(cfg.prior) if cfg.prior else prior_dir(cfg.class_noun)
     if not folder.exists():
         raise LatexBlendError(f"no prior data: {folder} does not exist; generate it with `latexblend prior "
                               f"--class-noun '{cfg.class_noun}'`, pass --prior DIR, or train with --no-prior")
@@ -441,7 +452,9 @@ def train(cfg: TrainConfig, progress: bool = True, on_step=None) -> Path | None:
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    mixed = _mixed_precision(cfg.mixed_precision)
+    from latexblend.models import resolve_mixed_precision
+
+    mixed = resolve_mixed_precision(cfg.mixed_precision)
     acc = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=1, cpu=not torch.cuda.is_available())
     images, prior = check_inputs(cfg)
     run, resume_from = _check_run_folder(cfg)
@@ -454,6 +467,8 @@ def train(cfg: TrainConfig, progress: bool = True, on_step=None) -> Path | None:
     params = setup.parameters()
     optimizer = acc.prepare(_optimizer(cfg, params, lr))
     start = load_checkpoint(setup, optimizer, resume_from) if resume_from else 0
+    if resume_from and acc.is_main_process:
+        tqdm.write(f"resuming from step {start} ({resume_from})")
     if acc.is_main_process:
         _start_run_folder(cfg, run, resume_from)
     writer = summary_writer(str(run / "tb")) if summary_writer and acc.is_main_process else None
@@ -480,6 +495,7 @@ def train(cfg: TrainConfig, progress: bool = True, on_step=None) -> Path | None:
                 writer.add_scalar("loss", loss_value, done)
         if acc.is_main_process and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < steps:
             save_checkpoint(setup, optimizer, run, done)
+            prune_checkpoints(run, cfg.keep_checkpoints)
         if on_step:
             on_step(done, loss_value)
     wall = time.perf_counter() - t0
@@ -488,13 +504,6 @@ def train(cfg: TrainConfig, progress: bool = True, on_step=None) -> Path | None:
         _finish(setup, run, start, steps, wall, loss_value)
     acc.wait_for_everyone()
     return run if acc.is_main_process else None
-
-
-def _mixed_precision(name: str) -> str:
-    if name != "auto":
-        return name
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else \
-        ("fp16" if torch.cuda.is_available() else "no")
 
 
 def _optimizer(cfg: TrainConfig, params, lr: float):
@@ -535,18 +544,28 @@ def config_hash(cfg: TrainConfig) -> str:
 
 
 def _check_run_folder(cfg: TrainConfig) -> tuple[Path, Path | None]:
-    """``(run folder, checkpoint to resume from)``; refuses to clobber a run or a bank by accident."""
+    """``(run folder, checkpoint to resume from)``; refuses to clobber a run or a bank by accident. A run
+    folder without weights (stopped before its first checkpoint) holds nothing to keep or resume: it is
+    started again from step 0, also under ``--resume latest``."""
     from latexblend.bank import SUFFIX, bank_dir
 
     run = Path(cfg.runs_dir) / cfg.name
-    if cfg.resume:
+    kept = _has_weights(run)
+    if cfg.resume and (cfg.resume != "latest" or kept):
         return run, find_checkpoint(run, cfg.resume)
-    if run.exists() and any(run.iterdir()) and not cfg.overwrite:
+    if kept and not cfg.overwrite:
         raise LatexBlendError(f"{run} already exists; continue it with --resume latest, or pass --overwrite")
     bank = bank_dir(cfg.bank_dir) / f"{cfg.name}{SUFFIX}"
     if bank.exists() and not cfg.overwrite:
         raise LatexBlendError(f"{bank} already exists; pass --overwrite or choose another --name")
+    if run.exists() and any(run.iterdir()) and not kept and not cfg.overwrite:
+        print(f"{run} holds no checkpoint (an earlier run stopped before its first one): starting it from step 0")
     return run, None
+
+
+def _has_weights(run: Path) -> bool:
+    """Does ``run`` hold final weights or a checkpoint (anything worth keeping)?"""
+    return (run / KV_FILE).is_file() or any((p / "state.json").is_file() for p in run.glob("checkpoints/step_*"))
 
 
 def find_checkpoint(run: Path, which: str) -> Path:
@@ -556,8 +575,8 @@ def find_checkpoint(run: Path, which: str) -> Path:
         raise LatexBlendError(f"--resume {which}: {path} does not exist")
     if (path / "state.json").is_file():
         return path
-    steps = sorted((p for p in (path / "checkpoints").glob("step_*") if (p / "state.json").is_file()),
-                   key=lambda p: int(p.name.split("_")[1]))
+    steps = sorted((p for p in (path / "checkpoints").glob("step_*") if (p / "state.json").is_file()
+                    and p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
     if not steps:
         raise LatexBlendError(f"--resume {which}: no checkpoint in {path} (looked for checkpoints/step_<N>/state.json)")
     return steps[-1]
@@ -583,18 +602,14 @@ def _training_summary(setup: Setup) -> dict:
 
 def save_trainables(setup: Setup, folder: Path, extra_meta: dict | None = None) -> None:
     """``kv.safetensors`` (attn2 to_k/to_v weights or LoRA factors, fp32) and ``tokens.safetensors``."""
-    from safetensors.torch import save_file
-
     layers = list(dict.fromkeys(name.rsplit(".", 1)[0] for name in setup.kv))
     meta = {"kind": "lora" if setup.cfg.kv_rank else "full", "rank": str(setup.cfg.kv_rank),
             "layers": json.dumps(layers), "base_fingerprint": setup.fingerprint,
             "training": json.dumps(_training_summary(setup)), **(extra_meta or {})}
     kv = {name: p.detach().cpu().contiguous() for name, p in setup.kv_tensors().items()}
-    with atomic_path(folder / KV_FILE) as tmp:
-        save_file(kv, str(tmp), metadata=meta)
-    with atomic_path(folder / TOKENS_FILE) as tmp:
-        meta = {"token": setup.cfg.token, "init_token": setup.cfg.init_token, "token_id": str(setup.rows.token_id)}
-        save_file(setup.rows.tensors(), str(tmp), metadata=meta)
+    save_safetensors(kv, folder / KV_FILE, meta)
+    meta = {"token": setup.cfg.token, "init_token": setup.cfg.init_token, "token_id": str(setup.rows.token_id)}
+    save_safetensors(setup.rows.tensors(), folder / TOKENS_FILE, meta)
 
 
 def save_checkpoint(setup: Setup, optimizer, run: Path, step: int) -> Path:
@@ -610,6 +625,16 @@ def save_checkpoint(setup: Setup, optimizer, run: Path, step: int) -> Path:
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
+
+
+def prune_checkpoints(run: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints of ``run`` (``keep`` 0: keep all); returns the deleted."""
+    steps = sorted((p for p in (run / "checkpoints").glob("step_*") if p.name[5:].isdigit()),
+                   key=lambda p: int(p.name[5:]))
+    old = steps[:-keep] if keep else []
+    for folder in old:
+        shutil.rmtree(folder, ignore_errors=True)
+    return old
 
 
 def load_checkpoint(setup: Setup, optimizer, folder: Path) -> int:
