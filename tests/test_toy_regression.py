@@ -1,9 +1,11 @@
 """A regression test of the method on the trained toy model: a concept trained with the toy recipe
 carries what it learned (its colours) into new scenes only through its bank.
 
-What is asserted is what was measured (docs/TOY.md): on the toy UNet the bank moves the slot object's
-colour to the concept's colours (stripecar: 84% of images vs 44% without a bank, 32 images each), while
-the concept's two-tone arrangement is not learned (concept-present stays at the no-bank level).
+What is asserted is what training seed 0 gives (docs/TOY.md): the bank moves the slot object's colour
+to the concept's colours (75% of these 16 images vs 38% without a bank). The effect depends on the
+training seed (31-84% over seeds 0, 1, 2, 42 on the benchmark's 32 images) and the concept's two-tone
+arrangement is not learned at all: this catches a break in train / extract / blend on a trained model,
+it does not show the method works on the toy.
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ from latexblend.toy import draw_data
 PROMPTS = ["a car on the beach", "a car in the snow", "a car at night", "a car on the grass"]
 
 
-def test_trained_concept_colours_reach_new_scenes_only_with_its_bank(tmp_path, monkeypatch):
+def test_trained_concept_colours_reach_new_scenes_only_with_its_bank_at_seed_0(tmp_path, monkeypatch):
     from latexblend.models import load_pipeline
 
     monkeypatch.setenv("LATEXBLEND_HOME", str(tmp_path / "home"))
-    settings = FidelitySettings(concepts=["stripecar"], seeds=4, quality=False)
+    settings = FidelitySettings(concepts=["stripecar"], seeds=4, quality=False, seed=0)
     data = draw_data(tmp_path, "stripecar", settings.num_images, settings.num_prior, settings.seed)
     bank = train_variant(tmp_path, "stripecar", "full", settings, data)
     pipe = load_pipeline("toy", device="cpu", dtype="fp32")
