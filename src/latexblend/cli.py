@@ -525,8 +525,9 @@ def train_cmd(
     no_prior: Annotated[bool, Opt("--no-prior", help="Train without prior preservation.")] = False,
     steps: Annotated[int | None, Opt(help="Optimizer steps [default: 3000 / processes].")] = None,
     lr: Annotated[float | None, Opt(help="Base learning rate [default: 1e-5].")] = None,
-    no_scale_lr: Annotated[bool, Opt("--no-scale-lr", help="Do not scale lr by batch x processes.")] = False,
+    no_scale_lr: Annotated[bool, Opt("--no-scale-lr", help="Do not scale lr by the effective batch.")] = False,
     batch_size: Annotated[int | None, Opt(help="Instance (and prior) images per process [default: 1].")] = None,
+    grad_accum: Annotated[int | None, Opt(help="Micro-batches per optimizer step [default: 1].")] = None,
     resolution: Annotated[int | None, Opt(help="Training resolution [default: 512, tiny: 64].")] = None,
     seed: Annotated[int | None, Opt(help="Seed [default: 42].")] = None,
     no_base_flow: Annotated[bool, Opt("--no-base-flow", help="Ablation: plain Custom-Diffusion training.")] = False,
@@ -548,8 +549,8 @@ def train_cmd(
     from latexblend.config import farm_concept, train_settings
 
     flags = dict(images=images, class_noun=class_noun, name=name, model=model, prior=prior, steps=steps, lr=lr,
-                 batch_size=batch_size, resolution=resolution, seed=seed, kv_rank=kv_rank, resume=resume,
-                 mixed_precision=mixed_precision, checkpoint_every=checkpoint_every, runs_dir=runs_dir,
+                 batch_size=batch_size, grad_accum=grad_accum, resolution=resolution, seed=seed, kv_rank=kv_rank,
+                 resume=resume, mixed_precision=mixed_precision, checkpoint_every=checkpoint_every, runs_dir=runs_dir,
                  bank_dir=bank_dir)
     switches = dict(use_prior=not no_prior, scale_lr=not no_scale_lr, base_flow=not no_base_flow,
                     fixed_template=fixed_template, gradient_checkpointing=gradient_checkpointing,
@@ -637,16 +638,26 @@ def bench_train_cmd(
     device: str | None = None,
     no_cache_prior: Annotated[bool, typer.Option("--no-cache-prior", help="Encode prior data every step.")] = False,
     compile_unet: Annotated[bool, typer.Option("--compile-unet", help="torch.compile the UNet.")] = False,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Instance (and prior) images per micro-batch.")] = 1,
+    checkpointing: Annotated[str, typer.Option(
+        help="Gradient checkpointing settings to time: off, on or both.")] = "both",
+    peak_tflops: Annotated[float | None, typer.Option(
+        help="The device's peak TFLOP/s for MFU [known GPUs: datasheet bf16; CPU: n/a].")] = None,
     out: BenchOutOpt = Path("bench_train.json"),
 ) -> None:
     """Training step: steps/s, samples/s, peak memory, FLOPs and utilisation, with/without checkpointing."""
-    if steps < 1:
-        raise LatexBlendError("--steps must be at least 1")
+    settings = {"off": (False,), "on": (True,), "both": (False, True)}
+    if steps < 1 or grad_accum < 1 or batch_size < 1:
+        raise LatexBlendError("--steps, --grad-accum and --batch-size must be at least 1")
+    if checkpointing not in settings:
+        raise LatexBlendError(f"--checkpointing must be off, on or both, got '{checkpointing}'")
     _quiet_libraries()
     from latexblend.bench import bench_train
 
     _bench_report(bench_train(model, steps=steps, size=size, device=device, cache_prior=not no_cache_prior,
-                              compile_unet=compile_unet), out)
+                              compile_unet=compile_unet, grad_accum=grad_accum, batch_size=batch_size,
+                              checkpointing=settings[checkpointing], peak=peak_tflops), out)
 
 
 @bench_app.command("extract")

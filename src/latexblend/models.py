@@ -213,12 +213,6 @@ def resolve_model(model: str) -> str:
     return model
 
 
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     """``auto`` is bf16 on CUDA when supported (else fp16) and fp32 on CPU."""
     import torch
@@ -243,6 +237,8 @@ def load_pipeline(model: str = "tiny", device: str | None = None, dtype: str = "
     naming the model and how to provide it as a local folder.
     """
     from diffusers import StableDiffusionXLPipeline
+
+    from latexblend.device import default_device
 
     device = device or default_device()
     if model == "sdxl-random":
