@@ -453,7 +453,8 @@ def train_step(setup: Setup, optimizer, acc, step: int, params: list[nn.Paramete
         acc.backward(loss / accum)
         parts = torch.stack([loss.detach(), inst.detach(), prior.detach()])
         total = parts if total is None else total + parts
-    average_gradients(params, lambda flat: acc.reduce(flat, reduction="mean"))
+    if acc.num_processes > 1:  # one process: the identity, skipping two copies of every gradient
+        average_gradients(params, lambda flat: acc.reduce(flat, reduction="mean"))
     if setup.cfg.max_grad_norm:
         acc.clip_grad_norm_(params, setup.cfg.max_grad_norm)
     optimizer.step()
