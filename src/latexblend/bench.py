@@ -289,26 +289,25 @@ def _train_rows(setup, acc, steps: int, checkpointing: Sequence[bool], peak: flo
 
 
 def bench_train(model: str = "tiny", steps: int = 5, size: int | None = None, device: str | None = None,
-                cache_prior: bool = True,
-                compile_unet: bool = False, grad_accum: int = 1, batch_size: int = 1,
-                checkpointing: Sequence[bool] = (False, True), peak: float | None = None,
-                mixed_precision: str = "auto") -> dict:
+                checkpointing: Sequence[bool] = (False, True), peak: float | None = None, **settings) -> dict:
     """Steps/s, samples/s, peak memory and FLOP utilisation of the dual-flow training step (the one
     ``latexblend train`` runs: :func:`~latexblend.train.train_step`, with clipping and gradient
-    averaging), per gradient-checkpointing setting. ``peak``: the device's TFLOP/s for MFU [default: the
-    datasheet figure of known GPUs; none on the CPU]."""
+    averaging), per gradient-checkpointing setting. ``settings``: training settings
+    (:class:`~latexblend.config.TrainConfig`: ``cache_prior``, ``compile_unet``, ``grad_accum``,
+    ``batch_size``...). ``peak``: the device's TFLOP/s for MFU [default: the datasheet figure of known
+    GPUs; none on the CPU]."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:  # prior images are read on every cache miss
-        setup, acc = _train_setup(model, size, Path(tmp), device, cache_prior=cache_prior, compile_unet=compile_unet,
-                                  grad_accum=grad_accum, batch_size=batch_size, mixed_precision=mixed_precision)
+        setup, acc = _train_setup(model, size, Path(tmp), device, **settings)
         device = str(setup.device)
         peak = peak_tflops(device_name(device), peak)
         rows = _train_rows(setup, acc, steps, checkpointing, peak)
+    cfg = setup.cfg
     return {"benchmark": "train", "model": model, "device": device, "device_name": device_name(device),
             "dtype": str(setup.dtype).replace("torch.", ""), "size": setup.size, "steps": steps,
-            "batch": f"{batch_size} instance + {batch_size} prior", "grad_accum": grad_accum,
-            "cache_prior": cache_prior, "compile_unet": compile_unet, "peak_tflops": peak,
+            "batch": f"{cfg.batch_size} instance + {cfg.batch_size} prior", "grad_accum": cfg.grad_accum,
+            "cache_prior": cfg.cache_prior, "compile_unet": cfg.compile_unet, "peak_tflops": peak,
             "trainable_params": sum(p.numel() for p in setup.parameters()), "rows": rows, "env": environment()}
 
 

@@ -638,6 +638,7 @@ def bench_train_cmd(
     device: str | None = None,
     no_cache_prior: Annotated[bool, typer.Option("--no-cache-prior", help="Encode prior data every step.")] = False,
     compile_unet: Annotated[bool, typer.Option("--compile-unet", help="torch.compile the UNet.")] = False,
+    compile_backend: Annotated[str, typer.Option(help="torch.compile backend of --compile-unet.")] = "inductor",
     grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
     batch_size: Annotated[int, typer.Option(help="Instance (and prior) images per micro-batch.")] = 1,
     checkpointing: Annotated[str, typer.Option(
@@ -656,7 +657,8 @@ def bench_train_cmd(
     from latexblend.bench import bench_train
 
     _bench_report(bench_train(model, steps=steps, size=size, device=device, cache_prior=not no_cache_prior,
-                              compile_unet=compile_unet, grad_accum=grad_accum, batch_size=batch_size,
+                              compile_unet=compile_unet, compile_backend=compile_backend, grad_accum=grad_accum,
+                              batch_size=batch_size,
                               checkpointing=settings[checkpointing], peak=peak_tflops), out)
 
 
