@@ -9,7 +9,6 @@ from conftest import random_bank
 from latexblend.bank import (
     ConceptBank,
     bank_path,
-    import_release_bank,
     load_bank,
     save_bank,
     verify_bank,
@@ -17,6 +16,7 @@ from latexblend.bank import (
 from latexblend.cli import app
 from latexblend.errors import LatexBlendError
 from latexblend.models import REGISTRY, build_tiny_pipeline, sdxl_unet_config
+from latexblend.release import import_release_bank
 
 runner = CliRunner()
 

@@ -253,7 +253,7 @@ def test_empty_references_folder_is_an_error(tmp_path, models):
     (tmp_path / "empty").mkdir()
     samples = make_samples(tmp_path / "s", [image_entry(1, ["a"])],
                            {"a": {"class_noun": "dog", "references": str(tmp_path / "empty")}})
-    with pytest.raises(LatexBlendError, match="has no images"):
+    with pytest.raises(LatexBlendError, match="holds no images"):
         ev.evaluate_samples(samples, models)
 
 
@@ -329,7 +329,7 @@ def test_evaluate_command_bad_input_is_one_line_and_writes_nothing(tmp_path, eva
     samples = make_samples(tmp_path / "s", [image_entry(1, ["a"])], {"a": {"class_noun": "dog", "references": None}})
     args = ["evaluate", "--samples", str(samples), "--clip-model", str(eval_model_dirs[0]),
             "--dino-model", str(eval_model_dirs[1]), "--device", "cpu"]
-    for extra, message in [(["--references", f"a={tmp_path / 'empty'}"], "has no images"),
+    for extra, message in [(["--references", f"a={tmp_path / 'empty'}"], "holds no images"),
                            (["--references", f"zz={tmp_path}"], "no concept 'zz'")]:
         r = runner.invoke(app, [*args, *extra])
         assert r.exit_code == 2 and r.output.count("\n") == 1 and r.output.startswith("error: ")

@@ -10,10 +10,11 @@ import latexblend
 from conftest import random_bank
 from latexblend.attention import BlendProcessor, project_kv
 from latexblend.bank import ConceptBank, save_bank
+from latexblend.blend import apply
 from latexblend.cli import app
 from latexblend.config import GenerateConfig
 from latexblend.errors import LatexBlendError
-from latexblend.generate import apply, generate
+from latexblend.generate import generate
 from latexblend.models import attn2_modules, build_tiny_pipeline, fingerprint
 from latexblend.tokens import locate_spans, token_ids
 
@@ -54,11 +55,12 @@ def test_no_concepts_matches_stock_pipeline(tiny_pipe, tmp_path):
     expected = stock(tiny_pipe, "a photo of a dog on the beach", seed=3, guidance_scale=6.0)
     arrays = []
     cfg = GenerateConfig(prompts=["a photo of a dog on the beach"], steps=STEPS, seed=3, out=str(tmp_path / "o"))
-    from latexblend.generate import Blender, run_prompts
+    from latexblend.blend import Blender
+    from latexblend.generate import run_prompts
 
     blender = Blender(tiny_pipe, {})
     try:
-        run_prompts(tiny_pipe, cfg, blender, on_image=lambda r, p, a: arrays.append(a))
+        run_prompts(tiny_pipe, cfg, blender, on_image=lambda r, p, a, m: arrays.append(a))
     finally:
         blender.remove()
     assert np.abs(arrays[0] - expected[0]).max() <= 1e-5
@@ -157,7 +159,7 @@ def test_two_concepts_of_one_class_through_placeholders(tiny_pipe, monkeypatch):
     corgi, husky = bank_for(tiny_pipe, "corgi", "dog", 1), bank_for(tiny_pipe, "husky", "dog", 2)
     with apply(tiny_pipe, [], optional=[corgi, husky]) as blender:
         stock(tiny_pipe, "<husky> playing with <corgi>")
-        assert blender.last_prompts == ["a dog playing with a dog"]
+        assert blender.call.prompts == ["a dog playing with a dog"]
     layer, _, k, v, _, _ = next(c for c in calls if c[1] < 0.9)
     assert torch.equal(v[1, 1:3], husky.v[layer]) and torch.equal(v[1, 5:7], corgi.v[layer])
 
@@ -198,6 +200,7 @@ def test_generate_writes_images_metadata_and_grid(tiny_pipe, banks_dir, tmp_path
     cfg.prompts[1] = "<husky> and <corgi> at a castle"
     cfg.out = str(tmp_path / "out2")
     out = generate(cfg, pipe=tiny_pipe)
+    assert cfg.height is None and cfg.width is None  # the caller's settings are not changed
     meta = json.loads((out / "metadata.json").read_text())
     assert [im["seed"] for im in meta["images"]] == [10, 11, 10, 11]
     assert meta["images"][0]["expanded_prompt"] == "a dog in front of a castle"
@@ -294,7 +297,7 @@ def test_encode_prompt_wrapper_binds_positional_arguments_and_passes_embeds(tiny
     bank = bank_for(tiny_pipe, "corgi", "dog", 0)
     with apply(tiny_pipe, [bank]) as blender:
         embeds = tiny_pipe.encode_prompt("a dog", None, "cpu", 1, False)[0]  # stock positional order
-        assert embeds.shape == (1, 77, 64) and blender.last_prompts == ["a dog"]
+        assert embeds.shape == (1, 77, 64) and blender.call.prompts == ["a dog"]
         with pytest.raises(LatexBlendError, match="needs the prompt text"):
             tiny_pipe(prompt_embeds=embeds, pooled_prompt_embeds=torch.zeros(1, 32), num_inference_steps=1)
     with apply(tiny_pipe, [], optional=[bank]):  # nothing required: precomputed embeddings pass through

@@ -11,11 +11,12 @@ import latexblend.guidance as guidance_mod
 import latexblend.steering as steering_mod
 from conftest import random_bank
 from latexblend.bank import save_bank
+from latexblend.blend import apply
 from latexblend.cli import app
 from latexblend.errors import LatexBlendError
-from latexblend.generate import apply, release_config
 from latexblend.guidance import distance, g1, g2, guidance_loss, layer_hw, select_layers, spatial_log_probs
 from latexblend.models import attn2_shapes
+from latexblend.release import release_config
 from latexblend.tokens import Span, token_ids
 
 runner = CliRunner()
@@ -254,20 +255,28 @@ def test_rectify_capture_stops_after_the_last_cross_attention_same_masks(tiny_pi
     assert calls == [1, 2] and torch.equal(early, full)
 
 
-def test_off_is_bit_identical_to_plain_blending(tiny_pipe):
+def test_steering_that_changes_nothing_is_bit_identical_to_plain_blending(tiny_pipe):
     banks = [bank(tiny_pipe, 0), bank(tiny_pipe, 1)]
     with apply(tiny_pipe, banks):
         plain = run(tiny_pipe, "a dog and a cat", steps=3)
-    with apply(tiny_pipe, banks, guidance=None, rectify=None, save_maps=False):
-        off = run(tiny_pipe, "a dog and a cat", steps=3)
     # installed but never active: window 1.0 (t/T >= 1 never) and rectify start 0.0 (t/T < 0 never)
     with apply(tiny_pipe, banks, guidance={"window": 1.0}, rectify={"start": 0.0}) as b:
         idle = run(tiny_pipe, "a dog and a cat", steps=3)
         assert b.steering is not None and not b.steering.history
     with apply(tiny_pipe, banks, guidance={"window": 0.0}):
         guided = run(tiny_pipe, "a dog and a cat", steps=3)
-    assert np.array_equal(plain, off) and np.array_equal(plain, idle)
+    assert np.array_equal(plain, idle)
     assert not np.array_equal(plain, guided)
+    # active at every step, with an update of exactly zero: one concept with bind on (its slot's map is
+    # its noun's: g1 = 0; no second concept: no g2). The guidance pass, the UNet input and the wrapped
+    # scheduler step all run, and the image is still plain blending's, bit for bit.
+    with apply(tiny_pipe, banks[:1]):
+        plain_one = run(tiny_pipe, "a dog on the grass", steps=3)
+    with apply(tiny_pipe, banks[:1], guidance={"window": 0.0}) as b:
+        zero = run(tiny_pipe, "a dog on the grass", steps=3)
+        assert b.steering.stats["guidance_passes"] == 3
+        assert all(h["delta"].shape == (1, 4, 8, 8) and not h["delta"].any() for h in b.steering.history)
+    assert np.array_equal(plain_one, zero)
 
 
 # ---------------------------------------------------------------- CLI, config, release JSON
@@ -300,6 +309,20 @@ def test_cli_guidance_rectify_and_save_maps_end_to_end(banks_dir, tmp_path, tiny
         assert heat.size == (64, 64) and heat.mode == "RGB"
     a, b = (np.asarray(Image.open(out / meta["images"][0]["maps"][n])) for n in ("corgi", "kitty"))
     assert not np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"guidance": {"window": 1.5}}, "guidance_window must be in"),
+    ({"guidance": {"step_size": 0}}, "guidance_step_size must be > 0"),
+    ({"guidance": {"layers": "sideways"}}, "unknown guidance layer set 'sideways'"),
+    ({"rectify": {"start": -0.5}}, "rectify_start must be in"),
+    ({"rectify": {"clusters": 65}}, "rectify_clusters must be in"),  # the settings' upper bound holds here too
+    ({"blend_start": 2.0}, "blend_start must be in"),
+])
+def test_apply_checks_the_same_bounds_as_the_settings(tiny_pipe, options, message):
+    with pytest.raises(LatexBlendError, match=message):
+        apply(tiny_pipe, [bank(tiny_pipe, 0)], **options)
+    assert getattr(tiny_pipe, "_latexblend", None) is None  # nothing left installed
 
 
 @pytest.mark.parametrize("args, message", [
@@ -356,7 +379,7 @@ def test_guided_calls_leave_no_tensors_behind(tiny_pipe):
     import gc
 
     from latexblend.bench import MODES, random_banks
-    from latexblend.generate import apply
+    from latexblend.blend import apply
 
     def live():
         gc.collect()

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from conftest import random_bank
+from latexblend.blend import apply
 from latexblend.errors import LatexBlendError
-from latexblend.generate import apply
 from latexblend.guidance import layer_hw
 from latexblend.rectify import RectifyOptions, coefficients, concept_masks, match_clusters, modulate, resize_masks
 from latexblend.tokens import Span, token_ids
@@ -189,7 +189,7 @@ def _reference_edit(steering, scores):
     """METHOD section 6 written out sample by sample and concept by concept (the rule's plain reading)."""
     n = len(steering.state.row_spans)
     offset, tau = scores.shape[0] - n, steering.state.t_frac ** 5
-    hw = layer_hw(scores.shape[2], steering.latent_hw)
+    hw = layer_hw(scores.shape[2], steering.call.latent_hw)
     out = scores.clone()
     for i, spans in enumerate(steering.state.row_spans):
         if steering.masks(i) is None:

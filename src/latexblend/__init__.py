@@ -12,7 +12,7 @@ from latexblend.errors import LatexBlendError  # noqa: E402
 
 __all__ = ["LatexBlendError", "__version__", "apply", "load_bank", "save_bank", "load_pipeline"]
 
-_LAZY = {"apply": "latexblend.generate", "load_bank": "latexblend.bank", "save_bank": "latexblend.bank",
+_LAZY = {"apply": "latexblend.blend", "load_bank": "latexblend.bank", "save_bank": "latexblend.bank",
          "load_pipeline": "latexblend.models"}
 
 

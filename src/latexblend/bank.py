@@ -89,7 +89,8 @@ def check_name(name: str) -> str:
     return name
 
 
-def _validate(bank: ConceptBank) -> None:
+def validate_bank(bank: ConceptBank) -> None:
+    """Refuse a bank whose k/v layers or row counts do not agree (one clear error)."""
     if set(bank.k) != set(bank.v) or not bank.k:
         raise LatexBlendError(f"bank '{bank.name}': k and v must cover the same, non-empty set of layers")
     for layer in bank.k:
@@ -106,7 +107,7 @@ def save_bank(bank: ConceptBank, path: str | Path) -> Path:
     from safetensors.torch import save_file
 
     check_name(bank.name)
-    _validate(bank)
+    validate_bank(bank)
     tensors = {}
     for layer in bank.k:
         tensors[f"{layer}.k"] = bank.k[layer].detach().to("cpu").contiguous().clone()
@@ -117,7 +118,8 @@ def save_bank(bank: ConceptBank, path: str | Path) -> Path:
     return path
 
 
-def _open_checked(path: Path) -> Path:
+def checked_file(path: Path) -> Path:
+    """``path``, or one clear error if it is missing, a folder or unreadable."""
     if not path.exists():
         raise LatexBlendError(f"bank file {path} not found")
     if path.is_dir():
@@ -131,7 +133,7 @@ def load_bank(path: str | Path) -> ConceptBank:
     """Read a bank file, with one clear error for a missing, corrupt, truncated or foreign file."""
     from safetensors import safe_open
 
-    path = _open_checked(Path(path))
+    path = checked_file(Path(path))
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -155,7 +157,7 @@ def load_bank(path: str | Path) -> ConceptBank:
         )
     except (KeyError, ValueError) as err:
         raise LatexBlendError(f"{path}: bank metadata is incomplete or malformed ({err})") from err
-    _validate(bank)
+    validate_bank(bank)
     return bank
 
 
@@ -174,6 +176,24 @@ def bank_complete(path: str | Path) -> bool:
 def bank_dir(directory: str | Path | None = None) -> Path:
     """The concept-bank folder: ``directory``, else ``$LATEXBLEND_BANK``, else ``./concept_bank``."""
     return Path(directory or os.environ.get("LATEXBLEND_BANK", "concept_bank"))
+
+
+def bank_file(name: str, directory: str | Path | None = None) -> Path:
+    """Where bank ``name`` is (or will be) stored: ``<bank folder>/<name>.safetensors``."""
+    return bank_dir(directory) / f"{check_name(name)}{SUFFIX}"
+
+
+def describe_bank(path: Path) -> dict:
+    """A bank file's metadata, path, sizes and layer count per width, and its training summary."""
+    bank = load_bank(path)
+    widths: dict[int, int] = {}
+    for t in bank.k.values():
+        widths[int(t.shape[1])] = widths.get(int(t.shape[1]), 0) + 1
+    info = {**bank.metadata(), "path": str(path), "file_bytes": path.stat().st_size, "tensor_bytes": bank.nbytes,
+            "layers_by_width": {str(w): n for w, n in sorted(widths.items())}}
+    info.pop("base_fingerprint_norms")
+    info["training"] = bank.training
+    return info
 
 
 def bank_path(name_or_path: str, directory: str | Path | None = None) -> Path:
@@ -234,47 +254,3 @@ def verify_bank(bank: ConceptBank, unet, tokenizer=None, model_fingerprint=None)
                 f"bank '{bank.name}': class noun '{bank.class_noun}' tokenizes as {list(ids)} here but "
                 f"{bank.noun_ids} in the bank; this tokenizer does not match the bank's model"
             )
-
-
-# --------------------------------------------------------------------------- release import
-
-
-def import_release_bank(path: str | Path, class_noun: str, name: str, tokenizer,
-                        base_model: str = "unknown", fingerprint: str | None = None) -> ConceptBank:
-    """Convert a bank saved by the authors' release (``torch.save`` of
-    ``{"<...>.attn2.processor": {"k": [L, C], "v": [L, C]}}``) into a :class:`ConceptBank`.
-
-    The file is read with ``weights_only=True`` (no arbitrary unpickling) onto the CPU; tensors that
-    are views of larger ones are copied down to their own rows, so nothing extra is kept.
-    """
-    import torch
-
-    path = _open_checked(Path(path))
-    try:
-        raw = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise LatexBlendError(f"{path} is not a loadable release bank (torch.save of tensors): {err}") from err
-    if not isinstance(raw, dict) or not raw:
-        raise LatexBlendError(f"{path} does not hold a dict of layers; not a release concept bank")
-    noun_ids = list(tokenizer(class_noun, add_special_tokens=False).input_ids)
-    k, v = {}, {}
-    for key, entry in raw.items():
-        layer = str(key).removesuffix(".processor")
-        if not layer.endswith("attn2") or not isinstance(entry, dict) or not {"k", "v"} <= set(entry):
-            raise LatexBlendError(f"{path}: entry '{key}' is not an attn2 layer with 'k' and 'v' tensors")
-        for store, tensor in ((k, entry["k"]), (v, entry["v"])):
-            t = tensor.detach()
-            while t.ndim > 2 and t.shape[0] == 1:
-                t = t[0]
-            store[layer] = t.contiguous().clone()
-    rows = next(iter(k.values())).shape[0]
-    if rows != 1 + len(noun_ids):
-        raise LatexBlendError(
-            f"{path} holds {rows} rows per layer, but '{class_noun}' is {len(noun_ids)} token(s) "
-            f"(expected {1 + len(noun_ids)} rows): is --class-noun right?"
-        )
-    bank = ConceptBank(name=check_name(name), class_noun=class_noun, noun_ids=noun_ids, k=k, v=v,
-                       extraction_prompt=f"photo of <new1> {class_noun}", base_model=base_model,
-                       fingerprint=fingerprint, training={"imported_from": path.name})
-    _validate(bank)
-    return bank

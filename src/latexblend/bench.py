@@ -65,7 +65,7 @@ def rounds(repeats: int, runs: Callable[[bool], list[tuple[str, Callable[[], tup
 def bench_generate(model: str = "tiny", counts: Sequence[int] = (0, 1, 4, 8), steps: int = 20, repeats: int = 3,
                    size: int | None = None, device: str | None = None, dtype: str = "auto", cfg: float = 6.0) -> dict:
     """Time blended generation with N concepts against the stock pipeline on the same prompt and seed."""
-    from latexblend.generate import apply
+    from latexblend.blend import apply
 
     pipe = bench_pipeline(model, device, dtype)
     device = str(pipe.unet.device)
@@ -169,8 +169,8 @@ def bench_modes(model: str = "tiny", counts: Sequence[int] = (2, 4), steps: int 
     autograd keeps for the guidance pass's backward (weights excluded; any device), the part of its
     memory that checkpointing reduces. ``profile_dir``: also write one profiler table per mode there.
     """
+    from latexblend.blend import apply
     from latexblend.errors import LatexBlendError
-    from latexblend.generate import apply
 
     if profile_dir is not None and Path(profile_dir).exists() and not Path(profile_dir).is_dir():
         raise LatexBlendError(f"--profile {profile_dir} exists and is not a folder")

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from latexblend.errors import LatexBlendError
-from latexblend.evaluate import samples_complete
 from latexblend.fileio import write_text_atomic
+from latexblend.samples import metadata_path, samples_complete
 
 SINGLE_FILE = "dataset.json"
 PAIR_FILE = "dataset_multiconcept.json"
@@ -203,7 +203,7 @@ def job_complete(job: Mapping) -> bool:
 def _fresh_metrics(job: Mapping) -> dict | None:
     """The job's ``metrics.json`` if it is newer than ``metadata.json`` and used the job's references."""
     out = Path(job["out"])
-    metrics_path, meta = out / "metrics.json", out / "metadata.json"
+    metrics_path, meta = out / "metrics.json", metadata_path(out)
     if not metrics_path.is_file() or metrics_path.stat().st_mtime < meta.stat().st_mtime:
         return None
     try:
@@ -214,6 +214,60 @@ def _fresh_metrics(job: Mapping) -> dict | None:
         return None
     wanted = {name: {Path(folder).resolve()} for name, folder in job["references"].items()}
     return metrics if used == wanted else None
+
+
+def command_runner(template: str) -> Callable[[dict], None]:
+    """A ``generate(job)`` callable running ``template`` (``{prompts_file} {concepts} {out} {name}``) per
+    job; ``latexblend`` as the command runs this interpreter's ``-m latexblend``. A bad template fails here."""
+    import shlex
+    import subprocess
+    import sys
+
+    def command(fields: dict) -> list[str]:
+        try:
+            args = [a.format(**fields) for a in shlex.split(template)]
+        except (KeyError, IndexError, ValueError) as err:
+            raise LatexBlendError(f"--generate-cmd '{template}': use only {{prompts_file}}, {{concepts}}, "
+                                  f"{{out}}, {{name}} ({type(err).__name__}: {err})") from None
+        if not args:
+            raise LatexBlendError("--generate-cmd is empty")
+        return [sys.executable, "-m", "latexblend", *args[1:]] if args[0] == "latexblend" else args
+
+    def generate(job: dict) -> None:
+        prompts_file = Path(job["out"]).parent / f"{job['name']}.prompts.txt"
+        write_text_atomic(prompts_file, "\n".join(job["prompts"]) + "\n")
+        args = command({"prompts_file": str(prompts_file), "concepts": ",".join(job["concepts"]),
+                        "out": job["out"], "name": job["name"]})
+        try:
+            code = subprocess.run(args).returncode
+        except OSError as err:
+            raise LatexBlendError(f"job {job['name']}: cannot run `{shlex.join(args)}`: {err}") from err
+        if code != 0:
+            raise LatexBlendError(f"job {job['name']}: `{shlex.join(args)}` exited with {code}; "
+                                  "fix it and run again (finished jobs are kept)")
+
+    command({"prompts_file": "", "concepts": "", "out": "", "name": ""})
+    return generate
+
+
+def job_evaluator(clip_model: str, dino_model: str, device: str | None, batch_size: int,
+                  before_load: Callable[[], None] | None = None) -> Callable[[dict], dict]:
+    """An ``evaluate(job)`` callable that loads the models on first use (after ``before_load()``) and
+    writes each job's metrics and report."""
+    loaded = {}
+
+    def evaluate(job: dict) -> dict:
+        from latexblend import evaluate as ev
+
+        if not loaded:
+            if before_load is not None:
+                before_load()
+            loaded["models"] = ev.load_models(clip_model, dino_model, device)
+        metrics = ev.evaluate_samples(job["out"], loaded["models"], job["references"], batch_size=batch_size)
+        ev.write_outputs(metrics, job["out"])
+        return metrics
+
+    return evaluate
 
 
 def run_jobs(jobs: Sequence[dict], generate: Callable[[dict], None],
@@ -228,7 +282,7 @@ def run_jobs(jobs: Sequence[dict], generate: Callable[[dict], None],
         tag = f"[{i}/{len(jobs)}] {job['name']}"
         if job_complete(job):
             log(f"{tag}: samples complete, not generating again")
-        elif (Path(job["out"]) / "metadata.json").exists():
+        elif metadata_path(job["out"]).exists():
             raise LatexBlendError(f"job {job['name']}: {job['out']} holds a generation that does not match the job "
                                   "(missing images or prompts); move it away and run again")
         else:

@@ -17,10 +17,11 @@ import typer
 
 from latexblend import __version__
 from latexblend.errors import LatexBlendError
-from latexblend.fileio import write_text_atomic
+from latexblend.evaluate import DEFAULT_CLIP, DEFAULT_DINO
 
 app = typer.Typer(
     name="latexblend", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     help="Multi-concept customized generation by latent textual blending (LatexBlend, CVPR 2025).",
 )
 bank_app = typer.Typer(no_args_is_help=True, help="List, inspect, verify and import concept banks.")
@@ -123,17 +124,9 @@ def bank_ls(directory: BankDirOpt = None) -> None:
 def bank_inspect(name: Annotated[str, typer.Argument(help="Bank name or path.")], directory: BankDirOpt = None,
                  as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """Show a bank's metadata, layers and size."""
-    from latexblend.bank import bank_path, load_bank
+    from latexblend.bank import bank_path, describe_bank
 
-    path = bank_path(name, directory)
-    bank = load_bank(path)
-    widths: dict[int, int] = {}
-    for t in bank.k.values():
-        widths[int(t.shape[1])] = widths.get(int(t.shape[1]), 0) + 1
-    info = {**bank.metadata(), "path": str(path), "file_bytes": path.stat().st_size, "tensor_bytes": bank.nbytes,
-            "layers_by_width": {str(w): n for w, n in sorted(widths.items())}}
-    info.pop("base_fingerprint_norms")
-    info["training"] = bank.training
+    info = describe_bank(bank_path(name, directory))
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
@@ -171,10 +164,11 @@ def bank_import(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing bank of that name.")] = False,
 ) -> None:
     """Convert a release bank (torch.save dict of attn2 k/v) into a latexblend bank."""
-    from latexblend.bank import SUFFIX, bank_dir, check_name, import_release_bank, save_bank, verify_bank
+    from latexblend.bank import bank_file, save_bank, verify_bank
+    from latexblend.release import import_release_bank
 
-    name = check_name(name or file.stem)
-    out = bank_dir(directory) / f"{name}{SUFFIX}"
+    out = bank_file(name or file.stem, directory)
+    name = out.stem
     if out.exists() and not force:
         raise LatexBlendError(f"{out} exists; pass --force to overwrite or --name to choose another name")
     _quiet_libraries()
@@ -193,40 +187,27 @@ def bank_import(
 # ---- generate
 
 
-def _read_prompts(path: Path) -> list[str]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as err:
-        raise LatexBlendError(f"cannot read prompts file {path}: {err.strerror or err}") from err
-    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    if not prompts:
-        raise LatexBlendError(f"prompts file {path} has no prompts")
-    return prompts
-
-
-def _generate_settings(config: Path | None, flags: dict) -> dict:
-    """Layer the --config file (ours, YAML/JSON mapping; or the authors' inference JSON list) under flags."""
-    from latexblend.config import load_mapping
-
-    if config is None:
-        return {}
-    if config.suffix == ".json" and config.is_file() and config.read_text(encoding="utf-8").lstrip().startswith("["):
-        from latexblend.generate import release_config
-
-        return release_config(config, flags.get("bank_dir"))
-    return load_mapping(config)
+PromptOpt = Annotated[list[str] | None,
+    typer.Option("--prompt", "-p", help="Prompt (repeatable). <name> places a concept.")]
+ConceptsOpt = Annotated[str | None, typer.Option(help="Comma-separated bank names or paths, each in every prompt.")]
+ConfigOpt = Annotated[Path | None, typer.Option(help="Settings file (YAML/JSON), or the authors' inference JSON.")]
+GuidanceOpt = Annotated[bool | None,
+    typer.Option("--guidance/--no-guidance", help="Blending guidance (METHOD 5) [off].")]
+GuidanceLayersOpt = Annotated[str | None,
+    typer.Option(help="all, down/mid/up, inner dims, block prefixes (comma-separated) [all].")]
+GuidanceCheckpointingOpt = Annotated[bool | None,
+    typer.Option("--guidance-checkpointing", help="Gradient checkpointing in the guidance pass.")]
+RectifyOpt = Annotated[bool | None,
+    typer.Option("--rectify/--no-rectify", help="Self-attention rectification (METHOD 6) [off].")]
+SaveMapsOpt = Annotated[bool | None, typer.Option("--save-maps", help="Write per-concept cross-attention heatmaps.")]
 
 
 @app.command("generate")
 @friendly
 def generate_cmd(
-    prompt: Annotated[
-        list[str] | None, typer.Option("--prompt", "-p", help="Prompt (repeatable). <name> places a concept.")
-    ] = None,
+    prompt: PromptOpt = None,
     prompts_file: Annotated[Path | None, typer.Option(help="One prompt per line ('#' lines skipped).")] = None,
-    concepts: Annotated[
-        str | None, typer.Option(help="Comma-separated bank names or paths, each in every prompt.")
-    ] = None,
+    concepts: ConceptsOpt = None,
     negative_prompt: Annotated[str | None, typer.Option(help="Negative prompt.")] = None,
     num_images: Annotated[int | None, typer.Option(help="Images per prompt [1].")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per pipeline call [4].")] = None,
@@ -243,43 +224,30 @@ def generate_cmd(
     dtype: Annotated[str | None, typer.Option(help="auto, fp32, fp16, bf16 [auto].")] = None,
     out: Annotated[str | None, typer.Option(help="Output folder [out/generate-<time>].")] = None,
     directory: BankDirOpt = None,
-    config: Annotated[
-        Path | None, typer.Option(help="Settings file (YAML/JSON), or the authors' inference JSON.")
-    ] = None,
-    guidance: Annotated[
-        bool | None, typer.Option("--guidance/--no-guidance", help="Blending guidance (METHOD 5) [off].")
-    ] = None,
+    config: ConfigOpt = None,
+    guidance: GuidanceOpt = None,
     guidance_window: Annotated[float | None, typer.Option(help="Guide while t/T >= this [0.8].")] = None,
     guidance_step_size: Annotated[float | None, typer.Option(help="Latent update scale [1.0].")] = None,
-    guidance_layers: Annotated[
-        str | None, typer.Option(help="all, down/mid/up, inner dims, block prefixes (comma-separated) [all].")
-    ] = None,
-    guidance_checkpointing: Annotated[
-        bool | None, typer.Option("--guidance-checkpointing", help="Gradient checkpointing in the guidance pass.")
-    ] = None,
-    rectify: Annotated[
-        bool | None, typer.Option("--rectify/--no-rectify", help="Self-attention rectification (METHOD 6) [off].")
-    ] = None,
+    guidance_layers: GuidanceLayersOpt = None,
+    guidance_checkpointing: GuidanceCheckpointingOpt = None,
+    rectify: RectifyOpt = None,
     rectify_start: Annotated[float | None, typer.Option(help="Capture masks once t/T < this [0.8].")] = None,
     rectify_clusters: Annotated[int | None, typer.Option(help="Spectral clusters [8].")] = None,
-    save_maps: Annotated[
-        bool | None, typer.Option("--save-maps", help="Write per-concept cross-attention heatmaps.")
-    ] = None,
+    save_maps: SaveMapsOpt = None,
 ) -> None:
     """Generate images with any combination of banked concepts blended in."""
-    from latexblend.config import GenerateConfig, merge
+    flags = dict(locals())  # every option is a GenerateConfig field of the same name, except these:
+    for key in ("prompt", "prompts_file", "directory", "config"):
+        flags.pop(key)
+    from latexblend.config import GenerateConfig, merge, read_prompts
+    from latexblend.release import settings_file
 
-    flags = dict(guidance=guidance, guidance_window=guidance_window, guidance_step_size=guidance_step_size,
-                 guidance_layers=guidance_layers, guidance_checkpointing=guidance_checkpointing, rectify=rectify,
-                 rectify_start=rectify_start, rectify_clusters=rectify_clusters, save_maps=save_maps)
-    flags |= dict(prompts=(prompt or None), negative_prompt=negative_prompt, num_images=num_images,
-                 batch_size=batch_size, seed=seed, steps=steps, cfg=cfg, height=height, width=width,
-                 scheduler=scheduler, blend_start=blend_start, bind=bind, model=model, device=device, dtype=dtype,
-                 out=out, bank_dir=str(directory) if directory else None,
+    flags.update(prompts=prompt or None, bank_dir=str(directory) if directory else None,
                  concepts=[c.strip() for c in concepts.split(",") if c.strip()] if concepts else None)
     if prompts_file is not None:
-        flags["prompts"] = (flags["prompts"] or []) + _read_prompts(prompts_file)
-    settings = merge(GenerateConfig, _generate_settings(config, flags), flags, source="generate setting")
+        flags["prompts"] = (flags["prompts"] or []) + read_prompts(prompts_file)
+    file_settings = settings_file(config, flags["bank_dir"]) if config is not None else {}
+    settings = merge(GenerateConfig, file_settings, flags, source="generate setting")
     _quiet_libraries()
     from latexblend.generate import generate
 
@@ -351,8 +319,6 @@ ClipOpt = Annotated[str, typer.Option("--clip-model", help="CLIP ViT-B/32: a loc
 DinoOpt = Annotated[str, typer.Option("--dino-model", help="DINO ViT-S/16: a local folder or hub id.")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="cuda, cpu, ... [default: cuda if available].")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
-_DEFAULT_CLIP = "openai/clip-vit-base-patch32"
-_DEFAULT_DINO = "facebook/dino-vits16"
 
 
 @app.command("evaluate")
@@ -362,8 +328,8 @@ def evaluate_cmd(
     references: Annotated[list[str] | None, typer.Option(
         "--references", help="NAME=DIR (repeatable), or DIR if there is one concept; overrides metadata.json.")
     ] = None,
-    clip_model: ClipOpt = _DEFAULT_CLIP,
-    dino_model: DinoOpt = _DEFAULT_DINO,
+    clip_model: ClipOpt = DEFAULT_CLIP,
+    dino_model: DinoOpt = DEFAULT_DINO,
     text_policy: Annotated[str, typer.Option(
         "--text-policy", help="CLIP-T text: 'expanded' (placeholders -> 'a <noun>') or 'raw' (as written).")
     ] = "expanded",
@@ -376,8 +342,7 @@ def evaluate_cmd(
     """CLIP-T (cosine and CLIPScore), CLIP-I and DINO per image and per concept; metrics.json/.csv, report.html."""
     from latexblend import evaluate as ev
 
-    if text_policy not in ev.TEXT_POLICIES:
-        raise LatexBlendError(f"--text-policy must be one of {', '.join(ev.TEXT_POLICIES)}, not '{text_policy}'")
+    ev.check_text_policy(text_policy)
     parsed = ev.read_samples(samples)  # check the folder and the references before loading any model
     overrides = ev.parse_reference_flags(references or [], sorted(parsed.concepts))
     ev.resolve_references(parsed, overrides)
@@ -409,38 +374,6 @@ def cc101_jobs(
     typer.echo(f"wrote {len(jobs)} jobs ({prompts} prompts) to {out}")
 
 
-def _generate_runner(template: str):
-    """A ``generate(job)`` callable running ``template`` (``{prompts_file} {concepts} {out} {name}``) per job."""
-    import shlex
-    import subprocess
-
-    def command(fields: dict) -> list[str]:
-        try:
-            args = [a.format(**fields) for a in shlex.split(template)]
-        except (KeyError, IndexError, ValueError) as err:
-            raise LatexBlendError(f"--generate-cmd '{template}': use only {{prompts_file}}, {{concepts}}, "
-                                  f"{{out}}, {{name}} ({type(err).__name__}: {err})") from None
-        if not args:
-            raise LatexBlendError("--generate-cmd is empty")
-        return [sys.executable, "-m", "latexblend", *args[1:]] if args[0] == "latexblend" else args
-
-    def generate(job: dict) -> None:
-        prompts_file = Path(job["out"]).parent / f"{job['name']}.prompts.txt"
-        write_text_atomic(prompts_file, "\n".join(job["prompts"]) + "\n")
-        args = command({"prompts_file": str(prompts_file), "concepts": ",".join(job["concepts"]),
-                        "out": job["out"], "name": job["name"]})
-        try:
-            code = subprocess.run(args).returncode
-        except OSError as err:
-            raise LatexBlendError(f"job {job['name']}: cannot run `{shlex.join(args)}`: {err}") from err
-        if code != 0:
-            raise LatexBlendError(f"job {job['name']}: `{shlex.join(args)}` exited with {code}; "
-                                  "fix it and run again (finished jobs are kept)")
-
-    command({"prompts_file": "", "concepts": "", "out": "", "name": ""})  # a bad template fails before any job
-    return generate
-
-
 @cc101_app.command("run")
 @friendly
 def cc101_run(
@@ -451,17 +384,17 @@ def cc101_run(
     results: Annotated[Path | None, typer.Option(
         "--results", help="Folder for cc101_results.csv/.json [default: the jobs file's folder].")] = None,
     evaluate: Annotated[bool, typer.Option("--evaluate/--no-evaluate", help="Evaluate each job.")] = True,
-    clip_model: ClipOpt = _DEFAULT_CLIP,
-    dino_model: DinoOpt = _DEFAULT_DINO,
+    clip_model: ClipOpt = DEFAULT_CLIP,
+    dino_model: DinoOpt = DEFAULT_DINO,
     batch_size: BatchOpt = 32,
     device: DeviceOpt = None,
 ) -> None:
     """Run the jobs (resumable: complete outputs and fresh metrics are kept) and write one table."""
-    from latexblend.cc101 import read_jobs, results_table, run_jobs, write_results
+    from latexblend.cc101 import command_runner, job_evaluator, read_jobs, results_table, run_jobs, write_results
 
     jobs = read_jobs(jobs_file)
-    evaluator = _job_evaluator(clip_model, dino_model, device, batch_size) if evaluate else None
-    rows = run_jobs(jobs, _generate_runner(generate_cmd), evaluator, log=typer.echo)
+    evaluator = job_evaluator(clip_model, dino_model, device, batch_size, _quiet_libraries) if evaluate else None
+    rows = run_jobs(jobs, command_runner(generate_cmd), evaluator, log=typer.echo)
     if evaluate:
         table = results_table(rows)
         written = write_results(table, results or jobs_file.parent)
@@ -475,39 +408,9 @@ def _num(value: float | None) -> str:
     return "n/a   " if value is None else f"{value:.4f}"
 
 
-def _job_evaluator(clip_model: str, dino_model: str, device: str | None, batch_size: int):
-    """An ``evaluate(job)`` callable that loads the models on first use and writes each job's outputs."""
-    loaded = {}
-
-    def evaluate(job: dict) -> dict:
-        from latexblend import evaluate as ev
-
-        if not loaded:
-            _quiet_libraries()
-            loaded["models"] = ev.load_models(clip_model, dino_model, device)
-        metrics = ev.evaluate_samples(job["out"], loaded["models"], job["references"], batch_size=batch_size)
-        ev.write_outputs(metrics, job["out"])
-        return metrics
-
-    return evaluate
-
-
 # ---- train / extract / prior
 
 Opt = typer.Option
-
-
-def _farm_index(index: int | None, concept: str | None, images: str | None) -> int | None:
-    """``--index``, else ``$SLURM_ARRAY_TASK_ID`` when no concept is named; never with --concept/--images."""
-    if index is None and concept is None and images is None and os.environ.get("SLURM_ARRAY_TASK_ID"):
-        try:
-            index = int(os.environ["SLURM_ARRAY_TASK_ID"])
-        except ValueError as err:
-            task = os.environ["SLURM_ARRAY_TASK_ID"]
-            raise LatexBlendError(f"SLURM_ARRAY_TASK_ID is not an integer: {task}") from err
-    if index is not None and (concept or images):
-        raise LatexBlendError("--index picks a concept from --concepts-dir; do not combine it with --concept/--images")
-    return index
 
 
 @app.command("train")
@@ -522,53 +425,47 @@ def train_cmd(
     name: Annotated[str | None, Opt(help="Concept (bank and run) name.")] = None,
     model: Annotated[str | None, Opt(help="'tiny', 'sdxl', a diffusers folder, or a hub id [default: tiny].")] = None,
     prior: Annotated[str | None, Opt(help="Prior images folder [default: reg_data/<class noun>].")] = None,
-    no_prior: Annotated[bool, Opt("--no-prior", help="Train without prior preservation.")] = False,
+    use_prior: Annotated[bool | None, Opt("--use-prior/--no-prior", help="Prior preservation [on].")] = None,
     steps: Annotated[int | None, Opt(help="Optimizer steps [default: 3000 / processes].")] = None,
     lr: Annotated[float | None, Opt(help="Base learning rate [default: 1e-5].")] = None,
-    no_scale_lr: Annotated[bool, Opt("--no-scale-lr", help="Do not scale lr by the effective batch.")] = False,
+    scale_lr: Annotated[bool | None, Opt("--scale-lr/--no-scale-lr", help="Scale lr by the effective batch [on].")
+                        ] = None,
     batch_size: Annotated[int | None, Opt(help="Instance (and prior) images per process [default: 1].")] = None,
     grad_accum: Annotated[int | None, Opt(help="Micro-batches per optimizer step [default: 1].")] = None,
     resolution: Annotated[int | None, Opt(help="Training resolution [default: 512, tiny: 64].")] = None,
     seed: Annotated[int | None, Opt(help="Seed [default: 42].")] = None,
-    no_base_flow: Annotated[bool, Opt("--no-base-flow", help="Ablation: plain Custom-Diffusion training.")] = False,
-    fixed_template: Annotated[bool, Opt("--fixed-template", help="Ablation: 'photo of {}' for both flows.")] = False,
+    base_flow: Annotated[bool | None, Opt("--base-flow/--no-base-flow",
+                                          help="Dual flow [on]; off: plain Custom-Diffusion training.")] = None,
+    fixed_template: Annotated[bool | None, Opt("--fixed-template", help="Ablation: 'photo of {}' for both flows.")
+                              ] = None,
     kv_rank: Annotated[int | None, Opt(help="LoRA rank on to_k/to_v (0: full weights).")] = None,
-    gradient_checkpointing: Annotated[bool, Opt("--gradient-checkpointing")] = False,
-    compile_unet: Annotated[bool, Opt("--compile-unet", help="torch.compile the UNet (first step compiles).")] = False,
-    use_8bit_adam: Annotated[bool, Opt("--use-8bit-adam", help="8-bit AdamW (needs bitsandbytes).")] = False,
+    gradient_checkpointing: Annotated[bool | None, Opt("--gradient-checkpointing")] = None,
+    compile_unet: Annotated[bool | None, Opt("--compile-unet", help="torch.compile the UNet (first step compiles).")
+                            ] = None,
+    use_8bit_adam: Annotated[bool | None, Opt("--use-8bit-adam", help="8-bit AdamW (needs bitsandbytes).")] = None,
     mixed_precision: Annotated[str | None, Opt(help="auto, no, bf16 or fp16 [default: auto].")] = None,
     checkpoint_every: Annotated[int | None, Opt(help="Checkpoint period in steps, 0: off [default: 500].")] = None,
     resume: Annotated[str | None, Opt(help="'latest' or a checkpoint folder.")] = None,
-    log_tensorboard: Annotated[bool, Opt("--log-tensorboard", help="Write tensorboard logs.")] = False,
+    log_tensorboard: Annotated[bool | None, Opt("--log-tensorboard", help="Write tensorboard logs.")] = None,
     runs_dir: Annotated[str | None, Opt(help="Folder of run folders [default: runs].")] = None,
     bank_dir: Annotated[str | None, Opt(help="Bank folder [default: $LATEXBLEND_BANK or ./concept_bank].")] = None,
-    overwrite: Annotated[bool, Opt("--overwrite", help="Replace an existing run and bank of this name.")] = False,
+    overwrite: Annotated[bool | None, Opt("--overwrite", help="Replace an existing run and bank of this name.")
+                         ] = None,
     sets: Annotated[list[str] | None, Opt("--set", help="Any training setting, KEY=VALUE (repeatable).")] = None,
 ) -> None:
     """Stage 1: train one concept (dual flow), then write its bank (Stage 2)."""
-    from latexblend.config import farm_concept, train_settings
+    flags = dict(locals())  # every option is a TrainConfig field of the same name, except these:
+    for key in ("concept", "concepts_dir", "index", "sets"):
+        flags.pop(key)
+    from latexblend.config import farm_concept, farm_index, finished_bank, train_settings
 
-    flags = dict(images=images, class_noun=class_noun, name=name, model=model, prior=prior, steps=steps, lr=lr,
-                 batch_size=batch_size, grad_accum=grad_accum, resolution=resolution, seed=seed, kv_rank=kv_rank,
-                 resume=resume, mixed_precision=mixed_precision, checkpoint_every=checkpoint_every, runs_dir=runs_dir,
-                 bank_dir=bank_dir)
-    switches = dict(use_prior=not no_prior, scale_lr=not no_scale_lr, base_flow=not no_base_flow,
-                    fixed_template=fixed_template, gradient_checkpointing=gradient_checkpointing,
-                    compile_unet=compile_unet, use_8bit_adam=use_8bit_adam, log_tensorboard=log_tensorboard,
-                    overwrite=overwrite)
-    defaults = dict(use_prior=True, scale_lr=True, base_flow=True)
-    flags.update({k: v for k, v in switches.items() if v != defaults.get(k, False)})
-    farm = _farm_index(index, concept, images)
+    farm = farm_index(index, concept, images)
     if farm is not None:
         concept = farm_concept(concepts_dir, farm)
     cfg = train_settings(concept, concepts_dir, flags, sets)
-    if farm is not None and not cfg.overwrite:
-        from latexblend.bank import SUFFIX, bank_complete, bank_dir
-
-        bank = bank_dir(cfg.bank_dir) / f"{cfg.name}{SUFFIX}"
-        if bank_complete(bank):
-            typer.echo(f"skip: concept {farm} '{cfg.name}' already has a complete bank ({bank})")
-            return
+    if farm is not None and not cfg.overwrite and (bank := finished_bank(cfg)) is not None:
+        typer.echo(f"skip: concept {farm} '{cfg.name}' already has a complete bank ({bank})")
+        return
     _quiet_libraries()
     from latexblend.train import train
 
@@ -611,12 +508,12 @@ def prior_cmd(
     device: Annotated[str | None, Opt(help="cpu or cuda [default: cuda if available].")] = None,
 ) -> None:
     """Generate prior-preservation images of a class with the base model (resumable)."""
-    from latexblend.data import generate_prior, prior_missing
+    from latexblend.data import generate_prior, prior_complete
 
     out = out or Path("reg_data") / class_noun
     if num < 1:
         raise LatexBlendError(f"--num must be at least 1, got {num}")
-    if not prior_missing(out, num) and (out / "captions.txt").is_file():
+    if prior_complete(out, num):
         typer.echo(f"{out}: all {num} prior images exist; nothing to do")
         return
     _quiet_libraries()

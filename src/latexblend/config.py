@@ -67,6 +67,20 @@ def check_range(name: str, value: float, lo: float | None = None, hi: float | No
         raise LatexBlendError(f"{name} must be in {bounds}, got {value}")
 
 
+def check_guidance(window: float, step_size: float, layers: str) -> None:
+    """The bounds of the blending-guidance options, for settings and :class:`~latexblend.guidance.GuidanceOptions`."""
+    check_range("guidance_window", window, 0, 1)
+    if not step_size > 0:
+        raise LatexBlendError(f"guidance_step_size must be > 0, got {step_size}")
+    check_layer_spec(layers)
+
+
+def check_rectify(start: float, clusters: int) -> None:
+    """The bounds of the rectification options, for settings and :class:`~latexblend.rectify.RectifyOptions`."""
+    check_range("rectify_start", start, 0, 1)
+    check_range("rectify_clusters", clusters, 2, 64)
+
+
 def check_layer_spec(spec: str) -> None:
     """``all``, or comma-separated ``down`` / ``mid`` / ``up`` / inner dims / block prefixes."""
     if spec.strip() == "all":
@@ -119,12 +133,8 @@ class GenerateConfig:
         check_range("steps", self.steps, 1, 1000)
         check_range("cfg", self.cfg, 0)
         check_range("blend_start", self.blend_start, 0, 1)
-        check_range("guidance_window", self.guidance_window, 0, 1)
-        if not self.guidance_step_size > 0:
-            raise LatexBlendError(f"guidance_step_size must be > 0, got {self.guidance_step_size}")
-        check_layer_spec(self.guidance_layers)
-        check_range("rectify_start", self.rectify_start, 0, 1)
-        check_range("rectify_clusters", self.rectify_clusters, 2, 64)
+        check_guidance(self.guidance_window, self.guidance_step_size, self.guidance_layers)
+        check_rectify(self.rectify_start, self.rectify_clusters)
         for side in ("height", "width"):
             value = getattr(self, side)
             if value is not None and (value <= 0 or value % 8):
@@ -235,6 +245,43 @@ def farm_concept(concepts_dir: str | Path, index: int) -> str:
         raise LatexBlendError(f"--index {index} is out of range: {concepts_dir} holds {len(names)} concepts "
                               f"(0-{len(names) - 1})")
     return names[index]
+
+
+def farm_index(index: int | None, concept: str | None, images: str | None) -> int | None:
+    """The farm index: ``index``, else ``$SLURM_ARRAY_TASK_ID`` when no concept is named; never together
+    with a named concept or images."""
+    import os
+
+    if index is None and concept is None and images is None and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        try:
+            index = int(os.environ["SLURM_ARRAY_TASK_ID"])
+        except ValueError as err:
+            task = os.environ["SLURM_ARRAY_TASK_ID"]
+            raise LatexBlendError(f"SLURM_ARRAY_TASK_ID is not an integer: {task}") from err
+    if index is not None and (concept or images):
+        raise LatexBlendError("--index picks a concept from --concepts-dir; do not combine it with --concept/--images")
+    return index
+
+
+def finished_bank(cfg: TrainConfig) -> Path | None:
+    """The concept's bank when it already loads and checks (a farm re-run skips it), else ``None``."""
+    from latexblend.bank import bank_complete, bank_file
+
+    path = bank_file(cfg.name, cfg.bank_dir)
+    return path if bank_complete(path) else None
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """The prompts of a prompts file: one per line, blank lines and ``#`` lines skipped."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise LatexBlendError(f"cannot read prompts file {path}: {err.strerror or err}") from err
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise LatexBlendError(f"prompts file {path} has no prompts")
+    return prompts
 
 
 def train_settings(concept: str | None, concepts_dir: str | Path, flags: dict[str, Any],

@@ -47,26 +47,27 @@ def open_image(path: str | Path) -> Image.Image:
         raise LatexBlendError(f"{path} is not a readable image ({type(err).__name__}): remove or replace it") from err
 
 
-def list_images(folder: str | Path, what: str = "image") -> list[Path]:
-    """The image files of ``folder`` in sorted order, each checked to decode.
+def list_images(folder: str | Path, what: str = "image", strict: bool = True) -> list[Path]:
+    """The image files of ``folder`` (by suffix, hidden files left out) in sorted order.
 
-    Refused with one line: a missing folder, a folder without images, a file that is not an image
-    (other than the caption/list files in :data:`SIDE_FILES`), an image that does not decode.
+    Refused with one line: a missing folder, a folder without images. ``strict`` (training data): also
+    an image that does not decode and a file that is not an image (other than the caption/list files in
+    :data:`SIDE_FILES`). Not strict (evaluation references): other files are ignored and images are not
+    opened, so that the caller can report or skip each unreadable one.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise LatexBlendError(f"{what} folder {folder} does not exist")
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    images = []
-    for path in files:
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    for path in files if strict else ():
         if path.suffix.lower() in IMAGE_SUFFIXES:
             open_image(path)
-            images.append(path)
         elif path.name not in SIDE_FILES:
             raise LatexBlendError(f"{path} is not an image (expected {', '.join(IMAGE_SUFFIXES)}); move it out of "
                                   f"the {what} folder")
     if not images:
-        raise LatexBlendError(f"{what} folder {folder} holds no images")
+        raise LatexBlendError(f"{what} folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return images
 
 
@@ -202,6 +203,11 @@ def prior_missing(out: str | Path, num: int) -> list[int]:
     return [i for i in range(num) if not (Path(out) / f"{i:05d}.png").is_file()]
 
 
+def prior_complete(out: str | Path, num: int) -> bool:
+    """All ``num`` prior images and their ``captions.txt`` are in ``out``."""
+    return not prior_missing(out, num) and (Path(out) / "captions.txt").is_file()
+
+
 def generate_prior(pipe, class_noun: str, num: int, out: str | Path, seed: int = 0, steps: int = 50,
                    cfg: float = 6.0, resolution: int | None = None, progress: bool = True) -> tuple[int, Path]:
     """Generate ``num`` class images ``00000.png``... into ``out`` with the base model.
@@ -214,10 +220,9 @@ def generate_prior(pipe, class_noun: str, num: int, out: str | Path, seed: int =
     from tqdm.auto import tqdm
 
     out = Path(out)
-    todo = prior_missing(out, num)
-    captions = out / "captions.txt"
-    if not todo and captions.is_file():
+    if prior_complete(out, num):
         return 0, out
+    todo = prior_missing(out, num)
     size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     for i in tqdm(todo, desc=f"prior '{class_noun}'", disable=not progress):
         g = torch.Generator("cpu").manual_seed(seed + i)
@@ -225,7 +230,7 @@ def generate_prior(pipe, class_noun: str, num: int, out: str | Path, seed: int =
                      generator=g).images[0]
         with atomic_path(out / f"{i:05d}.png") as tmp:
             image.save(tmp, format="PNG")
-    write_text_atomic(captions, "\n".join([class_noun] * num) + "\n")
+    write_text_atomic(out / "captions.txt", "\n".join([class_noun] * num) + "\n")
     return len(todo), out
 
 

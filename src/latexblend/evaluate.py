@@ -20,14 +20,15 @@ import json
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from latexblend.data import IMAGE_SUFFIXES, open_image
+from latexblend.data import list_images, open_image
 from latexblend.errors import LatexBlendError
 from latexblend.fileio import atomic_path, write_text_atomic
+from latexblend.samples import SampleImage, Samples, read_samples
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -96,104 +97,7 @@ def preprocess(images: Sequence[Image.Image], spec: Preprocess) -> torch.Tensor:
     return (torch.stack(out) - mean) / std
 
 
-# --------------------------------------------------------------------------- the samples folder
-
-
-@dataclass
-class SampleImage:
-    file: str
-    path: Path
-    prompt_index: int
-    prompt: str
-    expanded_prompt: str
-    concepts: list[str]
-    seed: int | None = None
-
-
-@dataclass
-class Samples:
-    folder: Path
-    metadata: dict
-    images: list[SampleImage]
-    concepts: dict[str, dict] = field(default_factory=dict)
-
-
-def _read_metadata(folder: Path) -> dict:
-    meta_path = folder / "metadata.json"
-    if not folder.is_dir():
-        raise LatexBlendError(f"samples folder {folder} does not exist")
-    if not meta_path.is_file():
-        raise LatexBlendError(f"{folder} has no metadata.json: not a `latexblend generate` output folder")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise LatexBlendError(f"cannot parse {meta_path}: {err}") from err
-    if not isinstance(meta, dict) or meta.get("format") != "latexblend-samples":
-        raise LatexBlendError(f"{meta_path} is not a latexblend-samples metadata file (format field)")
-    if not isinstance(meta.get("images"), list) or not meta["images"]:
-        raise LatexBlendError(f"{meta_path} lists no images")
-    return meta
-
-
-def _inside(folder: Path, relative: str) -> Path:
-    """``folder / relative``, refusing absolute paths and paths that leave ``folder``."""
-    pure = PurePosixPath(relative)
-    if not relative or pure.is_absolute() or ".." in pure.parts or Path(relative).is_absolute():
-        raise LatexBlendError(f"image path '{relative}' in {folder}/metadata.json must be relative and inside it")
-    return folder / pure
-
-
-def _sample_image(folder: Path, entry: Any, concepts: Mapping[str, dict]) -> SampleImage:
-    if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) or "prompt" not in entry:
-        raise LatexBlendError(f"{folder}/metadata.json: an image entry lacks 'file' or 'prompt': {entry!r:.80}")
-    names = list(entry.get("concepts") or [])
-    unknown = [n for n in names if n not in concepts]
-    if unknown:
-        raise LatexBlendError(f"{folder}/metadata.json: image {entry['file']} uses concepts {unknown} "
-                              "that are not in its 'concepts' section")
-    return SampleImage(file=entry["file"], path=_inside(folder, entry["file"]),
-                       prompt_index=int(entry.get("prompt_index", 0)), prompt=str(entry["prompt"]),
-                       expanded_prompt=str(entry.get("expanded_prompt") or entry["prompt"]), concepts=names,
-                       seed=entry.get("seed"))
-
-
-def read_samples(folder: str | Path) -> Samples:
-    """Parse ``folder/metadata.json`` (docs/OUTPUT_FORMAT.md); clear errors on a malformed folder."""
-    folder = Path(folder)
-    meta = _read_metadata(folder)
-    concepts = meta.get("concepts") or {}
-    if not isinstance(concepts, dict):
-        raise LatexBlendError(f"{folder}/metadata.json: 'concepts' must be an object")
-    images = [_sample_image(folder, entry, concepts) for entry in meta["images"]]
-    return Samples(folder=folder, metadata=meta, images=images, concepts=concepts)
-
-
-def samples_complete(folder: str | Path, num_prompts: int | None = None) -> bool:
-    """True when ``folder`` holds a readable metadata.json whose image files all exist.
-
-    With ``num_prompts``, every prompt index ``0..num_prompts-1`` must also have at least one image.
-    """
-    try:
-        samples = read_samples(folder)
-    except LatexBlendError:
-        return False
-    if not all(img.path.is_file() for img in samples.images):
-        return False
-    return num_prompts is None or {img.prompt_index for img in samples.images} >= set(range(num_prompts))
-
-
 # --------------------------------------------------------------------------- references
-
-
-def list_images(folder: str | Path) -> list[Path]:
-    """Image files directly in ``folder`` (sorted); an error if the folder is missing or has none."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise LatexBlendError(f"references folder {folder} does not exist")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise LatexBlendError(f"references folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)})")
-    return files
 
 
 def parse_reference_flags(flags: Sequence[str], concept_names: Sequence[str]) -> dict[str, Path]:
@@ -235,7 +139,7 @@ def resolve_references(samples: Samples, overrides: Mapping[str, str | Path]) ->
             skipped.append({"kind": "concept", "name": name,
                             "reason": "no references recorded in metadata.json and none given with --references"})
             continue
-        refs[name] = list_images(folder)
+        refs[name] = list_images(folder, "references", strict=False)
     return refs, skipped
 
 
@@ -255,14 +159,12 @@ class Models:
 
 
 def _load(loader: Callable, model_id: str, flag: str, **kwargs):
+    from latexblend.models import load_error
+
     try:
         return loader(model_id, **kwargs)
     except Exception as err:  # hub, file-system and format errors all mean the same to a user
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise LatexBlendError(
-            f"cannot load model '{model_id}' ({type(err).__name__}: {first[:200]}); download it with "
-            f"`hf download {model_id} --local-dir DIR` on a machine with network and pass {flag} DIR"
-        ) from err
+        raise load_error(model_id, model_id, err, flag) from err
 
 
 def load_models(clip_model: str = DEFAULT_CLIP, dino_model: str = DEFAULT_DINO, device: str | None = None) -> Models:
@@ -428,14 +330,18 @@ def _settings(models: Models, policy: str, batch_size: int, refs: Mapping[str, l
             "references": {name: {"n": len(paths), "files": [str(p) for p in paths]} for name, paths in refs.items()}}
 
 
+def check_text_policy(policy: str) -> None:
+    if policy not in TEXT_POLICIES:
+        raise LatexBlendError(f"unknown text policy '{policy}'; choose one of {', '.join(TEXT_POLICIES)}")
+
+
 def evaluate_samples(samples_dir: str | Path, models: Models, references: Mapping[str, str | Path] | None = None,
                      text_policy: str = "expanded", skip_bad: bool = False, batch_size: int = 32) -> dict:
     """Score every image of a ``generate`` output folder; returns the ``metrics.json`` content.
 
     Nothing is written. Unreadable images are an error, or with ``skip_bad`` listed in ``skipped``.
     """
-    if text_policy not in TEXT_POLICIES:
-        raise LatexBlendError(f"unknown text policy '{text_policy}'; choose one of {', '.join(TEXT_POLICIES)}")
+    check_text_policy(text_policy)
     samples = read_samples(samples_dir)
     refs, skipped = resolve_references(samples, references or {})
     missing = [img for img in samples.images if not img.path.is_file()]

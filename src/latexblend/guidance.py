@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from latexblend.attention import MapState
+from latexblend.config import check_guidance
 from latexblend.errors import LatexBlendError
 from latexblend.tokens import Span
 
@@ -43,10 +44,7 @@ class GuidanceOptions:
     checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.window <= 1.0:
-            raise LatexBlendError(f"guidance_window must be in [0, 1], got {self.window}")
-        if not self.step_size > 0:
-            raise LatexBlendError(f"guidance_step_size must be > 0, got {self.step_size}")
+        check_guidance(self.window, self.step_size, self.layers)
 
 
 def select_layers(shapes: Mapping[str, int], spec: str) -> list[str]:

@@ -82,72 +82,73 @@ def sdxl_unet_config() -> dict:
     )
 
 
-def build_tiny_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
-    """All seven SDXL components at toy size, seeded, with the real CLIP tokenizers (~1 s on CPU)."""
-    import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+def tiny_components() -> dict:
+    """The tiny model's UNet, VAE and the two text encoders' configurations."""
+    from latexblend.tokens import BOS_ID, EOS_ID
 
-    from latexblend.tokens import BOS_ID, EOS_ID, build_clip_tokenizer
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**tiny_unet_config())
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=64, norm_num_groups=8,
-        block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.13025,
-    )
-    text_cfg = dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                    num_hidden_layers=3, max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5,
-                    bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=1, projection_dim=32)
-    torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
-    torch.manual_seed(seed + 3)
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_cfg))
-    scheduler = EulerDiscreteScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        steps_offset=1, timestep_spacing="leading", prediction_type="epsilon",
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = build_clip_tokenizer(Path(tmp) / "t1")
-        tokenizer_2 = build_clip_tokenizer(Path(tmp) / "t2", pad_token="!")
-    return StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
-    )
+    text = dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=3,
+                max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5, bos_token_id=BOS_ID,
+                eos_token_id=EOS_ID, pad_token_id=1, projection_dim=32)
+    vae = dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=64, norm_num_groups=8,
+               block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+               up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.13025)
+    return dict(unet=tiny_unet_config(), vae=vae, text=text, text_2=text)
 
 
-def build_sdxl_random(device: str = "cuda", dtype: str = "bf16", seed: int = 0) -> StableDiffusionXLPipeline:
-    """The full SDXL-base architecture (UNet, VAE, CLIP-L and bigG encoders) with random weights,
-    built directly on ``device``: speed and memory figures without a checkpoint."""
-    import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+def sdxl_components() -> dict:
+    """SDXL-base 1.0's UNet, VAE, CLIP ViT-L and OpenCLIP bigG configurations."""
+    from latexblend.tokens import BOS_ID, EOS_ID
 
-    from latexblend.tokens import BOS_ID, EOS_ID, build_clip_tokenizer
-
-    torch.manual_seed(seed)
     common = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
                   pad_token_id=1, layer_norm_eps=1e-5)
+    vae = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+               up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2, sample_size=1024,
+               scaling_factor=0.13025, force_upcast=True)
+    text = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                hidden_act="quick_gelu", projection_dim=768, **common)
+    text_2 = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+                  hidden_act="gelu", projection_dim=1280, **common)
+    return dict(unet=sdxl_unet_config(), vae=vae, text=text, text_2=text_2)
+
+
+def build_random_pipeline(components: dict, seed: int = 0, device: str = "cpu") -> StableDiffusionXLPipeline:
+    """An SDXL pipeline of ``components`` (:func:`tiny_components`, :func:`sdxl_components`) with seeded
+    random weights built on ``device`` (component ``i`` of UNet, VAE, text encoders seeded ``seed + i``),
+    the real CLIP tokenizers and SDXL's Euler scheduler."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from latexblend.tokens import build_clip_tokenizer
+
+    builders = ((UNet2DConditionModel, components["unet"]), (AutoencoderKL, components["vae"]),
+                (CLIPTextModel, CLIPTextConfig(**components["text"])),
+                (CLIPTextModelWithProjection, CLIPTextConfig(**components["text_2"])))
+    models = []
     with torch.device(device):
-        unet = UNet2DConditionModel(**sdxl_unet_config())
-        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                            up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2,
-                            sample_size=1024, scaling_factor=0.13025, force_upcast=True)
-        te1 = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
-                                           num_hidden_layers=12, hidden_act="quick_gelu", projection_dim=768, **common))
-        te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120,
-                                                         num_attention_heads=20, num_hidden_layers=32,
-                                                         hidden_act="gelu", projection_dim=1280, **common))
+        for i, (cls, config) in enumerate(builders):
+            torch.manual_seed(seed + i)
+            models.append(cls(**config) if isinstance(config, dict) else cls(config))
     scheduler = EulerDiscreteScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         steps_offset=1, timestep_spacing="leading", prediction_type="epsilon",
     )
     with tempfile.TemporaryDirectory() as tmp:
         tok1, tok2 = build_clip_tokenizer(Path(tmp) / "t1"), build_clip_tokenizer(Path(tmp) / "t2", pad_token="!")
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1,
+    unet, vae, te1, te2 = models
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1,
                                      tokenizer_2=tok2, unet=unet, scheduler=scheduler)
+
+
+def build_tiny_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
+    """All seven SDXL components at toy size, seeded, with the real CLIP tokenizers (~1 s on CPU)."""
+    return build_random_pipeline(tiny_components(), seed)
+
+
+def build_sdxl_random(device: str = "cuda", dtype: str = "bf16", seed: int = 0) -> StableDiffusionXLPipeline:
+    """The full SDXL-base architecture (UNet, VAE, CLIP-L and bigG encoders) with random weights,
+    built directly on ``device``: speed and memory figures without a checkpoint."""
+    pipe = build_random_pipeline(sdxl_components(), seed, device)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device, resolve_dtype(dtype, device))
 
@@ -253,12 +254,12 @@ def load_pipeline(model: str = "tiny", device: str | None = None, dtype: str = "
     return pipe.to(device)
 
 
-def load_error(model: str, source: str, err: Exception) -> LatexBlendError:
-    """One-line error for a model that failed to load, naming it and how to pass a local folder."""
+def load_error(model: str, source: str, err: Exception, flag: str = "--model") -> LatexBlendError:
+    """One-line error for a model that failed to load, naming it and how to pass a local folder with ``flag``."""
     first = (str(err).strip().splitlines() or [type(err).__name__])[0]
     return LatexBlendError(
         f"cannot load model '{model}' ({type(err).__name__}: {first[:200]}); download it with "
-        f"`hf download {source} --local-dir DIR` on a machine with network and pass --model DIR"
+        f"`hf download {source} --local-dir DIR` on a machine with network and pass {flag} DIR"
     )
 
 

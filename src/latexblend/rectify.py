@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from latexblend.config import check_rectify
 from latexblend.errors import LatexBlendError
 from latexblend.tokens import Span
 
@@ -32,10 +33,7 @@ class RectifyOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.start <= 1.0:
-            raise LatexBlendError(f"rectify_start must be in [0, 1], got {self.start}")
-        if self.clusters < 2:
-            raise LatexBlendError(f"rectify_clusters must be at least 2, got {self.clusters}")
+        check_rectify(self.start, self.clusters)
 
 
 #: Up to this many pixels (1024: SDXL at 512 px) the eigenvectors come from a full float64 eigendecomposition;

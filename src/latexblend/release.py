@@ -1,0 +1,115 @@
+"""The authors' release: its inference JSON (``generate --config inference.json``) and its ``.pt``
+concept banks (``bank import``), read into our settings and bank format.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from latexblend.bank import ConceptBank, bank_dir, check_name, checked_file, load_bank, validate_bank
+from latexblend.errors import LatexBlendError
+
+
+def settings_file(path: str | Path, directory: str | Path | None = None) -> dict:
+    """The settings in a ``generate --config`` file: ours (a YAML/JSON mapping) or, sniffed by its
+    ``[`` start, the authors' inference JSON (banks looked up in ``directory``)."""
+    from latexblend.config import load_mapping
+
+    path = Path(path)
+    if path.suffix == ".json" and path.is_file() and path.read_text(encoding="utf-8").lstrip().startswith("["):
+        return release_config(path, directory)
+    return load_mapping(path)
+
+
+def release_config(path: str | Path, directory: str | Path | None = None) -> dict:
+    """Settings from the authors' ``inference.json`` (its first element), with banks converted by
+    ``latexblend bank import`` (``concept_bank/n_2_dog_1500.pt`` -> ``<bank dir>/n_2_dog_1500.safetensors``)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise LatexBlendError(f"cannot read release config {path}: {err}") from err
+    entry = data[0] if isinstance(data, list) and data else data
+    if not isinstance(entry, dict) or "prompt" not in entry:
+        raise LatexBlendError(f"{path}: expected a list whose first element has a 'prompt'")
+    concepts = []
+    for i in range(1, int(entry.get("concept_num", 0)) + 1):
+        spec = entry.get(f"concept{i}") or {}
+        if "concept_bank" not in spec or "class_noun" not in spec:
+            raise LatexBlendError(f"{path}: concept{i} needs 'concept_bank' and 'class_noun'")
+        stem = Path(spec["concept_bank"]).stem
+        found = [p for p in (Path(spec["concept_bank"]).with_suffix(".safetensors"),
+                             bank_dir(directory) / f"{stem}.safetensors") if p.is_file()]
+        if not found:
+            raise LatexBlendError(
+                f"{path}: concept{i} bank {spec['concept_bank']} has no converted bank; run `latexblend bank "
+                f"import {spec['concept_bank']} --class-noun {spec['class_noun']} --name {stem}`"
+            )
+        bank = load_bank(found[0])
+        if bank.class_noun != spec["class_noun"]:
+            raise LatexBlendError(f"{path}: concept{i} class noun '{spec['class_noun']}' but its bank's is "
+                                  f"'{bank.class_noun}'")
+        concepts.append(str(found[0]))
+    out = {"prompts": [entry["prompt"]], "concepts": concepts, "num_images": entry.get("batch_size"),
+           "steps": entry.get("num_inference_steps"), "blend_start": entry.get("blending_start"),
+           **_release_steering(entry)}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _release_steering(entry: dict) -> dict:
+    """The release's guidance/rectification keys in our units: its ``guidance_steps`` first steps of
+    ``num_inference_steps`` become ``guidance_window = 1 - guidance_steps / num_inference_steps`` (exact
+    for the default leading timestep spacing: 20 of 100 -> 0.8)."""
+    out = {"guidance": bool(entry.get("blending_guidance")) or None,
+           "guidance_step_size": entry.get("guidance_stepsize"),
+           "rectify": bool(entry.get("self_rectification")) or None,
+           "rectify_start": entry.get("rectification_start")}
+    if entry.get("guidance_steps") is not None:
+        total = entry.get("num_inference_steps") or 100
+        out["guidance_window"] = round(1 - float(entry["guidance_steps"]) / float(total), 6)
+    return out
+
+
+# --------------------------------------------------------------------------- release .pt banks
+
+
+def import_release_bank(path: str | Path, class_noun: str, name: str, tokenizer,
+                        base_model: str = "unknown", fingerprint: str | None = None) -> ConceptBank:
+    """Convert a bank saved by the authors' release (``torch.save`` of
+    ``{"<...>.attn2.processor": {"k": [L, C], "v": [L, C]}}``) into a :class:`ConceptBank`.
+
+    The file is read with ``weights_only=True`` (no arbitrary unpickling) onto the CPU; tensors that
+    are views of larger ones are copied down to their own rows, so nothing extra is kept.
+    """
+    import torch
+
+    path = checked_file(Path(path))
+    try:
+        raw = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise LatexBlendError(f"{path} is not a loadable release bank (torch.save of tensors): {err}") from err
+    if not isinstance(raw, dict) or not raw:
+        raise LatexBlendError(f"{path} does not hold a dict of layers; not a release concept bank")
+    noun_ids = list(tokenizer(class_noun, add_special_tokens=False).input_ids)
+    k, v = {}, {}
+    for key, entry in raw.items():
+        layer = str(key).removesuffix(".processor")
+        if not layer.endswith("attn2") or not isinstance(entry, dict) or not {"k", "v"} <= set(entry):
+            raise LatexBlendError(f"{path}: entry '{key}' is not an attn2 layer with 'k' and 'v' tensors")
+        for store, tensor in ((k, entry["k"]), (v, entry["v"])):
+            t = tensor.detach()
+            while t.ndim > 2 and t.shape[0] == 1:
+                t = t[0]
+            store[layer] = t.contiguous().clone()
+    rows = next(iter(k.values())).shape[0]
+    if rows != 1 + len(noun_ids):
+        raise LatexBlendError(
+            f"{path} holds {rows} rows per layer, but '{class_noun}' is {len(noun_ids)} token(s) "
+            f"(expected {1 + len(noun_ids)} rows): is --class-noun right?"
+        )
+    bank = ConceptBank(name=check_name(name), class_noun=class_noun, noun_ids=noun_ids, k=k, v=v,
+                       extraction_prompt=f"photo of <new1> {class_noun}", base_model=base_model,
+                       fingerprint=fingerprint, training={"imported_from": path.name})
+    validate_bank(bank)
+    return bank
