@@ -13,20 +13,9 @@ import statistics
 import time
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from latexblend.device import synchronize
+from latexblend.device import OpCounter, synchronize
 from latexblend.models import attn2_shapes, build_sdxl_random
-
-
-class OpCount(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def main() -> None:
@@ -49,7 +38,7 @@ def main() -> None:
             optimizer.step()
             synchronize(device)
             times.append(time.perf_counter() - start)
-        counter = OpCount()
+        counter = OpCounter()
         with counter:
             optimizer.step()
         print(f"{name}: {statistics.median(times):.3f} s per step, {counter.count} aten ops")

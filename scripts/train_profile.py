@@ -12,34 +12,15 @@ step counters outside the fused kernel) cost no sync on a GPU: each read is list
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import tempfile
-import traceback
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from latexblend.bench import _train_setup
+from latexblend.device import OpCounter
 from latexblend.train import fill_prior_cache, make_optimizer, step_tflop, train_step
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts every aten op, and each scalar read with the latexblend / torch.optim frame that asked for it."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = 0
-        self.reads: collections.Counter = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops += 1
-        if func is torch.ops.aten._local_scalar_dense.default:
-            frames = [f for f in traceback.extract_stack() if "latexblend" in f.filename or "optim" in f.filename]
-            where = f"{Path(frames[-1].filename).name}:{frames[-1].name}" if frames else "other"
-            self.reads[f"{where} ({args[0].device.type})"] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def main() -> None:
@@ -63,7 +44,7 @@ def main() -> None:
             for step in range(1, 1 + args.steps):
                 train_step(setup, optimizer, acc, step, params)
         result = {"model": args.model, "size": setup.size, "grad_accum": args.grad_accum, "tflop_per_step": tflop,
-                  "ops_per_step": counter.ops / args.steps,
+                  "ops_per_step": counter.count / args.steps,
                   "scalar_reads_per_step": {k: v / args.steps for k, v in sorted(counter.reads.items())}}
         print(json.dumps(result, indent=2))
         if args.out:

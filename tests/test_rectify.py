@@ -4,6 +4,7 @@ import torch
 
 from conftest import random_bank
 from latexblend.blend import apply
+from latexblend.device import OpCounter
 from latexblend.errors import LatexBlendError
 from latexblend.guidance import layer_hw
 from latexblend.rectify import RectifyOptions, coefficients, concept_masks, match_clusters, modulate, resize_masks
@@ -139,16 +140,6 @@ def test_rectification_on_the_tiny_model_any_size_and_reproducible(tiny_pipe, si
     assert not np.array_equal(img, plain)  # the modulation changed the image
 
 
-class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _last_main_call_ops(pipe, n):
     """Ops dispatched by the last main UNet call (CFG batch of 2; the capture pass has 1) of a
     3-step rectified generation with ``n`` concepts."""
@@ -156,7 +147,7 @@ def _last_main_call_ops(pipe, n):
 
     def enter(module, args, kwargs):
         if args[0].shape[0] == 2:
-            calls.append(_CountOps())
+            calls.append(OpCounter())
             calls[-1].__enter__()
 
     def leave(module, args, output):

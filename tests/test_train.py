@@ -587,3 +587,21 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_dir, concept_di
     assert r.exit_code == 2, r.output
     assert r.output.startswith("error: ") and r.output.count("\n") == 1 and message in r.output
     assert not (tmp_path / "runs").exists() and not (tmp_path / "banks").exists()
+
+
+def test_a_training_step_reads_no_value_back_except_its_cpu_data_draws(tiny_dir, concept_dir, prior_dir):
+    """No ``.item()`` / ``float()`` on the step's tensors (on a GPU each would make the host wait for the
+    device): the only scalar reads are the data draws from the step's CPU generator; the fused
+    optimizer reads none (the default per-tensor AdamW read one step counter per tensor)."""
+    from latexblend.device import OpCounter
+    from latexblend.train import accelerator, make_optimizer, train_step
+
+    s = setup_for(config(tiny_dir, concept_dir, prior_dir))
+    params = s.parameters()
+    acc, _ = accelerator("no", "cpu")
+    optimizer = make_optimizer(s.cfg, params, 1e-5)
+    train_step(s, optimizer, acc, 0, params)
+    with OpCounter() as ops:
+        losses = train_step(s, optimizer, acc, 1, params)
+    assert ops.count > 1000 and ops.reads and all(where.startswith("data.py:") for where in ops.reads), ops.reads
+    assert losses.shape == (3,) and not losses.requires_grad

@@ -1,15 +1,19 @@
-"""What we run on: the default device, its name, peak memory, the software versions, and the FLOP
-utilisation (MFU) of a measured rate against the device's datasheet peak. One place for what
+"""What we run on: the default device, its name, peak memory, the software versions, op and FLOP
+counts, and the FLOP utilisation (MFU) of a measured rate against the device's datasheet peak. One place for what
 ``run.json`` and every benchmark report about the machine."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import platform
 import time
+import traceback
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 #: Dense bf16 datasheet peak per device name (substring match), TFLOP/s, for MFU.
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "B200": 2250.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0,
@@ -134,3 +138,24 @@ def count_tflop(fn: Callable[[], object]) -> float:
     with flop_counter() as counter:
         fn()
     return counter.tflop()
+
+
+class OpCounter(TorchDispatchMode):
+    """Inside ``with OpCounter() as ops``: ``ops.count``, the aten ops dispatched (on a GPU, about the kernels
+    launched), and ``ops.reads``, each scalar read (``aten::_local_scalar_dense``: ``.item()``, ``float()``,
+    ``.tolist()``; a device sync when the tensor is on a GPU) counted by the latexblend or torch.optim
+    function that asked for it and the tensor's device type."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+        self.reads: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        if func is torch.ops.aten._local_scalar_dense.default:
+            frames = [f for f in traceback.extract_stack()[:-1] if f.filename != __file__
+                      and ("latexblend" in f.filename or "optim" in f.filename)]
+            where = f"{Path(frames[-1].filename).name}:{frames[-1].name}" if frames else "other"
+            self.reads[f"{where} ({args[0].device.type})"] += 1
+        return func(*args, **(kwargs or {}))
