@@ -56,5 +56,8 @@ Done. Everything is under $W/:
   concept banks    $W/concept_bank/corgi.safetensors, $W/concept_bank/castle.safetensors
   blended images   $W/out/blended/   (p000_grid.png, metadata.json)
   plain images     $W/out/plain/     (same seeds, no concepts)
-Next: latexblend bank inspect corgi --dir $W/concept_bank
+The banks are in $W/concept_bank, not ./concept_bank: pass --dir (or set LATEXBLEND_BANK), e.g.
+  latexblend bank ls --dir $W/concept_bank
+  latexblend bank inspect corgi --dir $W/concept_bank
+  latexblend generate --prompt "<corgi> near <castle>" --dir $W/concept_bank --model tiny --steps $GEN_STEPS
 DONE

@@ -38,6 +38,44 @@ def test_round_trip_keeps_numbers_and_metadata(tiny_pipe, tmp_path):
     verify_bank(back, tiny_pipe.unet, tiny_pipe.tokenizer)  # fits the model it was made for
 
 
+def test_identical_banks_are_identical_files(tiny_pipe, tmp_path):
+    paths = [save_bank(random_bank(tiny_pipe.unet), tmp_path / f"{i}.safetensors") for i in range(3)]
+    assert len({p.read_bytes() for p in paths}) == 1
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_rows_are_never_written_or_read(tiny_pipe, tmp_path, value):
+    bank = random_bank(tiny_pipe.unet)
+    good = save_bank(bank, tmp_path / "good.safetensors")
+    bank.v[bank.layers[3]][1, 2] = value
+    with pytest.raises(LatexBlendError, match="holds NaN or infinite values"):
+        save_bank(bank, tmp_path / "bad.safetensors")
+    assert not (tmp_path / "bad.safetensors").exists()
+    from safetensors.torch import load_file, save_file
+
+    from latexblend.bank import FORMAT
+
+    tensors = load_file(str(good))
+    tensors[f"{bank.layers[3]}.v"][1, 2] = value
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={**bank.metadata(), "format": FORMAT})
+    with pytest.raises(LatexBlendError, match="holds NaN or infinite values"):
+        load_bank(tmp_path / "bad.safetensors")
+
+
+def test_one_bad_file_does_not_break_bank_ls(tiny_pipe, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    good = save_bank(random_bank(tiny_pipe.unet), tmp_path / "corgi.safetensors")
+    for key, value in (("format_version", "x"), ("noun_token_ids", "5"), ("training", "[1]"), ("name", "../up")):
+        meta = {**load_bank(good).metadata(), key: value}
+        save_file(load_file(str(good)), str(tmp_path / f"bad_{key}.safetensors"), metadata=meta)
+    result = cli("bank", "ls", "--dir", tmp_path)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert len(lines) == 6 and lines[5].startswith("corgi ") and "Traceback" not in result.output
+    assert all(line.startswith("bad_") and "unreadable" in line for line in lines[1:5])
+
+
 def test_verify_refuses_other_model(tiny_pipe):
     bank = random_bank(tiny_pipe.unet)
     other = build_tiny_pipeline(seed=7).unet
@@ -183,7 +221,7 @@ def test_import_wrong_class_noun_and_bad_files(tmp_path, tokenizer, tiny_pipe):
     with pytest.raises(LatexBlendError, match="not an attn2 layer"):
         import_release_bank(tmp_path / "odd.pt", "dog", "x", tokenizer)
     (tmp_path / "junk.pt").write_bytes(b"nope")
-    with pytest.raises(LatexBlendError, match="not a loadable release bank"):
+    with pytest.raises(LatexBlendError, match="junk.pt is not a torch.save file"):
         import_release_bank(tmp_path / "junk.pt", "dog", "x", tokenizer)
 
 
@@ -195,7 +233,7 @@ class _Payload:
 def test_import_never_unpickles_code(tmp_path, tokenizer):
     src = tmp_path / "evil.pt"
     torch.save({"x.attn2.processor": {"k": _Payload(), "v": torch.zeros(2, 4)}}, src)
-    with pytest.raises(LatexBlendError, match="not a loadable release bank"):
+    with pytest.raises(LatexBlendError, match="evil.pt is refused as unsafe"):
         import_release_bank(src, "dog", "evil", tokenizer)
 
 

@@ -2,7 +2,8 @@ import os
 
 import pytest
 
-from latexblend.fileio import atomic_path, write_text_atomic
+from latexblend.errors import LatexBlendError
+from latexblend.fileio import LOCK_FILE, atomic_path, claim_folder, safe_name, save_safetensors, write_text_atomic
 
 
 def test_atomic_write_has_umask_permissions(tmp_path):
@@ -22,3 +23,76 @@ def test_atomic_write_failure_keeps_old_content(tmp_path):
         raise RuntimeError("crash")
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_safetensors_metadata_is_sorted_and_identical_saves_are_identical_bytes(tmp_path):
+    """safetensors writes its metadata in hash order, different from one call to the next (issue 12, item 10)."""
+    import json
+
+    import torch
+    from safetensors import safe_open
+
+    tensors = {"b": torch.arange(6.0).view(2, 3), "a": torch.ones(4, dtype=torch.float16)}
+    meta = {k: f"value {k} é" for k in ("name", "zeta", "alpha", "format", "m", "training", "dtype", "class_noun")}
+    paths = [save_safetensors(tensors, tmp_path / f"{i}.safetensors", meta) for i in range(4)]
+    assert len({p.read_bytes() for p in paths}) == 1
+    data = paths[0].read_bytes()
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    assert list(header["__metadata__"]) == sorted(meta)
+    with safe_open(str(paths[0]), framework="pt") as f:
+        assert f.metadata() == meta and torch.equal(f.get_tensor("b"), tensors["b"])
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "..", ".hidden", "", " a", "a ", "x" * 101, None, 7, "a\\b"])
+def test_unsafe_names_are_refused(name):
+    with pytest.raises(LatexBlendError, match="is not allowed"):
+        safe_name(name)
+
+
+def test_safe_names_pass_and_spaces_only_when_allowed():
+    assert safe_name("corgi-2.v1_x") == "corgi-2.v1_x"
+    assert safe_name("guitar amplifier", spaces=True) == "guitar amplifier"
+    with pytest.raises(LatexBlendError, match="is not allowed"):
+        safe_name("guitar amplifier")
+    with pytest.raises(LatexBlendError, match="is not allowed"):
+        safe_name("../dog", spaces=True)
+
+
+def test_claim_folder_refuses_a_folder_in_use_and_takes_over_a_stale_lock(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    with claim_folder(out, "generate") as path:
+        assert (path / LOCK_FILE).read_text().split()[0] == str(os.getpid())
+        other = subprocess.run([sys.executable, "-c", CLAIM.format(out=str(out))], capture_output=True, text=True)
+        assert other.returncode == 3 and f"{out} is in use by another generate (pid {os.getpid()})" in other.stdout
+    assert not (out / LOCK_FILE).exists() and out.is_dir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / LOCK_FILE).write_text(f"{dead.pid}\n")  # left by a process that has ended
+    with claim_folder(out, "generate"):
+        assert (out / LOCK_FILE).read_text().split()[0] == str(os.getpid())
+    assert not (out / LOCK_FILE).exists()
+
+
+CLAIM = """
+from latexblend.errors import LatexBlendError
+from latexblend.fileio import claim_folder
+try:
+    with claim_folder({out!r}, "generate"):
+        pass
+except LatexBlendError as err:
+    print(err)
+    raise SystemExit(3)
+"""
+
+
+def test_claim_folder_removes_the_folder_it_created_when_the_block_fails(tmp_path):
+    with pytest.raises(LatexBlendError), claim_folder(tmp_path / "new" / "deeper"):
+        raise LatexBlendError("bad input")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "old").mkdir()
+    with pytest.raises(LatexBlendError), claim_folder(tmp_path / "old"):
+        raise LatexBlendError("bad input")
+    assert (tmp_path / "old").is_dir() and not any((tmp_path / "old").iterdir())

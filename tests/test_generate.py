@@ -388,3 +388,37 @@ def test_distributed_units_cover_everything_once():
     seen = [(p, j) for rank in range(4) for p, js in work_units(cfg, rank, 4).items() for j in js]
     assert sorted(seen) == [(p, j) for p in range(3) for j in range(5)]
     assert work_units(cfg) == {p: list(range(5)) for p in range(3)}
+
+
+def test_a_single_string_is_a_one_element_list_in_settings_files():
+    """YAML ``prompts: "a dog"`` used to be read one character at a time ('a', ' ', 'd', ...)."""
+    from latexblend.config import merge
+
+    cfg = merge(GenerateConfig, {"prompts": "a dog on the grass", "concepts": "corgi", "cfg": "7", "steps": 3.0})
+    assert cfg.prompts == ["a dog on the grass"] and cfg.concepts == ["corgi"]
+    assert (cfg.cfg, cfg.steps) == (7.0, 3) and isinstance(cfg.steps, int)
+
+
+def test_heatmap_file_names_are_checked(tmp_path):
+    """A concept name becomes part of a heatmap's file name: one with a separator is refused, nothing written."""
+    import numpy as np
+    from PIL import Image
+
+    from latexblend import samples
+
+    pil = Image.new("RGB", (8, 8))
+    record = {"file": "p000_s0000000.png"}
+    files = samples.save_heatmaps(tmp_path, record, pil, {"corgi": np.ones((2, 2))})
+    assert files == {"corgi": "p000_s0000000_map_corgi.png"} and (tmp_path / files["corgi"]).is_file()
+    with pytest.raises(LatexBlendError, match="'../../escaped' is not allowed"):
+        samples.save_heatmaps(tmp_path / "sub", record, pil, {"../../escaped": np.ones((2, 2))})
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["p000_s0000000_map_corgi.png"]
+
+
+@pytest.mark.parametrize("field, value", [("cfg", float("nan")), ("cfg", float("inf")), ("blend_start", float("nan"))])
+def test_python_api_refuses_non_finite_settings_too(tmp_path, field, value):
+    """Configs built in Python skip config.merge: generate validates them itself (no NaN in metadata.json)."""
+    cfg = GenerateConfig(prompts=["a dog"], steps=2, out=str(tmp_path / "o"), **{field: value})
+    with pytest.raises(LatexBlendError, match=f"{field} must be in .*, got {value}"):
+        generate(cfg)
+    assert not (tmp_path / "o").exists()

@@ -157,7 +157,8 @@ def test_one_update_lowers_the_loss_and_weights_get_no_gradient(tiny_pipe, recor
 
 
 def test_window_follows_t_over_T_and_layer_set_is_used(tiny_pipe, recorded_passes):
-    with apply(tiny_pipe, [bank(tiny_pipe, 0), bank(tiny_pipe, 1)], guidance={"window": 0.6, "layers": "up"}) as b:
+    options = {"window": 0.6, "layers": "up", "history": True}
+    with apply(tiny_pipe, [bank(tiny_pipe, 0), bank(tiny_pipe, 1)], guidance=options) as b:
         run(tiny_pipe, "a dog and a cat", steps=4)  # t/T = 0.751, 0.501, 0.251, 0.001
         assert [round(h["t_frac"], 3) for h in b.steering.history] == [0.751]
     assert recorded_passes[0]["layers"] == [n for n in attn2_shapes(tiny_pipe.unet) if n.startswith("up_blocks")]
@@ -165,7 +166,7 @@ def test_window_follows_t_over_T_and_layer_set_is_used(tiny_pipe, recorded_passe
 
 def test_update_reaches_unet_input_and_scheduler_step_alike(tiny_pipe):
     seen = {}
-    with apply(tiny_pipe, [bank(tiny_pipe, 0), bank(tiny_pipe, 1)], guidance={"window": 0.0}) as b:
+    with apply(tiny_pipe, [bank(tiny_pipe, 0), bank(tiny_pipe, 1)], guidance={"window": 0.0, "history": True}) as b:
         def main_call(module, args):  # the guidance pass (conditional only, batch 1) also calls the UNet
             if args[0].shape[0] == 2:
                 seen.setdefault("unet", args[0].clone())
@@ -194,7 +195,7 @@ def test_batch_updates_are_per_sample(tiny_pipe):
     banks = [bank(tiny_pipe, i) for i in range(6)]
 
     def first_update(prompts):
-        with apply(tiny_pipe, [], optional=banks, bind=False, guidance={"window": 0.0}) as b:
+        with apply(tiny_pipe, [], optional=banks, bind=False, guidance={"window": 0.0, "history": True}) as b:
             run(tiny_pipe, prompts, steps=1)
             return b.steering.history[0]
 
@@ -208,7 +209,7 @@ def test_batch_updates_are_per_sample(tiny_pipe):
 def test_gradient_checkpointing_same_update_less_saved_memory(tiny_pipe, recorded_passes):
     results = []
     for ckpt in (False, True):
-        with apply(tiny_pipe, [bank(tiny_pipe, 0), bank(tiny_pipe, 1)], guidance={"window": 0.0,
+        with apply(tiny_pipe, [bank(tiny_pipe, 0), bank(tiny_pipe, 1)], guidance={"window": 0.0, "history": True,
                                                                                  "checkpointing": ckpt}) as b:
             run(tiny_pipe, "a dog and a cat", steps=1)
             results.append(b.steering.history[0]["delta"])
@@ -237,7 +238,7 @@ def _one_step(pipe, read, **steering):
 def test_guidance_pass_stops_after_its_last_layer_same_update(tiny_pipe, monkeypatch, ckpt):
     """With layers "down" the pass ends inside the down blocks (conv_out sees only the main step's CFG
     batch of 2) and the update equals the one of a pass run to the end."""
-    options = {"guidance": {"window": 0.0, "layers": "down", "checkpointing": ckpt}}
+    options = {"guidance": {"window": 0.0, "layers": "down", "checkpointing": ckpt, "history": True}}
     early, calls = _one_step(tiny_pipe, lambda b: b.steering.history[0]["delta"], **options)
     assert calls == [2]
     monkeypatch.setattr(guidance_mod, "collector", _full_pass_sink)
@@ -272,9 +273,9 @@ def test_steering_that_changes_nothing_is_bit_identical_to_plain_blending(tiny_p
     # scheduler step all run, and the image is still plain blending's, bit for bit.
     with apply(tiny_pipe, banks[:1]):
         plain_one = run(tiny_pipe, "a dog on the grass", steps=3)
-    with apply(tiny_pipe, banks[:1], guidance={"window": 0.0}) as b:
+    with apply(tiny_pipe, banks[:1], guidance={"window": 0.0, "history": True}) as b:
         zero = run(tiny_pipe, "a dog on the grass", steps=3)
-        assert b.steering.stats["guidance_passes"] == 3
+        assert b.steering.stats["guidance_passes"] == len(b.steering.history) == 3
         assert all(h["delta"].shape == (1, 4, 8, 8) and not h["delta"].any() for h in b.steering.history)
     assert np.array_equal(plain_one, zero)
 
@@ -401,3 +402,29 @@ def test_guided_calls_leave_no_tensors_behind(tiny_pipe):
         del blender  # a live Blender legitimately keeps its last pass's history
         assert stats["guidance_passes" if "guidance" in mode else "rectify_passes"] > 0, mode
     assert len(live()) <= before
+
+
+@pytest.mark.parametrize("history", [False, True])
+def test_memory_is_flat_over_many_guided_calls(tiny_pipe, history):
+    """A live Blender holds as many tensors (and bytes) after its 4th guided call as after its 2nd: the
+    guidance history is opt-in and reset per call (it used to keep every pass's update for the whole run)."""
+    import gc
+
+    from latexblend.bench import random_banks
+
+    def held():
+        gc.collect()
+        storages = {o.untyped_storage().data_ptr(): o.untyped_storage().nbytes() for o in gc.get_objects()
+                    if isinstance(o, torch.Tensor) and not isinstance(o, torch.nn.Parameter)}
+        return len(storages), sum(storages.values())
+
+    counts = []
+    with apply(tiny_pipe, random_banks(tiny_pipe, 2), guidance={"window": 0.5, "history": history}) as blender:
+        for i in range(4):
+            g = torch.Generator().manual_seed(i)
+            tiny_pipe("a dog and a cat", num_inference_steps=4, generator=g, output_type="latent")
+            counts.append(held())
+        passes, kept = blender.steering.stats["guidance_passes"], len(blender.steering.history)
+    assert passes == 4 * 2  # 4 steps, window 0.5: t/T = 0.751 and 0.501 are guided
+    assert kept == (2 if history else 0)  # only the last call's passes, and only when asked for
+    assert counts[3] == counts[1]

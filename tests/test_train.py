@@ -100,6 +100,21 @@ def test_images_are_exif_rotated_rgb(tmp_path):
     assert out.mode == "RGB" and out.size == (20, 40)
 
 
+@pytest.mark.parametrize("file, dtype, value, expected", [
+    ("a.png", "uint16", 32768, 128), ("a.png", "uint16", 65535, 255), ("a.tif", "int32", 51400, 200),
+    ("a.tif", "int32", 100, 100)])
+def test_deep_greyscale_images_are_scaled_not_clipped_to_white(tmp_path, file, dtype, value, expected):
+    """A 16-bit PNG used to train as an all-white image (PIL's convert clips 16-bit values to 255)."""
+    import numpy as np
+
+    path = tmp_path / file
+    Image.fromarray(np.full((8, 8), value, dtype=dtype)).save(path)
+    with Image.open(path) as img:
+        assert img.mode in ("I;16", "I")
+    rgb = np.asarray(open_image(path))
+    assert rgb.shape == (8, 8, 3) and (rgb == expected).all()
+
+
 def test_image_folder_errors_name_the_problem(tmp_path):
     with pytest.raises(LatexBlendError, match="does not exist"):
         list_images(tmp_path / "nope")
@@ -345,7 +360,8 @@ def _tensors(folder):
     return {**load_file(str(folder / "kv.safetensors")), **load_file(str(folder / "tokens.safetensors"))}
 
 
-def test_bank_equals_kv_of_trained_weights_and_resume_is_exact(tmp_path, tiny_dir, concept_dir, prior_dir, tiny_pipe):
+def test_bank_equals_kv_of_trained_weights_and_resume_is_exact(tmp_path, tiny_dir, concept_dir, prior_dir, tiny_pipe,
+                                                              capsys):
     common = dict(steps=4, checkpoint_every=2)
     a = config(tiny_dir, concept_dir, prior_dir, runs_dir=str(tmp_path / "ra"), bank_dir=str(tmp_path / "ba"), **common)
     run_a = train(a, progress=False)
@@ -361,7 +377,9 @@ def test_bank_equals_kv_of_trained_weights_and_resume_is_exact(tmp_path, tiny_di
     assert (run_b / "checkpoints" / "step_2" / "optimizer.pt").is_file()
     assert not (run_b / "kv.safetensors").exists() and not (tmp_path / "bb" / "c.safetensors").exists()
     b.resume = "latest"
+    capsys.readouterr()
     train(b, progress=False)
+    assert f"resuming from step 2 ({run_b / 'checkpoints' / 'step_2'})" in capsys.readouterr().out
     ta, tb = _tensors(run_a), _tensors(run_b)
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
     assert not torch.equal(ta["text_encoder"], _tensors(run_a / "checkpoints" / "step_2")["text_encoder"])
@@ -391,6 +409,34 @@ def test_bank_equals_kv_of_trained_weights_and_resume_is_exact(tmp_path, tiny_di
         wk, wv = ta[f"{layer}.to_k.weight"], ta[f"{layer}.to_v.weight"]
         torch.testing.assert_close(bank.k[layer], ctx[start : start + 2] @ wk.T, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(bank.v[layer], ctx[start : start + 2] @ wv.T, rtol=1e-5, atol=1e-6)
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_again_and_identical_runs_give_identical_files(
+        tmp_path, tiny_dir, concept_dir, capsys):
+    """Issue 12, items 7 and 10: the retry needs no flag (and --resume latest works too), the newest
+    --keep-checkpoints are kept, and two identical runs write byte-identical weight and bank files."""
+    def cfg(tag, **kw):
+        return config(tiny_dir, concept_dir, steps=4, runs_dir=str(tmp_path / f"r{tag}"),
+                      bank_dir=str(tmp_path / f"b{tag}"), **kw)
+
+    run_a = train(cfg("a", checkpoint_every=1, keep_checkpoints=2), progress=False)
+    assert sorted(p.name for p in (run_a / "checkpoints").iterdir()) == ["step_2", "step_3"]
+
+    def crash(step, losses, setup):
+        raise KeyboardInterrupt
+
+    for tag, resume in (("b", None), ("c", "latest")):
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg(tag, checkpoint_every=10), progress=False, on_step=crash)
+        assert [p.name for p in (tmp_path / f"r{tag}" / "c").iterdir()] == ["config.yaml"]
+        capsys.readouterr()
+        run = train(cfg(tag, checkpoint_every=1, keep_checkpoints=0, resume=resume), progress=False)
+        assert "holds no checkpoint (an earlier run stopped before its first one)" in capsys.readouterr().out
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_1", "step_2", "step_3"]
+    run_b = tmp_path / "rb" / "c"
+    for name in ("kv.safetensors", "tokens.safetensors", "checkpoints/step_3/kv.safetensors"):
+        assert (run_a / name).read_bytes() == (run_b / name).read_bytes(), name
+    assert (tmp_path / "ba" / "c.safetensors").read_bytes() == (tmp_path / "bb" / "c.safetensors").read_bytes()
 
 
 def test_lora_variant_trains_low_rank_and_reextracts(tmp_path, tiny_dir, concept_dir):
@@ -544,8 +590,18 @@ def test_concept_yaml_and_precedence(tmp_path, concept_dir):
                                                                                             True)
     with pytest.raises(LatexBlendError, match="unknown concept 'nobody'.*rex"):
         train_settings("nobody", cdir, {})
-    with pytest.raises(LatexBlendError, match="unknown training key 'stpes'"):
+    with pytest.raises(LatexBlendError, match="unknown training setting key 'stpes'"):
         train_settings("rex", cdir, {}, ["stpes=3"])
+
+
+def test_config_values_are_converted_to_their_field_types(tmp_path, concept_dir):
+    cdir = tmp_path / "concepts"
+    cdir.mkdir()
+    (cdir / "rex.yaml").write_text(f"images: {concept_dir}\nclass_noun: dog\nsteps: '12'\nlr: 1e-5\n"
+                                   "max_grad_norm: 2\nkv_rank: 4.0\n")
+    cfg = train_settings("rex", cdir, {}, ["adam_eps=1e-6", "seed=7"])
+    assert (cfg.steps, cfg.lr, cfg.max_grad_norm, cfg.kv_rank, cfg.adam_eps, cfg.seed) == (12, 1e-5, 2.0, 4, 1e-6, 7)
+    assert [type(v) for v in (cfg.steps, cfg.lr, cfg.max_grad_norm, cfg.kv_rank)] == [int, float, float, int]
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from latexblend import __version__
 from latexblend.errors import LatexBlendError
-from latexblend.fileio import atomic_path
+from latexblend.fileio import safe_name, save_safetensors
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -25,7 +24,6 @@ if TYPE_CHECKING:  # pragma: no cover
 FORMAT = "latexblend-bank"
 FORMAT_VERSION = 1
 SUFFIX = ".safetensors"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
 @dataclass
@@ -83,14 +81,15 @@ class ConceptBank:
         }
 
 
-def check_name(name: str) -> str:
-    if not _NAME.match(name or ""):
-        raise LatexBlendError(f"concept name '{name}' is not allowed: use letters, digits, '_', '-' and '.'")
-    return name
+def check_name(name: str, what: str = "concept name") -> str:
+    """A concept/bank name, checked to be safe as a file name (:func:`latexblend.fileio.safe_name`)."""
+    return safe_name(name, what)
 
 
 def validate_bank(bank: ConceptBank) -> None:
-    """Refuse a bank whose k/v layers or row counts do not agree (one clear error)."""
+    """Layers, shapes and values: every row finite (a NaN or Inf row would turn images black)."""
+    import torch
+
     if set(bank.k) != set(bank.v) or not bank.k:
         raise LatexBlendError(f"bank '{bank.name}': k and v must cover the same, non-empty set of layers")
     for layer in bank.k:
@@ -100,22 +99,23 @@ def validate_bank(bank: ConceptBank) -> None:
                 f"bank '{bank.name}', layer {layer}: k {tuple(k.shape)} and v {tuple(v.shape)} must both be "
                 f"[L={bank.num_tokens}, C]"
             )
+        if not (k.is_floating_point() and v.is_floating_point()):
+            raise LatexBlendError(f"bank '{bank.name}', layer {layer}: rows must be floating point, not {k.dtype}")
+        if not (bool(torch.isfinite(k).all()) and bool(torch.isfinite(v).all())):
+            raise LatexBlendError(f"bank '{bank.name}', layer {layer}: holds NaN or infinite values (a diverged "
+                                  f"training or a damaged file); retrain or re-extract it")
 
 
 def save_bank(bank: ConceptBank, path: str | Path) -> Path:
-    """Write ``bank`` to ``path`` atomically; tensors are stored as contiguous copies on the CPU."""
-    from safetensors.torch import save_file
-
+    """Write ``bank`` to ``path`` atomically; tensors are stored as contiguous copies on the CPU, metadata
+    in sorted order (identical banks give identical files)."""
     check_name(bank.name)
     validate_bank(bank)
     tensors = {}
     for layer in bank.k:
         tensors[f"{layer}.k"] = bank.k[layer].detach().to("cpu").contiguous().clone()
         tensors[f"{layer}.v"] = bank.v[layer].detach().to("cpu").contiguous().clone()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=bank.metadata())
-    return path
+    return save_safetensors(tensors, path, bank.metadata())
 
 
 def checked_file(path: Path) -> Path:
@@ -144,21 +144,39 @@ def load_bank(path: str | Path) -> ConceptBank:
         raise LatexBlendError(
             f"{path} is not a latexblend concept bank (convert release .pt banks with `latexblend bank import`)"
         )
-    if int(meta.get("format_version", "0")) > FORMAT_VERSION:
-        raise LatexBlendError(f"{path} has bank format {meta['format_version']}; upgrade latexblend to read it")
-    try:
-        k = {key[:-2]: t for key, t in tensors.items() if key.endswith(".k")}
-        v = {key[:-2]: t for key, t in tensors.items() if key.endswith(".v")}
-        bank = ConceptBank(
-            name=meta["name"], class_noun=meta["class_noun"], noun_ids=json.loads(meta["noun_token_ids"]),
-            k=k, v=v, extraction_prompt=meta.get("extraction_prompt", ""),
-            base_model=meta.get("base_model", "unknown"), fingerprint=meta.get("base_fingerprint_norms") or None,
-            training=json.loads(meta.get("training") or "{}"), source=str(path),
-        )
-    except (KeyError, ValueError) as err:
-        raise LatexBlendError(f"{path}: bank metadata is incomplete or malformed ({err})") from err
+    version = meta.get("format_version", "")
+    if not version.isdigit():
+        raise LatexBlendError(f"{path}: bank metadata format_version is {version!r}, not a whole number")
+    if int(version) > FORMAT_VERSION:
+        raise LatexBlendError(f"{path} has bank format {version}; upgrade latexblend to read it")
+    bank = _bank_from(path, meta, tensors)
     validate_bank(bank)
     return bank
+
+
+def _bank_from(path: Path, meta: dict[str, str], tensors: dict) -> ConceptBank:
+    """The :class:`ConceptBank` of a file's metadata and tensors; every field read from the file is checked
+    (the name becomes a file name in ``generate --save-maps``)."""
+    try:
+        noun_ids, training = json.loads(meta["noun_token_ids"]), json.loads(meta.get("training") or "{}")
+        name, noun = meta["name"], meta["class_noun"]
+    except (KeyError, ValueError) as err:
+        raise LatexBlendError(f"{path}: bank metadata is incomplete or malformed ({type(err).__name__}: {err})") \
+            from err
+    if not (isinstance(noun_ids, list) and noun_ids and all(type(i) is int and i >= 0 for i in noun_ids)):
+        raise LatexBlendError(f"{path}: bank metadata noun_token_ids must be a non-empty list of token ids")
+    if not isinstance(training, dict):
+        raise LatexBlendError(f"{path}: bank metadata training must be a JSON object")
+    if not noun.strip():
+        raise LatexBlendError(f"{path}: bank metadata class_noun is empty")
+    safe_name(name, f"{path}: bank name")
+    return ConceptBank(
+        name=name, class_noun=noun, noun_ids=noun_ids,
+        k={key[:-2]: t for key, t in tensors.items() if key.endswith(".k")},
+        v={key[:-2]: t for key, t in tensors.items() if key.endswith(".v")},
+        extraction_prompt=meta.get("extraction_prompt", ""), base_model=meta.get("base_model", "unknown"),
+        fingerprint=meta.get("base_fingerprint_norms") or None, training=training, source=str(path),
+    )
 
 
 def bank_complete(path: str | Path) -> bool:

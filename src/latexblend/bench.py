@@ -16,10 +16,18 @@ from pathlib import Path
 import torch
 
 from latexblend.bank import ConceptBank
-from latexblend.device import count_tflop, device_name, environment, mfu, peak_tflops, timed
+from latexblend.device import count_tflop, device_name, environment, mfu, peak_tflops, resolve_device, timed
+from latexblend.errors import LatexBlendError
 from latexblend.fileio import write_text_atomic
 
 NOUNS = ["dog", "cat", "car", "tree", "house", "cup", "boat", "bird"]
+
+
+def check_counts(**counts: int) -> None:
+    """Steps and repeats of a benchmark: each at least 1 (one clear error before anything is loaded)."""
+    for key, value in counts.items():
+        if value < 1:
+            raise LatexBlendError(f"--{key} must be at least 1, got {value}")
 
 
 def bench_pipeline(model: str, device: str | None, dtype: str):
@@ -67,6 +75,7 @@ def bench_generate(model: str = "tiny", counts: Sequence[int] = (0, 1, 4, 8), st
     """Time blended generation with N concepts against the stock pipeline on the same prompt and seed."""
     from latexblend.blend import apply
 
+    check_counts(steps=steps, repeats=repeats)
     pipe = bench_pipeline(model, device, dtype)
     device = str(pipe.unet.device)
     size = size or pipe.default_sample_size * pipe.vae_scale_factor
@@ -170,8 +179,8 @@ def bench_modes(model: str = "tiny", counts: Sequence[int] = (2, 4), steps: int 
     memory that checkpointing reduces. ``profile_dir``: also write one profiler table per mode there.
     """
     from latexblend.blend import apply
-    from latexblend.errors import LatexBlendError
 
+    check_counts(steps=steps, repeats=repeats)
     if profile_dir is not None and Path(profile_dir).exists() and not Path(profile_dir).is_dir():
         raise LatexBlendError(f"--profile {profile_dir} exists and is not a folder")
     pipe = bench_pipeline(model, device, dtype)
@@ -298,6 +307,8 @@ def bench_train(model: str = "tiny", steps: int = 5, size: int | None = None, de
     GPUs; none on the CPU]."""
     import tempfile
 
+    check_counts(steps=steps)
+    device = resolve_device(device)
     with tempfile.TemporaryDirectory() as tmp:  # prior images are read on every cache miss
         setup, acc = _train_setup(model, size, Path(tmp), device, **settings)
         device = str(setup.device)
@@ -319,6 +330,8 @@ def bench_extract(model: str = "tiny", device: str | None = None, repeats: int =
     from latexblend.extract import extract_bank
     from latexblend.text import pipeline_text_side
 
+    check_counts(repeats=repeats)
+    device = resolve_device(device)
     with tempfile.TemporaryDirectory() as tmp:
         setup, _ = _train_setup(model, None, Path(tmp), device)
         device = str(setup.device)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from latexblend.errors import LatexBlendError
-from latexblend.fileio import write_text_atomic
+from latexblend.fileio import safe_name, write_text_atomic
 from latexblend.samples import metadata_path, samples_complete
 
 SINGLE_FILE = "dataset.json"
@@ -80,6 +80,9 @@ def _concept(root: Path, entry: object, where: str, need_prompts: bool) -> Conce
         missing.append("prompt_filename")
     if missing:
         raise LatexBlendError(f"{where}: missing {', '.join(missing)}")
+    for key in ("instance_data_dir", "class_prompt", "prompt_filename"):
+        if key in entry and not isinstance(entry[key], str):
+            raise LatexBlendError(f"{where}: {key} must be a string, got {entry[key]!r:.60}")
     name = _NAME.sub("_", Path(entry["instance_data_dir"]).name).lstrip("._-")
     prompt_file = entry.get("prompt_filename")
     return Concept(name=name, class_noun=str(entry["class_prompt"]).strip(),
@@ -192,6 +195,15 @@ def read_jobs(path: str | Path) -> list[dict]:
     keys = ("name", "concepts", "prompts", "references", "out")
     if not isinstance(jobs, list) or not all(isinstance(j, dict) and all(k in j for k in keys) for j in jobs):
         raise LatexBlendError(f"{path}: expected a list of jobs with keys {', '.join(keys)}")
+    for i, job in enumerate(jobs):
+        lists = all(isinstance(job[k], list) and all(isinstance(x, str) for x in job[k])
+                    for k in ("concepts", "prompts"))
+        if not (isinstance(job["name"], str) and isinstance(job["out"], str) and lists
+                and isinstance(job["references"], dict)):
+            raise LatexBlendError(f"{path}: job {i} needs a string name and out, lists of strings concepts and "
+                                  "prompts, and a references mapping")
+        for part in job["name"].split("+"):  # the name becomes a file name (<name>.prompts.txt)
+            safe_name(part, f"{path}: job {i} name part")
     return jobs
 
 

@@ -445,7 +445,8 @@ def train_cmd(
     use_8bit_adam: Annotated[bool | None, Opt("--use-8bit-adam", help="8-bit AdamW (needs bitsandbytes).")] = None,
     mixed_precision: Annotated[str | None, Opt(help="auto, no, bf16 or fp16 [default: auto].")] = None,
     checkpoint_every: Annotated[int | None, Opt(help="Checkpoint period in steps, 0: off [default: 500].")] = None,
-    resume: Annotated[str | None, Opt(help="'latest' or a checkpoint folder.")] = None,
+    keep_checkpoints: Annotated[int | None, Opt(help="Keep the newest K checkpoints, 0: all [default: 2].")] = None,
+    resume: Annotated[str | None, Opt(help="'latest' or a checkpoint folder (none yet: start from step 0).")] = None,
     log_tensorboard: Annotated[bool | None, Opt("--log-tensorboard", help="Write tensorboard logs.")] = None,
     runs_dir: Annotated[str | None, Opt(help="Folder of run folders [default: runs].")] = None,
     bank_dir: Annotated[str | None, Opt(help="Bank folder [default: $LATEXBLEND_BANK or ./concept_bank].")] = None,
@@ -485,12 +486,14 @@ def extract_cmd(
     out: Annotated[Path | None, Opt(help="Bank file to write [default: the bank folder/<name>.safetensors].")] = None,
     device: Annotated[str | None, Opt(help="cpu or cuda [default: cuda if available].")] = None,
     dtype: Annotated[str, Opt(help="Bank dtype: auto (fp16 on CUDA, else fp32), fp32, fp16, bf16.")] = "auto",
+    overwrite: Annotated[bool, Opt("--overwrite", help="Replace an existing bank file.")] = False,
 ) -> None:
     """Stage 2: re-extract a trained run into the concept bank (one text-side pass, no UNet)."""
     _quiet_libraries()
     from latexblend.extract import extract_run
 
-    bank, path = extract_run(run, checkpoint=checkpoint, prompt=prompt, out=out, device=device, dtype=dtype)
+    bank, path = extract_run(run, checkpoint=checkpoint, prompt=prompt, out=out, device=device, dtype=dtype,
+                             overwrite=overwrite)
     typer.echo(f"extracted '{bank.name}' ({bank.extraction_prompt!r}, {len(bank.layers)} layers, "
                f"L={bank.num_tokens}, {bank.dtype}) -> {path}")
 
@@ -508,11 +511,10 @@ def prior_cmd(
     device: Annotated[str | None, Opt(help="cpu or cuda [default: cuda if available].")] = None,
 ) -> None:
     """Generate prior-preservation images of a class with the base model (resumable)."""
-    from latexblend.data import generate_prior, prior_complete
+    from latexblend.data import check_prior_request, generate_prior, prior_complete, prior_dir
 
-    out = out or Path("reg_data") / class_noun
-    if num < 1:
-        raise LatexBlendError(f"--num must be at least 1, got {num}")
+    check_prior_request(class_noun, num, steps, cfg)
+    out = out or prior_dir(class_noun)
     if prior_complete(out, num):
         typer.echo(f"{out}: all {num} prior images exist; nothing to do")
         return

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,16 +37,20 @@ def load_mapping(path: str | Path) -> dict[str, Any]:
 
 
 def merge(cls: type[T], *layers: dict[str, Any] | None, source: str = "settings") -> T:
-    """Build ``cls`` from layered dicts (later wins; ``None`` values are skipped); unknown keys are errors."""
+    """Build ``cls`` from layered dicts (later wins; ``None`` values are skipped). Unknown keys, values of the
+    wrong type and non-finite numbers are refused with one line; see :func:`coerce` for what is converted."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     for layer in layers:
         for key, value in (layer or {}).items():
-            key = key.replace("-", "_")
+            key = str(key).replace("-", "_")
             if key not in names:
                 raise LatexBlendError(f"unknown {source} key '{key}' (known: {', '.join(sorted(names))})")
             if value is not None:
-                values[key] = value
+                values[key] = coerce(value, hints[key], f"{source} {key}")
     try:
         obj = cls(**values)
     except TypeError as err:
@@ -56,13 +61,65 @@ def merge(cls: type[T], *layers: dict[str, Any] | None, source: str = "settings"
     return obj
 
 
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+               list: "a list of strings"}
+
+
+def coerce(value: Any, kind: Any, what: str) -> Any:
+    """``value`` as the field type ``kind`` (``int``, ``float``, ``bool``, ``str``, ``list[str]``, each maybe
+    ``| None``), else one clear error naming ``what``, the value and the type expected.
+
+    Converted: a whole-number float or a numeric string to ``int`` (``3.0``, ``"3"``); an integer or a numeric
+    string to ``float`` (YAML reads ``1e-5`` as a string); one string to a one-element list
+    (``prompts: "a dog"``). Refused: ``nan`` / ``inf``, a fractional ``int`` (``2.5``), a bool where a number
+    is expected, a number where a string or bool is expected.
+    """
+    import types
+    import typing
+
+    union = typing.get_origin(kind) in (typing.Union, types.UnionType)
+    options = [k for k in typing.get_args(kind) if k is not type(None)] if union else [kind]
+    base = typing.get_origin(options[0]) or options[0]
+    out = _convert(value, base)
+    if out is None:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise LatexBlendError(f"{what} = {shown} ({type(value).__name__}): expected {_TYPE_WORDS.get(base, base)}")
+    if isinstance(out, float) and not math.isfinite(out):
+        raise LatexBlendError(f"{what} = {value!r}: expected a finite number")
+    return out
+
+
+def _convert(value: Any, base: type) -> Any:
+    """``value`` converted to ``base``, or ``None`` when it cannot be (see :func:`coerce`)."""
+    if isinstance(value, bool) or base is bool:
+        return value if isinstance(value, bool) and base is bool else None
+    if base is str:
+        return value if isinstance(value, str) else None
+    if base is list:
+        items = [value] if isinstance(value, str) else value
+        return list(items) if isinstance(items, list | tuple) and all(isinstance(i, str) for i in items) else None
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return None
+    if not isinstance(value, int | float):
+        return None
+    if base is float:
+        return float(value)
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        return None if math.isfinite(value) else value
+    return int(value)
+
+
 def to_dict(obj) -> dict[str, Any]:
     """A dataclass as JSON-ready data (paths as strings)."""
     return json.loads(json.dumps(dataclasses.asdict(obj), default=str))
 
 
 def check_range(name: str, value: float, lo: float | None = None, hi: float | None = None) -> None:
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
+    """``value`` in ``[lo, hi]`` (``None``: unbounded) and finite, else one line naming ``name``."""
+    if not math.isfinite(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
         bounds = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
         raise LatexBlendError(f"{name} must be in {bounds}, got {value}")
 
@@ -185,6 +242,7 @@ class TrainConfig:
     use_8bit_adam: bool = False
     mixed_precision: str = "auto"  # auto: bf16 on CUDA, none on CPU
     checkpoint_every: int = 500  # 0: no intermediate checkpoints
+    keep_checkpoints: int = 2  # the newest K checkpoints are kept, older ones deleted (0: keep all)
     log_every: int = 10
     log_tensorboard: bool = False
     peak_tflops: float | None = None  # the device's peak TFLOP/s for MFU [default: known GPUs' datasheet bf16]
@@ -205,6 +263,9 @@ class TrainConfig:
         check_name(self.name)
         if not str(self.class_noun).strip():
             raise LatexBlendError("class noun is empty")
+        if self.token in self.class_noun:
+            raise LatexBlendError(f"class noun '{self.class_noun}' holds the identifier {self.token}: the class noun "
+                                  f"names the class (e.g. dog), the identifier is added in front of it")
         if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
             raise LatexBlendError(f"resolution must be a positive multiple of 8, got {self.resolution}")
         if self.steps is not None:
@@ -216,6 +277,7 @@ class TrainConfig:
         check_range("lr", self.lr, 0)
         check_range("kv_rank", self.kv_rank, 0)
         check_range("checkpoint_every", self.checkpoint_every, 0)
+        check_range("keep_checkpoints", self.keep_checkpoints, 0)
         check_range("log_every", self.log_every, 1)
         check_range("prior_loss_weight", self.prior_loss_weight, 0)
         check_range("max_grad_norm", self.max_grad_norm, 0)
@@ -295,5 +357,8 @@ def train_settings(concept: str | None, concepts_dir: str | Path, flags: dict[st
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise LatexBlendError(f"--set takes KEY=VALUE, got '{item}'")
-        extra[key.strip()] = yaml.safe_load(value)
-    return merge(TrainConfig, *layers, extra, flags, source="training")
+        try:
+            extra[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise LatexBlendError(f"--set {item}: '{value}' is not a valid value ({str(err).splitlines()[0]})") from err
+    return merge(TrainConfig, *layers, extra, flags, source="training setting")

@@ -6,13 +6,14 @@ Every random draw takes an explicit ``torch.Generator``: the training loop seeds
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from latexblend.errors import LatexBlendError
-from latexblend.fileio import atomic_path, write_text_atomic
+from latexblend.fileio import atomic_path, safe_name, write_text_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -35,16 +36,39 @@ def template_pool(fixed: bool) -> tuple[str, ...]:
 
 
 def open_image(path: str | Path) -> Image.Image:
-    """An RGB image with its EXIF orientation applied; a corrupt file is one clear error naming it."""
+    """An RGB image with its EXIF orientation applied; a corrupt file, or one too large to decode safely
+    (a decompression bomb: over ``PIL.Image.MAX_IMAGE_PIXELS``), is one clear error naming it. 16-bit and
+    32-bit greyscale images are scaled to 8 bits (PIL's plain ``convert`` would clip them to white)."""
+    import warnings
+
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            return img.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                return _to_8bit(img).convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise LatexBlendError(f"{path} is refused: too many pixels to decode safely (a decompression bomb?); "
+                              f"{Image.MAX_IMAGE_PIXELS:,} pixels at most") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise LatexBlendError(f"{path} is not a readable image ({type(err).__name__}): remove or replace it") from err
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """Greyscale images of more than 8 bits (modes ``I;16*``, ``I``, ``F``) as mode ``L``: 16-bit values
+    are divided by 257 (65535 -> 255); ``I``/``F`` images holding only 0..255 are kept as they are."""
+    import numpy as np
+    from PIL import Image
+
+    if not (img.mode.startswith("I") or img.mode == "F"):
+        return img
+    arr = np.asarray(img, dtype=np.float64)
+    if img.mode.startswith("I;16") or arr.max(initial=0) > 255:
+        arr = arr / 257.0
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
 
 
 def list_images(folder: str | Path, what: str = "image", strict: bool = True) -> list[Path]:
@@ -198,6 +222,12 @@ def prior_sample(img: Image.Image, size: int, factor: int, flip: bool) -> Sample
 # --------------------------------------------------------------------------- prior generation
 
 
+def prior_dir(class_noun: str) -> Path:
+    """The default prior folder of a class, ``reg_data/<class noun>`` (the noun checked to be a safe name)."""
+    return Path("reg_data") / safe_name(class_noun, "class noun (the default prior folder's name; pass a folder "
+                                                    "to use another)", spaces=True)
+
+
 def prior_missing(out: str | Path, num: int) -> list[int]:
     """Indices of the prior images ``out/00000.png``... that do not exist yet."""
     return [i for i in range(num) if not (Path(out) / f"{i:05d}.png").is_file()]
@@ -206,6 +236,17 @@ def prior_missing(out: str | Path, num: int) -> list[int]:
 def prior_complete(out: str | Path, num: int) -> bool:
     """All ``num`` prior images and their ``captions.txt`` are in ``out``."""
     return not prior_missing(out, num) and (Path(out) / "captions.txt").is_file()
+
+
+def check_prior_request(class_noun: str, num: int, steps: int, cfg: float) -> None:
+    """The arguments of :func:`generate_prior` (and the ``prior`` command, before it loads a model)."""
+    if not class_noun.strip():
+        raise LatexBlendError("class noun is empty: the prior images and their captions would have no subject")
+    for what, value in (("--num", num), ("--steps", steps)):
+        if value < 1:
+            raise LatexBlendError(f"{what} must be at least 1, got {value}")
+    if not (math.isfinite(cfg) and cfg >= 0):
+        raise LatexBlendError(f"--cfg must be a finite number >= 0, got {cfg}")
 
 
 def generate_prior(pipe, class_noun: str, num: int, out: str | Path, seed: int = 0, steps: int = 50,
@@ -219,6 +260,7 @@ def generate_prior(pipe, class_noun: str, num: int, out: str | Path, seed: int =
     import torch
     from tqdm.auto import tqdm
 
+    check_prior_request(class_noun, num, steps, cfg)
     out = Path(out)
     if prior_complete(out, num):
         return 0, out

@@ -169,10 +169,11 @@ def _load(loader: Callable, model_id: str, flag: str, **kwargs):
 
 def load_models(clip_model: str = DEFAULT_CLIP, dino_model: str = DEFAULT_DINO, device: str | None = None) -> Models:
     """Load CLIP (``CLIPModel`` + ``CLIPTokenizer``) and DINO (``ViTModel``) from folders or hub ids."""
-    import torch
     from transformers import CLIPModel, CLIPTokenizer, ViTModel
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from latexblend.device import resolve_device
+
+    device = resolve_device(device)
     clip = _load(CLIPModel.from_pretrained, clip_model, "--clip-model")
     tokenizer = _load(CLIPTokenizer.from_pretrained, clip_model, "--clip-model")
     dino = _load(ViTModel.from_pretrained, dino_model, "--dino-model", add_pooling_layer=False)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from latexblend.errors import LatexBlendError
 from latexblend.runfolder import KV_FILE, TOKENS_FILE, checkpoint_folder, kv_metadata, kv_weights, read_config
 from latexblend.text import concept_span, encode_prompts, load_text_side, set_identifier_rows
 from latexblend.tokens import Span, token_ids
@@ -59,16 +60,21 @@ def extract_bank(tokenizers: Sequence, encoders: Sequence, weights: dict, *, nam
 
 
 def extract_run(run: str | Path, checkpoint: int | None = None, prompt: str | None = None,
-                out: str | Path | None = None, device: str | None = None, dtype: str = "auto") -> tuple:
-    """Re-extract a trained run (``runs/<name>``) into the bank. Returns ``(bank, path)``."""
+                out: str | Path | None = None, device: str | None = None, dtype: str = "auto",
+                overwrite: bool = False) -> tuple:
+    """Re-extract a trained run (``runs/<name>``) into the bank. Returns ``(bank, path)``. An existing bank
+    file is replaced only with ``overwrite``."""
     from latexblend.bank import SUFFIX, bank_dir, save_bank
-    from latexblend.device import default_device
+    from latexblend.device import resolve_device
     from latexblend.models import load_unet_and_tokenizer
 
     run = Path(run)
     cfg = read_config(run)
     folder = checkpoint_folder(run, checkpoint)
-    device = device or default_device()
+    path = Path(out) if out else bank_dir(cfg.bank_dir) / f"{cfg.name}{SUFFIX}"
+    if path.exists() and not overwrite:
+        raise LatexBlendError(f"{path} already exists; pass --overwrite to replace it, or --out FILE")
+    device = resolve_device(device)
     meta = kv_metadata(folder / KV_FILE)
     base_unet = load_unet_and_tokenizer(cfg.model, device="cpu")[0] if meta.get("kind") == "lora" else None
     weights, meta = kv_weights(folder / KV_FILE, base_unet)
@@ -81,7 +87,6 @@ def extract_run(run: str | Path, checkpoint: int | None = None, prompt: str | No
     bank = extract_bank(tokenizers, encoders, weights, name=cfg.name, class_noun=cfg.class_noun, token_id=token_id,
                         prompt=prompt, base_model=cfg.model, fingerprint=meta["base_fingerprint"],
                         training=training, dtype=bank_dtype(dtype, device, None))
-    path = Path(out) if out else bank_dir(cfg.bank_dir) / f"{cfg.name}{SUFFIX}"
     return bank, save_bank(bank, path)
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,3 +38,131 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+# --------------------------------------------------------------------------- names that become file names
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+_SAFE_WITH_SPACES = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\- ]*")
+MAX_NAME = 100
+
+
+def safe_name(name: object, what: str = "concept name", spaces: bool = False) -> str:
+    """``name`` if it is safe as one file or folder name, else one clear error.
+
+    Every name that becomes part of a path (concept and bank names, also when read from a bank's metadata
+    or a YAML file; class nouns used as prior folders with ``spaces=True``) goes through here: letters,
+    digits, ``_``, ``-``, ``.`` (and spaces when allowed), starting with a letter or digit, at most
+    :data:`MAX_NAME` characters. So no name can hold a separator, ``..`` as a whole, or start a hidden file.
+    """
+    pattern = _SAFE_WITH_SPACES if spaces else _SAFE_NAME
+    text = name if isinstance(name, str) else ""
+    if not pattern.fullmatch(text) or len(text) > MAX_NAME or text != text.strip():
+        allowed = "letters, digits, spaces, '_', '-' and '.'" if spaces else "letters, digits, '_', '-' and '.'"
+        shown = repr(name) if len(repr(name)) <= 60 else repr(name)[:57] + "..."
+        raise LatexBlendError(f"{what} {shown} is not allowed: use {allowed}, starting with a letter or digit "
+                              f"(at most {MAX_NAME} characters)")
+    return text
+
+
+# --------------------------------------------------------------------------- reproducible safetensors
+
+
+def save_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """``safetensors.torch.save_file`` atomically, with the metadata keys in sorted order.
+
+    safetensors writes its metadata map in hash order, which changes from one call to the next; the
+    header is rewritten sorted (same length, so in place) so that identical inputs give identical bytes.
+    """
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+        _sort_header(tmp)
+    return Path(path)
+
+
+def _sort_header(path: Path) -> None:
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        if "__metadata__" in header:
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:  # pragma: no cover - safetensors' JSON is never shorter than ours
+            raise LatexBlendError(f"cannot normalise the header of {path}")
+        f.seek(8)
+        f.write(text + b" " * (size - len(text)))
+
+
+# --------------------------------------------------------------------------- one writer per output folder
+
+LOCK_FILE = ".latexblend.lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def _take_lock(lock: Path, what: str) -> None:
+    """Create ``lock`` holding our pid (``O_EXCL``); a lock whose process is gone is taken over."""
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                pid = None
+            if pid is not None and pid != os.getpid() and _pid_alive(pid):
+                raise LatexBlendError(f"{lock.parent} is in use by another {what} (pid {pid}); wait for it to "
+                                      f"finish or choose another folder") from None
+            lock.unlink(missing_ok=True)  # stale: its process has ended
+            continue
+        except OSError as err:
+            raise LatexBlendError(f"cannot write to output folder {lock.parent}: {err.strerror or err}") from err
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        return
+    raise LatexBlendError(f"cannot lock {lock.parent}: its lock file keeps reappearing")  # pragma: no cover
+
+
+@contextlib.contextmanager
+def claim_folder(path: str | Path, what: str = "run", lock: bool = True) -> Iterator[Path]:
+    """Create ``path`` if needed and hold it for one writer (a lock file with our pid, removed on exit;
+    a lock left by a process that has died is taken over). If the block fails, the folders created here
+    (``path`` and any missing parents) are removed again while empty: a refused run leaves nothing behind."""
+    path = Path(path)
+    created = [p for p in (path, *path.parents) if not p.exists()]  # innermost first
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise LatexBlendError(f"cannot write to output folder {path}: {err.strerror or err}") from err
+    lock_path = path / LOCK_FILE
+    try:
+        if lock:
+            _take_lock(lock_path, what)
+        yield path
+    except BaseException:
+        if lock:
+            _release(lock_path)
+        for folder in created:  # what this call created, while it is still empty
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
+    if lock:
+        _release(lock_path)
+
+
+def _release(lock: Path) -> None:
+    try:
+        if int(lock.read_text().split()[0]) == os.getpid():
+            lock.unlink()
+    except (OSError, ValueError, IndexError):
+        pass

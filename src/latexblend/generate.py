@@ -134,9 +134,13 @@ def generate(cfg: GenerateConfig, pipe=None) -> Path:
     processes, each on its own device, into one folder; the main process merges the records into one
     ``metadata.json``. Seeds do not depend on the process, so the images are a single-process run's up
     to float rounding (batch composition and kernels differ; tested: at most 1/255 in a few pixels).
+    Inputs (banks, device, then the prompts) are checked before sampling; the output folder is held by
+    one run at a time (:func:`~latexblend.samples.claim_out`) and removed again if a check fails in it
+    while it is still empty.
     """
-    from latexblend.models import load_pipeline
+    from latexblend.device import resolve_device
 
+    cfg.validate()  # also when called from Python with a config not built by config.merge
     start = time.perf_counter()
     procs = Processes()
     banks = load_banks(cfg.concepts, cfg.bank_dir)
@@ -144,13 +148,25 @@ def generate(cfg: GenerateConfig, pipe=None) -> Path:
     extra = load_banks(sorted(placeholders), cfg.bank_dir)
     if procs.world > 1 and not cfg.out:
         raise LatexBlendError("give --out when generating with several processes (they share one folder)")
-    out = samples.prepare_out(cfg.out, procs.rank)
-    pipe = pipe or load_pipeline(cfg.model, device=cfg.device or (str(procs.device) if procs.device else None),
-                                 dtype=cfg.dtype)
+    device = None if pipe is not None else resolve_device(cfg.device or (str(procs.device) if procs.device else None))
+    with samples.claim_out(cfg.out, procs.rank) as out:
+        _generate_into(out, cfg, pipe or _load(cfg, device), procs, {**extra, **banks}, list(banks), start)
+    return out
+
+
+def _load(cfg: GenerateConfig, device: str):
+    from latexblend.models import load_pipeline
+
+    return load_pipeline(cfg.model, device=device, dtype=cfg.dtype)
+
+
+def _generate_into(out: Path, cfg: GenerateConfig, pipe, procs: Processes, banks: dict, required: list[str],
+                   start: float) -> None:
+    """The body of :func:`generate` once the output folder is held."""
     set_scheduler(pipe, cfg.scheduler)
     default_size = pipe.default_sample_size * pipe.vae_scale_factor
     cfg = dataclasses.replace(cfg, height=cfg.height or default_size, width=cfg.width or default_size)
-    blender = Blender(pipe, {**extra, **banks}, required=list(banks), blend_start=cfg.blend_start, bind=cfg.bind,
+    blender = Blender(pipe, banks, required=required, blend_start=cfg.blend_start, bind=cfg.bind,
                       **steering_options(cfg))
     try:
         for prompt in cfg.prompts:  # every process checks every prompt: all fail together, before sampling
@@ -175,9 +191,7 @@ def generate(cfg: GenerateConfig, pipe=None) -> Path:
     procs.wait()
     if procs.main:
         concepts = {name: {"class_noun": b.class_noun, "fingerprint": b.fingerprint_digest,
-                           "bank": b.source, "references": b.training.get("images")}
-                    for name, b in {**extra, **banks}.items()}
+                           "bank": b.source, "references": b.training.get("images")} for name, b in banks.items()}
         samples.finish(out, model=cfg.model, prompts=cfg.prompts, settings=settings, concepts=concepts,
                        grid=cfg.grid, world=procs.world, elapsed=time.perf_counter() - start)
     procs.wait()
-    return out

@@ -36,12 +36,15 @@ BLOCKS = {"down": "down_blocks.", "mid": "mid_block.", "up": "up_blocks."}
 class GuidanceOptions:
     """``window``: guide while ``t/T >= window`` (the unit of ``blend_start``; 0.8 = the release's first
     20 of 100 steps); ``step_size``: the update's scale; ``layers``: see :func:`select_layers`;
-    ``checkpointing``: gradient checkpointing in the guidance pass (less memory, one more forward)."""
+    ``checkpointing``: gradient checkpointing in the guidance pass (less memory, one more forward);
+    ``history``: keep each pass's ``t_frac``, loss and latent update of the last pipeline call in
+    ``Steering.history`` (off: nothing is kept, so memory stays flat over many calls)."""
 
     window: float = 0.8
     step_size: float = 1.0
     layers: str = "all"
     checkpointing: bool = False
+    history: bool = False
 
     def __post_init__(self) -> None:
         check_guidance(self.window, self.step_size, self.layers)

@@ -156,6 +156,8 @@ def build_sdxl_random(device: str = "cuda", dtype: str = "bf16", seed: int = 0) 
 def save_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
     """Write the tiny model as a diffusers folder, atomically (a complete folder or none)."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LatexBlendError(f"{out_dir} is a file, not a folder; choose a new folder")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise LatexBlendError(f"{out_dir} exists and is not empty; choose a new folder")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -239,9 +241,9 @@ def load_pipeline(model: str = "tiny", device: str | None = None, dtype: str = "
     """
     from diffusers import StableDiffusionXLPipeline
 
-    from latexblend.device import default_device
+    from latexblend.device import resolve_device
 
-    device = device or default_device()
+    device = resolve_device(device)
     if model == "sdxl-random":
         return build_sdxl_random(device=device, dtype=dtype)
     source = resolve_model(model)

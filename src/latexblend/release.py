@@ -5,10 +5,15 @@ concept banks (``bank import``), read into our settings and bank format.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from latexblend.bank import ConceptBank, bank_dir, check_name, checked_file, load_bank, validate_bank
 from latexblend.errors import LatexBlendError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 
 def settings_file(path: str | Path, directory: str | Path | None = None) -> dict:
@@ -34,10 +39,11 @@ def release_config(path: str | Path, directory: str | Path | None = None) -> dic
     if not isinstance(entry, dict) or "prompt" not in entry:
         raise LatexBlendError(f"{path}: expected a list whose first element has a 'prompt'")
     concepts = []
-    for i in range(1, int(entry.get("concept_num", 0)) + 1):
+    for i in range(1, _number(path, entry, "concept_num", 0) + 1):
         spec = entry.get(f"concept{i}") or {}
-        if "concept_bank" not in spec or "class_noun" not in spec:
-            raise LatexBlendError(f"{path}: concept{i} needs 'concept_bank' and 'class_noun'")
+        if not (isinstance(spec, dict) and isinstance(spec.get("concept_bank"), str)
+                and isinstance(spec.get("class_noun"), str)):
+            raise LatexBlendError(f"{path}: concept{i} needs 'concept_bank' and 'class_noun' strings")
         stem = Path(spec["concept_bank"]).stem
         found = [p for p in (Path(spec["concept_bank"]).with_suffix(".safetensors"),
                              bank_dir(directory) / f"{stem}.safetensors") if p.is_file()]
@@ -66,12 +72,56 @@ def _release_steering(entry: dict) -> dict:
            "rectify": bool(entry.get("self_rectification")) or None,
            "rectify_start": entry.get("rectification_start")}
     if entry.get("guidance_steps") is not None:
-        total = entry.get("num_inference_steps") or 100
-        out["guidance_window"] = round(1 - float(entry["guidance_steps"]) / float(total), 6)
+        total = _number(Path("inference JSON"), entry, "num_inference_steps", 100) or 100
+        out["guidance_window"] = round(1 - _number(Path("inference JSON"), entry, "guidance_steps", 0) / total, 6)
     return out
 
 
+def _number(path: Path, entry: dict, key: str, default: int) -> int:
+    """``entry[key]`` as a whole number (``default`` when absent), else one line naming the key."""
+    value = entry.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+            or value != int(value):
+        raise LatexBlendError(f"{path}: {key} must be a whole number, got {value!r:.60}")
+    return int(value)
+
+
 # --------------------------------------------------------------------------- release .pt banks
+
+
+def _load_pt(path: Path):
+    """``torch.load`` with ``weights_only=True``; each failure is one line (a file that would need arbitrary
+    code to load is refused as unsafe instead of torch's advice to turn the protection off)."""
+    import pickle
+
+    import torch
+
+    if path.stat().st_size == 0:
+        raise LatexBlendError(f"{path} is empty; not a release concept bank")
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "global" in str(err).lower():  # torch's weights-only unpickler met a class or function reference
+            raise LatexBlendError(f"{path} is refused as unsafe: it holds objects other than tensors, which could run "
+                                  "code when loaded; only plain tensor banks are imported") from None
+        raise LatexBlendError(f"{path} is not a torch.save file (corrupt or another format)") from None
+    except Exception as err:  # zip, pickle and storage errors all mean the same to a user
+        raise LatexBlendError(f"{path} is not a torch.save file (corrupt or another format; "
+                              f"{type(err).__name__})") from None
+
+
+def _rows(path: Path, key, part: str, tensor) -> torch.Tensor:
+    """A release entry's ``k`` or ``v`` as its own contiguous ``[L, C]`` copy (leading unit dims dropped)."""
+    import torch
+
+    if not isinstance(tensor, torch.Tensor):
+        raise LatexBlendError(f"{path}: entry {key!r}: {part} is a {type(tensor).__name__}, not a tensor")
+    t = tensor.detach()
+    while t.ndim > 2 and t.shape[0] == 1:
+        t = t[0]
+    if t.ndim != 2:
+        raise LatexBlendError(f"{path}: entry {key!r}: {part} has shape {tuple(tensor.shape)}, not [L, C]")
+    return t.contiguous().clone()
 
 
 def import_release_bank(path: str | Path, class_noun: str, name: str, tokenizer,
@@ -82,13 +132,8 @@ def import_release_bank(path: str | Path, class_noun: str, name: str, tokenizer,
     The file is read with ``weights_only=True`` (no arbitrary unpickling) onto the CPU; tensors that
     are views of larger ones are copied down to their own rows, so nothing extra is kept.
     """
-    import torch
-
     path = checked_file(Path(path))
-    try:
-        raw = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise LatexBlendError(f"{path} is not a loadable release bank (torch.save of tensors): {err}") from err
+    raw = _load_pt(path)
     if not isinstance(raw, dict) or not raw:
         raise LatexBlendError(f"{path} does not hold a dict of layers; not a release concept bank")
     noun_ids = list(tokenizer(class_noun, add_special_tokens=False).input_ids)
@@ -96,12 +141,8 @@ def import_release_bank(path: str | Path, class_noun: str, name: str, tokenizer,
     for key, entry in raw.items():
         layer = str(key).removesuffix(".processor")
         if not layer.endswith("attn2") or not isinstance(entry, dict) or not {"k", "v"} <= set(entry):
-            raise LatexBlendError(f"{path}: entry '{key}' is not an attn2 layer with 'k' and 'v' tensors")
-        for store, tensor in ((k, entry["k"]), (v, entry["v"])):
-            t = tensor.detach()
-            while t.ndim > 2 and t.shape[0] == 1:
-                t = t[0]
-            store[layer] = t.contiguous().clone()
+            raise LatexBlendError(f"{path}: entry {key!r} is not an attn2 layer with 'k' and 'v' tensors")
+        k[layer], v[layer] = (_rows(path, key, part, entry[part]) for part in ("k", "v"))
     rows = next(iter(k.values())).shape[0]
     if rows != 1 + len(noun_ids):
         raise LatexBlendError(

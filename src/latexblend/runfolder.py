@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from latexblend.config import TrainConfig, load_mapping, merge, to_dict
 from latexblend.errors import LatexBlendError
-from latexblend.fileio import atomic_path, write_text_atomic
+from latexblend.fileio import save_safetensors, write_text_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -35,9 +35,9 @@ STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 
 #: Settings that do not change what a step computes (may differ when resuming).
-NOT_HASHED = ("steps", "resume", "overwrite", "checkpoint_every", "log_every", "log_tensorboard", "runs_dir",
-              "bank_dir", "bank_dtype", "extract_prompt", "gradient_checkpointing", "cache_prior", "compile_unet",
-              "peak_tflops")
+NOT_HASHED = ("steps", "resume", "overwrite", "checkpoint_every", "keep_checkpoints", "log_every", "log_tensorboard",
+              "runs_dir", "bank_dir", "bank_dtype", "extract_prompt", "gradient_checkpointing", "cache_prior",
+              "compile_unet", "compile_backend", "peak_tflops")
 
 
 def config_hash(cfg: TrainConfig) -> str:
@@ -47,18 +47,34 @@ def config_hash(cfg: TrainConfig) -> str:
 
 
 def check_run_folder(cfg: TrainConfig) -> tuple[Path, Path | None]:
-    """``(run folder, checkpoint to resume from)``; refuses to clobber a run or a bank by accident."""
+    """``(run folder, checkpoint to resume from)``; refuses to clobber a run or a bank by accident. A run
+    folder without weights (stopped before its first checkpoint) holds nothing to keep or resume: it is
+    started again from step 0, also under ``--resume latest``."""
     from latexblend.bank import SUFFIX, bank_dir
 
     run = Path(cfg.runs_dir) / cfg.name
-    if cfg.resume:
+    kept = _has_weights(run)
+    if cfg.resume and (cfg.resume != "latest" or kept):
         return run, find_checkpoint(run, cfg.resume)
-    if run.exists() and any(run.iterdir()) and not cfg.overwrite:
+    if kept and not cfg.overwrite:
         raise LatexBlendError(f"{run} already exists; continue it with --resume latest, or pass --overwrite")
     bank = bank_dir(cfg.bank_dir) / f"{cfg.name}{SUFFIX}"
     if bank.exists() and not cfg.overwrite:
         raise LatexBlendError(f"{bank} already exists; pass --overwrite or choose another --name")
+    if run.exists() and any(run.iterdir()) and not kept and not cfg.overwrite:
+        print(f"{run} holds no checkpoint (an earlier run stopped before its first one): starting it from step 0")
     return run, None
+
+
+def _has_weights(run: Path) -> bool:
+    """Does ``run`` hold final weights or a checkpoint (anything worth keeping)?"""
+    return (run / KV_FILE).is_file() or any((p / STATE_FILE).is_file() for p in run.glob("checkpoints/step_*"))
+
+
+def _checkpoints(folder: Path, complete: bool) -> list[Path]:
+    """``folder/checkpoints/step_<N>`` in step order (``complete``: only those with a state.json)."""
+    steps = (p for p in (folder / "checkpoints").glob("step_*") if p.name[5:].isdigit())
+    return sorted((p for p in steps if not complete or (p / STATE_FILE).is_file()), key=lambda p: int(p.name[5:]))
 
 
 def find_checkpoint(run: Path, which: str) -> Path:
@@ -68,8 +84,7 @@ def find_checkpoint(run: Path, which: str) -> Path:
         raise LatexBlendError(f"--resume {which}: {path} does not exist")
     if (path / STATE_FILE).is_file():
         return path
-    steps = sorted((p for p in (path / "checkpoints").glob("step_*") if (p / STATE_FILE).is_file()),
-                   key=lambda p: int(p.name.split("_")[1]))
+    steps = _checkpoints(path, complete=True)
     if not steps:
         raise LatexBlendError(f"--resume {which}: no checkpoint in {path} (looked for checkpoints/step_<N>/state.json)")
     return steps[-1]
@@ -101,12 +116,10 @@ def write_run_info(run: Path, info: dict) -> Path:
 
 def write_weights(folder: Path, kv: dict[str, torch.Tensor], kv_meta: dict[str, str], rows: dict[str, torch.Tensor],
                   rows_meta: dict[str, str]) -> None:
-    """``kv.safetensors`` and ``tokens.safetensors`` in ``folder`` (each written atomically)."""
-    from safetensors.torch import save_file
-
+    """``kv.safetensors`` and ``tokens.safetensors`` in ``folder`` (each written atomically, metadata sorted:
+    identical runs give identical bytes)."""
     for name, tensors, meta in ((KV_FILE, kv, kv_meta), (TOKENS_FILE, rows, rows_meta)):
-        with atomic_path(folder / name) as tmp:
-            save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(tmp), metadata=meta)
+        save_safetensors({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, folder / name, meta)
 
 
 def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -137,6 +150,15 @@ def write_checkpoint(run: Path, step: int, write, optimizer_state: dict, cfg_has
     return final
 
 
+def prune_checkpoints(run: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints of ``run`` (``keep`` 0: keep all); returns the deleted."""
+    steps = _checkpoints(run, complete=False)
+    old = steps[:-keep] if keep else []
+    for folder in old:
+        shutil.rmtree(folder, ignore_errors=True)
+    return old
+
+
 def read_checkpoint(folder: Path, cfg_hash: str) -> tuple[int, dict, dict, dict]:
     """``(step, kv tensors, identifier rows, optimizer state)``; refuses a checkpoint of other settings."""
     import torch
@@ -151,12 +173,14 @@ def read_checkpoint(folder: Path, cfg_hash: str) -> tuple[int, dict, dict, dict]
 
 
 def checkpoint_folder(run: Path, checkpoint: int | None) -> Path:
-    """The run folder itself (final weights) or ``checkpoints/step_<N>``."""
+    """The run folder itself (final weights) or ``checkpoints/step_<N>``; refused, naming the missing
+    file(s), when its weights are incomplete."""
     folder = run if checkpoint is None else checkpoint_path(run, checkpoint)
-    if not (folder / KV_FILE).is_file() or not (folder / TOKENS_FILE).is_file():
+    missing = [name for name in (KV_FILE, TOKENS_FILE) if not (folder / name).is_file()]
+    if missing:
         what = "final weights (the run did not finish; pass --checkpoint N)" if checkpoint is None else \
             f"checkpoint {checkpoint}"
-        raise LatexBlendError(f"{run} has no {what}: {folder / KV_FILE} missing")
+        raise LatexBlendError(f"{run} has no {what}: {' and '.join(str(folder / m) for m in missing)} missing")
     return folder
 
 

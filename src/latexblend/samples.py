@@ -1,7 +1,7 @@
 """The output folder of ``latexblend generate`` (docs/OUTPUT_FORMAT.md): the one place that writes and
 reads it.
 
-Writing: :func:`prepare_out` checks the folder, :func:`save_image` writes one PNG (settings in its
+Writing: :func:`claim_out` checks and holds the folder, :func:`save_image` writes one PNG (settings in its
 text chunk), :func:`save_heatmaps` the per-concept maps beside it, :func:`write_records` one process's
 records, and :func:`finish` merges them into ``metadata.json`` and draws one grid per prompt.
 Reading: :func:`read_samples` (``evaluate``) and :func:`samples_complete` (``cc101``).
@@ -9,17 +9,18 @@ Reading: :func:`read_samples` (``evaluate``) and :func:`samples_complete` (``cc1
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from latexblend import __version__
 from latexblend.errors import LatexBlendError
-from latexblend.fileio import atomic_path, write_text_atomic
+from latexblend.fileio import atomic_path, claim_folder, safe_name, write_text_atomic
 
 FORMAT = "latexblend-samples"
 FORMAT_VERSION = 1
@@ -33,19 +34,24 @@ def metadata_path(folder: str | Path) -> Path:
 # --------------------------------------------------------------------------- writing
 
 
-def prepare_out(out: str | Path | None, rank: int = 0) -> Path:
-    """Create (or accept an empty) output folder; refuse one that already holds a run. Every process
-    checks the same things, so all of them stop on a bad folder (none waits for the others forever)."""
+@contextlib.contextmanager
+def claim_out(out: str | Path | None, rank: int = 0) -> Iterator[Path]:
+    """Create (or accept an empty) output folder and hold it while the block runs; refuse one that already
+    holds a finished run or that another run is writing (the main process keeps a lock file with its pid
+    there: :func:`~latexblend.fileio.claim_folder`). A folder created here is removed again when the block
+    fails while it is still empty. Every process checks the same things, so all of them stop on a bad folder."""
     path = Path(out or f"out/generate-{time.strftime('%Y%m%d-%H%M%S')}")
     if metadata_path(path).exists():
         raise LatexBlendError(f"{path} already holds a generation (metadata.json); choose another --out")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path / f".write-test-{rank}", "")
-        (path / f".write-test-{rank}").unlink()
-    except (OSError, LatexBlendError) as err:
-        raise LatexBlendError(f"cannot write to output folder {path}: {getattr(err, 'strerror', None) or err}") from err
-    return path
+    with claim_folder(path, "generate", lock=rank == 0) as path:
+        if rank:  # the main process's lock file showed that it can write there
+            try:
+                write_text_atomic(path / f".write-test-{rank}", "")
+                (path / f".write-test-{rank}").unlink()
+            except (OSError, LatexBlendError) as err:
+                raise LatexBlendError(f"cannot write to output folder {path}: "
+                                      f"{getattr(err, 'strerror', None) or err}") from err
+        yield path
 
 
 def image_file(prompt_index: int, seed: int) -> str:
@@ -100,7 +106,7 @@ def save_heatmaps(out: Path, record: dict, pil, maps: dict) -> dict[str, str]:
     """Write ``<image stem>_map_<concept>.png`` per concept beside the image; returns {concept: file}."""
     files = {}
     for name, values in maps.items():
-        files[name] = f"{Path(record['file']).stem}_map_{name}.png"
+        files[name] = f"{Path(record['file']).stem}_map_{safe_name(name)}.png"
         save_png(heatmap(values, pil.size, pil), out / files[name], {"concept": name})
     return files
 

@@ -93,7 +93,7 @@ class Steering:
         self.guide_layers = select_layers(shapes, guidance.layers) if guidance else []
         self.maps = MapState()
         self.stats = {"guidance_passes": 0, "guidance_saved_bytes": None, "rectify_passes": 0}
-        self.history: list[dict] = []  # per guidance pass: t_frac, loss [B], delta [B, 4, h, w]
+        self.history: list[dict] = []  # with guidance.history, per pass of the last call: t_frac, loss [B], delta
         self.count_saved = False  # measure the guidance pass's saved activations (stats; benchmarks: costs time)
         self.call = SteeredCall([])
         self._busy = False
@@ -113,6 +113,7 @@ class Steering:
     def begin(self, call) -> None:
         """A new pipeline call (a :class:`~latexblend.blend.Call`) begins."""
         self.call = SteeredCall(call.row_spans)
+        self.history = []
         self.maps.edit = None
 
     def _on_unet(self, module, args, kwargs):
@@ -166,7 +167,8 @@ class Steering:
         self.stats["guidance_passes"] += 1
         if self.count_saved:
             self.stats["guidance_saved_bytes"] = max(self.stats["guidance_saved_bytes"] or 0, nbytes)
-        self.history.append({"t_frac": self.state.t_frac, "loss": loss, "delta": delta})
+        if self.guidance.history:
+            self.history.append({"t_frac": self.state.t_frac, "loss": loss, "delta": delta})
         repeats = sample.shape[0] // delta.shape[0]
         return (sample.float() + (scale * delta).repeat(repeats, 1, 1, 1)).to(sample.dtype)
 

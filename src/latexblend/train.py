@@ -23,14 +23,33 @@ from torch import nn
 
 from latexblend.attention import SpliceProcessor, SpliceState, install_processors, project_kv
 from latexblend.config import TrainConfig
-from latexblend.data import augment, draw, draw_flip, list_images, load_prior, open_image, prior_sample, template_pool
-from latexblend.device import device_name, environment, flop_counter, mfu, peak_memory, peak_tflops
+from latexblend.data import (
+    augment,
+    draw,
+    draw_flip,
+    list_images,
+    load_prior,
+    open_image,
+    prior_dir,
+    prior_sample,
+    template_pool,
+)
+from latexblend.device import (
+    device_name,
+    environment,
+    flop_counter,
+    mfu,
+    peak_memory,
+    peak_tflops,
+    resolve_mixed_precision,
+)
 from latexblend.errors import LatexBlendError
 from latexblend.extract import bank_dtype, extract_bank
 from latexblend.runfolder import (
     check_run_folder,
     config_hash,
     merge_lora,
+    prune_checkpoints,
     read_checkpoint,
     start_run_folder,
     write_checkpoint,
@@ -172,7 +191,7 @@ def check_inputs(cfg: TrainConfig) -> tuple[list, list]:
     images = [open_image(p) for p in list_images(cfg.images, "instance image")]
     if not cfg.use_prior:
         return images, []
-    folder = Path(cfg.prior or Path("reg_data") / cfg.class_noun)
+    folder = Path(cfg.prior) if cfg.prior else prior_dir(cfg.class_noun)
     if not folder.exists():
         raise LatexBlendError(f"no prior data: {folder} does not exist; generate it with `latexblend prior "
                               f"--class-noun '{cfg.class_noun}'`, pass --prior DIR, or train with --no-prior")
@@ -484,8 +503,7 @@ def accelerator(mixed_precision: str, device: str | None = None):
     from accelerate import Accelerator
 
     cuda = torch.cuda.is_available() and device != "cpu"
-    if mixed_precision == "auto":
-        mixed_precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "no"
+    mixed_precision = resolve_mixed_precision(mixed_precision) if cuda or mixed_precision != "auto" else "no"
     acc = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=1, cpu=not cuda)
     return acc, {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
 
@@ -551,6 +569,8 @@ def train(cfg: TrainConfig, progress: bool = True, on_step=None) -> Path | None:
     params = setup.parameters()
     optimizer = acc.prepare(make_optimizer(cfg, params, lr))
     start = load_checkpoint(setup, optimizer, resume_from) if resume_from else 0
+    if resume_from and acc.is_main_process:
+        tqdm.write(f"resuming from step {start} ({resume_from})")
     if acc.is_main_process:
         start_run_folder(cfg, run, resume_from)
     writer = summary_writer(str(run / "tb")) if summary_writer and acc.is_main_process else None
@@ -569,6 +589,7 @@ def train(cfg: TrainConfig, progress: bool = True, on_step=None) -> Path | None:
             loss = _log(setup, acc, bar, writer, meter, losses, done)
         if acc.is_main_process and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < steps:
             save_checkpoint(setup, optimizer, run, done)
+            prune_checkpoints(run, cfg.keep_checkpoints)
         if on_step:
             on_step(done, losses, setup)
     wall = time.perf_counter() - t0

@@ -1,0 +1,23 @@
+"""The README's commands refer to things that exist (issue 12, item 11)."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_concept_the_readme_trains_has_a_concept_file():
+    names = re.findall(r"train --concept (\S+)", (ROOT / "README.md").read_text(encoding="utf-8"))
+    assert names
+    for name in names:
+        assert (ROOT / "configs" / "concepts" / f"{name}.yaml").is_file(), name
+
+
+def test_the_demo_bank_folder_is_spelled_out_where_banks_are_used():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "--dir demo/concept_bank" in readme
+    demo = (ROOT / "scripts" / "demo.sh").read_text(encoding="utf-8")
+    printed = demo[demo.index("cat <<DONE"):]
+    for command in ("latexblend bank ls --dir $W/concept_bank", "latexblend generate "):
+        assert command in printed
+    assert re.search(r"latexblend generate .*--dir \$W/concept_bank", printed)
