@@ -20,7 +20,7 @@ import torch
 
 from latexblend import guidance
 from latexblend.attention import BlendState, MapProcessor, MapState, install_processors
-from latexblend.bench import count_tflop
+from latexblend.device import count_tflop
 from latexblend.models import attn2_shapes, build_sdxl_random
 from latexblend.tokens import Span
 
@@ -43,7 +43,7 @@ def main() -> None:
     added = {"text_embeds": torch.randn(2, 1280, **meta), "time_ids": torch.randn(2, 6, **meta)}
     t = torch.tensor(900.0, device="meta")
     with torch.no_grad():
-        step = count_tflop(lambda: unet(torch.randn(2, 4, h, h, **meta), t, context, added_cond_kwargs=added), "meta")
+        step = count_tflop(lambda: unet(torch.randn(2, 4, h, h, **meta), t, context, added_cond_kwargs=added))
     cond = {k: v[:1] for k, v in added.items()}
 
     def guided(stop_early: bool) -> float:
@@ -54,7 +54,7 @@ def main() -> None:
             return count_tflop(lambda: guidance.guidance_pass(
                 unet, torch.randn(1, 4, h, h, device="meta"), torch.ones(1, 1, 1, 1, device="meta"),
                 lambda x: unet(x, t, context[:1], added_cond_kwargs=cond), maps, list(shapes), state.row_spans,
-                (h, h)), "meta")
+                (h, h)))
         finally:
             guidance.collector = collector
 

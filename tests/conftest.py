@@ -82,8 +82,9 @@ def eval_model_dirs(tmp_path_factory):
     return root / "clip", root / "dino"
 
 
-def launch_two(args, env=None, timeout=300):
-    """``accelerate launch`` two CPU processes (gloo) of ``python -m latexblend ARGS``; returns the result."""
+def launch_two(args, env=None, timeout=300, script=None):
+    """``accelerate launch`` two CPU processes (gloo) of ``python -m latexblend ARGS`` (or of ``python SCRIPT
+    ARGS``); returns the result."""
     import socket
     import subprocess
     import sys
@@ -97,5 +98,5 @@ def launch_two(args, env=None, timeout=300):
     accelerate = str(Path(sys.executable).with_name("accelerate"))
     cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-           "-m", "latexblend", *map(str, args)]
+           *(["-m", "latexblend"] if script is None else [str(script)]), *map(str, args)]
     return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)

@@ -4,6 +4,7 @@ import torch
 
 from conftest import random_bank
 from latexblend.blend import apply
+from latexblend.device import OpCounter
 from latexblend.errors import LatexBlendError
 from latexblend.guidance import layer_hw
 from latexblend.rectify import RectifyOptions, coefficients, concept_masks, match_clusters, modulate, resize_masks
@@ -139,16 +140,6 @@ def test_rectification_on_the_tiny_model_any_size_and_reproducible(tiny_pipe, si
     assert not np.array_equal(img, plain)  # the modulation changed the image
 
 
-class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _last_main_call_ops(pipe, n):
     """Ops dispatched by the last main UNet call (CFG batch of 2; the capture pass has 1) of a
     3-step rectified generation with ``n`` concepts."""
@@ -156,7 +147,7 @@ def _last_main_call_ops(pipe, n):
 
     def enter(module, args, kwargs):
         if args[0].shape[0] == 2:
-            calls.append(_CountOps())
+            calls.append(OpCounter())
             calls[-1].__enter__()
 
     def leave(module, args, output):
@@ -232,3 +223,73 @@ def test_batched_edit_equals_the_rule_per_sample_and_concept(tiny_pipe, cfg, pro
     assert compared and {s[0] for s in compared} == {len(prompts) * (2 if cfg > 1 else 1)}
     assert len({s[2] for s in compared}) >= 2  # layers at more than one resolution
     assert no_concept == ([2] if cfg > 1 else [])
+
+
+def _same_partition(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal clusterings up to a renaming of the labels."""
+    pairs = set(zip(a.tolist(), b.tolist(), strict=True))
+    return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
+
+
+def test_top_eigenvectors_match_eigh_on_a_known_spectrum():
+    from latexblend.rectify import top_eigenvectors
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.linalg.qr(torch.randn(300, 300, generator=g, dtype=torch.float64)).Q
+    values = torch.cat([torch.tensor([1.0, 0.9, 0.8, 0.7, -0.95]), 0.3 * torch.rand(295, generator=g) - 0.15])
+    m = (q * values.double()) @ q.T
+    vecs = top_eigenvectors(m.float(), 4, seed=1)
+    assert vecs.shape == (300, 4) and vecs.dtype == torch.float32
+    expected = torch.linalg.eigh(m)[1][:, -4:]  # the -0.95 eigenvector is left out
+    cos = (vecs.double() * expected).sum(0).abs()
+    assert float(cos.min()) > 1 - 1e-6
+
+
+@pytest.fixture(scope="module")
+def captured_affinity(tiny_dir):
+    """A self-attention affinity [1024, 1024] captured by the rectification pass at 512 px. Random attention
+    is near uniform (no cluster structure to compare), so the attn1 query/key weights are sharpened x16 and
+    the initial latent holds five regions: the affinity then has a few separated eigenvalues, then a bulk."""
+    from latexblend import steering
+    from latexblend.models import load_pipeline
+
+    pipe = load_pipeline(str(tiny_dir), device="cpu", dtype="fp32")
+    with torch.no_grad():
+        for name, module in pipe.unet.named_modules():
+            if name.endswith("attn1"):
+                module.to_q.weight *= 16
+                module.to_k.weight *= 16
+    got = []
+    real = steering.concept_masks
+
+    def spy(affinity, *args):
+        got.append(affinity.clone())
+        return real(affinity, *args)
+
+    h = 64
+    g = torch.Generator().manual_seed(1)
+    regions = torch.zeros(h, h, dtype=torch.long)
+    regions[: h // 2, h // 2 :] = 1
+    regions[h // 2 :, : h // 3] = 2
+    regions[h // 2 :, h // 3 : 2 * h // 3] = 3
+    regions[h // 4 : h // 2, : h // 4] = 4
+    latents = (2 * torch.randn(5, 4, generator=g))[regions].permute(2, 0, 1)[None]
+    latents = latents + 0.3 * torch.randn(1, 4, h, h, generator=g)
+    steering.concept_masks = spy
+    try:
+        with apply(pipe, _banks(pipe, 3), rectify={"start": 0.6, "clusters": 8}):
+            pipe("a dog and a cat and a car", num_inference_steps=3, latents=latents, height=512, width=512,
+                 output_type="latent")
+    finally:
+        steering.concept_masks = real
+    return got[0]
+
+
+@pytest.mark.parametrize("clusters", [4, 8])
+def test_top_k_solver_gives_the_exact_solvers_clusters_on_a_captured_affinity(captured_affinity, clusters):
+    from latexblend.rectify import cluster_pixels
+
+    assert captured_affinity.shape == (1024, 1024)
+    exact = cluster_pixels(captured_affinity, clusters, seed=0, exact=True)
+    fast = cluster_pixels(captured_affinity, clusters, seed=0, exact=False)
+    assert len(exact.unique()) == clusters and _same_partition(exact, fast)

@@ -324,16 +324,15 @@ def test_prior_cache_is_exact_and_skips_the_vae_and_text_encoders(tiny_dir, conc
     assert len(latents) < steps and len(captions) < steps and not uncached.prior_cache.store
 
 
-def test_compiled_unet_gives_the_same_losses_with_one_graph_for_all_templates(tiny_dir, concept_dir, prior_dir,
-                                                                             monkeypatch):
+def test_compiled_unet_gives_the_same_losses_with_one_graph_for_all_templates(tiny_dir, concept_dir, prior_dir):
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from latexblend import train as train_module
+    from latexblend.train import compile_unet
 
-    monkeypatch.setattr(train_module, "COMPILE_BACKEND", "eager")  # graph capture without code generation
     steps = 4
-    plain, compiled = (setup_for(config(tiny_dir, concept_dir, prior_dir, compile_unet=on)) for on in (False, True))
+    plain, compiled = (setup_for(config(tiny_dir, concept_dir, prior_dir)) for _ in range(2))
+    compile_unet(compiled.pipe.unet, "eager")  # graph capture without code generation
     pairs = {(b.prompts[0], b.replace[0].instance) for b in (make_batch(plain, step_generator(42, s))
                                                              for s in range(steps))}
     assert len(pairs) > 1  # the steps use different template pairs (span positions)
@@ -368,7 +367,7 @@ def test_bank_equals_kv_of_trained_weights_and_resume_is_exact(tmp_path, tiny_di
     run_a = train(a, progress=False)
     b = config(tiny_dir, concept_dir, prior_dir, runs_dir=str(tmp_path / "rb"), bank_dir=str(tmp_path / "bb"), **common)
 
-    def stop(step, loss):
+    def stop(step, losses, setup):
         if step == 3:
             raise KeyboardInterrupt
 
@@ -423,7 +422,7 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_again_and_identical_ru
     run_a = train(cfg("a", checkpoint_every=1, keep_checkpoints=2), progress=False)
     assert sorted(p.name for p in (run_a / "checkpoints").iterdir()) == ["step_2", "step_3"]
 
-    def crash(step, loss):
+    def crash(step, losses, setup):
         raise KeyboardInterrupt
 
     for tag, resume in (("b", None), ("c", "latest")):
@@ -484,15 +483,65 @@ def test_gradients_are_averaged_in_few_flat_buckets_element_for_element():
 
 
 def test_two_processes_train_identically(tmp_path, tiny_dir, concept_dir, prior_dir):
-    env = {"LATEXBLEND_DEBUG_DUMP": str(tmp_path / "dump"), "LATEXBLEND_BANK": str(tmp_path / "bank")}
-    out = launch_two(["train", "--images", concept_dir, "--class-noun", "dog", "--name", "mp", "--model", tiny_dir,
-                      "--prior", prior_dir, "--steps", "2", "--runs-dir", tmp_path / "runs"], env)
+    """Each process's trainables after every step, read through ``train(on_step=...)`` by a launched script."""
+    script = tmp_path / "two.py"
+    script.write_text(TWO_PROCESS_SCRIPT)
+    cfg = {"images": str(concept_dir), "class_noun": "dog", "name": "mp", "model": str(tiny_dir),
+           "prior": str(prior_dir), "steps": 2, "runs_dir": str(tmp_path / "runs"), "bank_dir": str(tmp_path / "bank")}
+    out = launch_two([json.dumps(cfg), tmp_path / "digest"], script=script)
     assert out.returncode == 0, out.stderr[-2000:]
-    dumps = [json.loads((tmp_path / f"dump.rank{r}.json").read_text()) for r in (0, 1)]
-    assert dumps[0]["sha256"] == dumps[1]["sha256"]
+    digests = [json.loads((tmp_path / f"digest.{rank}.json").read_text()) for rank in (0, 1)]
+    assert digests[0] == digests[1] and len(digests[0]) == 2
+    assert digests[0][0]["sha256"] != digests[0][1]["sha256"]  # the weights moved between the steps
     info = json.loads((tmp_path / "runs" / "mp" / "run.json").read_text())
     assert info["num_processes"] == 2 and info["lr"] == pytest.approx(4e-5)  # 1e-5 x (1 + 1) x 2
     assert (tmp_path / "bank" / "mp.safetensors").is_file()
+
+
+TWO_PROCESS_SCRIPT = """
+import hashlib, json, sys
+from latexblend.config import TrainConfig, merge
+from latexblend.train import train
+
+cfg, out = merge(TrainConfig, json.loads(sys.argv[1])), sys.argv[2]
+digests = []
+
+def on_step(step, losses, setup):
+    h = hashlib.sha256()
+    for _, p in setup.named_parameters():
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    digests.append({"step": step, "sha256": h.hexdigest()})
+
+train(cfg, progress=False, on_step=on_step)
+import torch.distributed as dist
+with open(f"{out}.{dist.get_rank()}.json", "w") as f:
+    json.dump(digests, f)
+"""
+
+
+def test_accumulating_two_micro_batches_is_the_average_of_two_processes_gradients(tiny_dir, concept_dir, prior_dir):
+    """Micro-batch ``m`` of process ``r`` draws as process ``r * grad_accum + m``; accumulating ``loss / 2``
+    twice is bit for bit the mean of the two processes' gradients (halving is exact)."""
+    from latexblend.train import accelerator, make_optimizer, step_loss, train_step
+
+    s = setup_for(config(tiny_dir, concept_dir, prior_dir, grad_accum=2, max_grad_norm=0.0))
+    params = s.parameters()
+    per_rank = []
+    for rank in (0, 1):
+        step_loss(s, 5, rank)[0].backward()
+        per_rank.append([p.grad.clone() for p in params])
+        for p in params:
+            p.grad = None
+    expected = [(a + b) / 2 for a, b in zip(*per_rank, strict=True)]
+    acc, _ = accelerator("no", "cpu")
+    seen = []
+    optimizer = make_optimizer(s.cfg, params, lr=0.0)
+    optimizer.step = lambda: seen.extend(p.grad.clone() for p in params)  # the gradients the update would use
+    losses = train_step(s, optimizer, acc, 5, params)
+    assert all(torch.equal(a, b) for a, b in zip(seen, expected, strict=True))
+    assert all(p.grad is None for p in params)  # zeroed for the next step
+    separate = torch.stack([step_loss(s, 5, r)[0].detach() for r in (0, 1)]).mean()
+    torch.testing.assert_close(losses[0], separate, rtol=0, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -594,3 +643,21 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_dir, concept_di
     assert r.exit_code == 2, r.output
     assert r.output.startswith("error: ") and r.output.count("\n") == 1 and message in r.output
     assert not (tmp_path / "runs").exists() and not (tmp_path / "banks").exists()
+
+
+def test_a_training_step_reads_no_value_back_except_its_cpu_data_draws(tiny_dir, concept_dir, prior_dir):
+    """No ``.item()`` / ``float()`` on the step's tensors (on a GPU each would make the host wait for the
+    device): the only scalar reads are the data draws from the step's CPU generator; the fused
+    optimizer reads none (the default per-tensor AdamW read one step counter per tensor)."""
+    from latexblend.device import OpCounter
+    from latexblend.train import accelerator, make_optimizer, train_step
+
+    s = setup_for(config(tiny_dir, concept_dir, prior_dir))
+    params = s.parameters()
+    acc, _ = accelerator("no", "cpu")
+    optimizer = make_optimizer(s.cfg, params, 1e-5)
+    train_step(s, optimizer, acc, 0, params)
+    with OpCounter() as ops:
+        losses = train_step(s, optimizer, acc, 1, params)
+    assert ops.count > 1000 and ops.reads and all(where.startswith("data.py:") for where in ops.reads), ops.reads
+    assert losses.shape == (3,) and not losses.requires_grad

@@ -6,20 +6,17 @@ machine-readable (JSON + CSV); ``docs/BENCHMARKS.md`` holds measured tables with
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
-import platform
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-from latexblend import __version__
 from latexblend.bank import ConceptBank
+from latexblend.device import count_tflop, device_name, environment, mfu, peak_tflops, resolve_device, timed
 from latexblend.errors import LatexBlendError
 from latexblend.fileio import write_text_atomic
 
@@ -57,17 +54,20 @@ def random_banks(pipe, count: int, seed: int = 0) -> list[ConceptBank]:
     return banks
 
 
-def _timed(fn: Callable[[], object], device: str) -> tuple[float, float]:
-    """(seconds, peak GiB on CUDA or 0) of one call."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        return time.perf_counter() - start, torch.cuda.max_memory_allocated() / 2**30
-    return time.perf_counter() - start, 0.0
+def rounds(repeats: int, runs: Callable[[bool], list[tuple[str, Callable[[], tuple[float, float]]]]]
+           ) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """The timing loop of every comparison: ``repeats + 1`` rounds of ``runs(warm_up)`` (named calls
+    returning ``(seconds, peak GiB)``) in the order given, round 0 the untimed warm-up. Returns the
+    seconds of the timed rounds and the largest peak, per name."""
+    times: dict[str, list[float]] = {}
+    peaks: dict[str, float] = {}
+    for rep in range(repeats + 1):
+        for key, run in runs(rep == 0):
+            seconds, peak = run()
+            if rep:
+                times.setdefault(key, []).append(seconds)
+                peaks[key] = max(peaks.get(key, 0.0), peak)
+    return times, peaks
 
 
 def bench_generate(model: str = "tiny", counts: Sequence[int] = (0, 1, 4, 8), steps: int = 20, repeats: int = 3,
@@ -89,19 +89,14 @@ def bench_generate(model: str = "tiny", counts: Sequence[int] = (0, 1, 4, 8), st
 
     def ours(n: int):
         with apply(pipe, banks[:n]):
-            return _timed(call, device)
+            return timed(call, device)
 
-    times: dict[str, list[float]] = {}
-    peaks: dict[str, float] = {}
-    for rep in range(repeats + 1):  # repeat 0 is the warm-up
-        for n in counts:
-            runs = ((f"stock@{n}", lambda: _timed(call, device)), (f"ours@{n}", lambda n=n: ours(n)),
-                    (f"stock_b@{n}", lambda: _timed(call, device)))  # stock again: the A/A noise floor
-            for key, run in runs:
-                seconds, peak = run()
-                if rep:
-                    times.setdefault(key, []).append(seconds)
-                    peaks[key] = max(peaks.get(key, 0.0), peak)
+    def runs(warm_up: bool):  # stock, ours, stock again (the A/A noise floor) per count
+        return [run for n in counts for run in ((f"stock@{n}", lambda: timed(call, device)),
+                                                (f"ours@{n}", lambda n=n: ours(n)),
+                                                (f"stock_b@{n}", lambda: timed(call, device)))]
+
+    times, peaks = rounds(repeats, runs)
     rows = []
     for n in counts:
         stock_s, ours_s = statistics.median(times[f"stock@{n}"]), statistics.median(times[f"ours@{n}"])
@@ -115,24 +110,9 @@ def bench_generate(model: str = "tiny", counts: Sequence[int] = (0, 1, 4, 8), st
     base = next((r["ours_s"] for r in rows if r["concepts"] == 1), None)
     for r in rows:
         r["vs_1_concept"] = round(r["ours_s"] / base, 4) if base else None
-    return {"benchmark": "generate", "model": model, "device": device, "device_name": _device_name(device),
+    return {"benchmark": "generate", "model": model, "device": device, "device_name": device_name(device),
             "dtype": str(pipe.unet.dtype).replace("torch.", ""), "size": size, "steps": steps, "cfg": cfg,
-            "repeats": repeats, "prompt": prompt, "rows": rows, "env": _env()}
-
-
-def _device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    return platform.processor() or platform.machine()
-
-
-def _env() -> dict:
-    import diffusers
-    import transformers
-
-    return {"latexblend": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version(),
-            "threads": torch.get_num_threads()}
+            "repeats": repeats, "prompt": prompt, "rows": rows, "env": environment()}
 
 
 def write_results(result: dict, out: str | Path) -> tuple[Path, Path]:
@@ -170,19 +150,6 @@ def _steering_columns(stats: dict | None) -> dict:
     saved = stats.get("guidance_saved_bytes")
     return {"guided_steps": stats.get("guidance_passes"), "rectify_passes": stats.get("rectify_passes"),
             "guidance_saved_mib": round(saved / 2**20, 2) if saved else None}
-
-
-def count_tflop(fn: Callable[[], object], device: str) -> float:
-    """TFLOP of one call (``torch.utils.flop_counter``: matmuls, convolutions and attention, forward and
-    backward); a measurement pass, slower than an uncounted call. On the CPU, SDPA runs as its math
-    decomposition while counting: the counter has no formula for the CPU's fused attention kernel."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    math = sdpa_kernel(SDPBackend.MATH) if device.startswith("cpu") else contextlib.nullcontext()
-    with FlopCounterMode(display=False) as counter, math:
-        fn()
-    return counter.get_total_flops() / 1e12
 
 
 def _profiled(fn: Callable[[], object], device: str, path: Path) -> None:
@@ -231,10 +198,10 @@ def bench_modes(model: str = "tiny", counts: Sequence[int] = (2, 4), steps: int 
     def ours(n: int, mode: str, prompt: str, warm_up: bool):
         with apply(pipe, banks[:n], **MODES[mode]) as blender:
             if not warm_up:
-                return _timed(lambda: call(prompt), device)
+                return timed(lambda: call(prompt), device)
             if blender.steering is not None:  # the warm-up counts (untimed: the counting costs time)
                 blender.steering.count_saved = True
-            stats[f"{mode}@{n}"] = {"tflop": count_tflop(lambda: call(prompt), device),
+            stats[f"{mode}@{n}"] = {"tflop": count_tflop(lambda: call(prompt)),
                                     **(blender.steering.stats if blender.steering is not None else {})}
             if profile_dir is not None:
                 _profiled(lambda: call(prompt), device, Path(profile_dir) / f"profile_{mode}_{n}.txt")
@@ -242,27 +209,24 @@ def bench_modes(model: str = "tiny", counts: Sequence[int] = (2, 4), steps: int 
 
     def stock_b(n: int, prompt: str, warm_up: bool):
         if not warm_up:
-            return _timed(lambda: call(prompt), device)
-        stats[f"stock_b@{n}"] = {"tflop": count_tflop(lambda: call(prompt), device)}
+            return timed(lambda: call(prompt), device)
+        stats[f"stock_b@{n}"] = {"tflop": count_tflop(lambda: call(prompt))}
         return 0.0, 0.0
 
-    times: dict[str, list[float]] = {}
-    peaks: dict[str, float] = {}
-    for rep in range(repeats + 1):  # repeat 0 is the warm-up
+    def runs(warm_up: bool):  # stock, each mode, stock again (the A/A noise floor) per count
+        out = []
         for n in counts:
             prompt = " and ".join(f"a {noun}" for noun in NOUNS[:n])
-            runs = [("stock", lambda p=prompt: _timed(lambda: call(p), device))]
-            runs += [(m, lambda n=n, m=m, p=prompt, w=rep == 0: ours(n, m, p, w)) for m in modes]
-            runs += [("stock_b", lambda n=n, p=prompt, w=rep == 0: stock_b(n, p, w))]  # the A/A noise floor
-            for mode, run in runs:
-                seconds, peak = run()
-                if rep:
-                    times.setdefault(f"{mode}@{n}", []).append(seconds)
-                    peaks[f"{mode}@{n}"] = max(peaks.get(f"{mode}@{n}", 0.0), peak)
-    return {"benchmark": "modes", "model": model, "device": device, "device_name": _device_name(device),
+            out.append((f"stock@{n}", lambda p=prompt: timed(lambda: call(p), device)))
+            out += [(f"{m}@{n}", lambda n=n, m=m, p=prompt: ours(n, m, p, warm_up)) for m in modes]
+            out.append((f"stock_b@{n}", lambda n=n, p=prompt: stock_b(n, p, warm_up)))
+        return out
+
+    times, peaks = rounds(repeats, runs)
+    return {"benchmark": "modes", "model": model, "device": device, "device_name": device_name(device),
             "dtype": str(pipe.unet.dtype).replace("torch.", ""), "size": size, "steps": steps, "cfg": cfg,
             "repeats": repeats, "modes": {m: MODES[m] for m in modes},
-            "rows": _mode_rows(counts, modes, times, peaks, stats), "env": _env()}
+            "rows": _mode_rows(counts, modes, times, peaks, stats), "env": environment()}
 
 
 def _mode_rows(counts, modes, times, peaks, stats) -> list[dict]:
@@ -284,89 +248,78 @@ def _mode_rows(counts, modes, times, peaks, stats) -> list[dict]:
 
 # --------------------------------------------------------------------------- training and extraction
 
-#: dense bf16 peak of the datasheet, TFLOP/s, for FLOP utilisation (MFU)
-PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 
-
-def _peak_tflops(device_name: str) -> float | None:
-    return next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
-
-
-def _train_setup(model: str, size: int | None, device: str, tmp: Path, **overrides):
-    """A training :class:`~latexblend.train.Setup` on procedural images (instance: disc, prior: towers)."""
+def _train_setup(model: str, size: int | None, tmp: Path, device: str | None = None, **overrides):
+    """``(Setup, Accelerator)`` of a training run on procedural images (instance: disc, prior: towers), the
+    device and precision as ``latexblend train`` picks them."""
     from latexblend.config import TrainConfig
     from latexblend.data import load_prior
     from latexblend.synthetic import draw_concept
-    from latexblend.train import build_setup, check_inputs
+    from latexblend.train import accelerator, build_setup, check_inputs
 
     draw_concept(tmp / "inst", "disc", num=4, size=256)
     draw_concept(tmp / "prior", "towers", num=4, size=256, seed=1)
     cfg = TrainConfig(name="bench", images=str(tmp / "inst"), class_noun="dog", prior=str(tmp / "prior"),
                       model=model, resolution=size, **overrides)
+    cfg.validate()
+    acc, dtype = accelerator(cfg.mixed_precision, device)
     images, _ = check_inputs(cfg)
-    prior = load_prior(tmp / "prior", "dog")
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return build_setup(cfg, images, prior, device, dtype), dtype
+    return build_setup(cfg, images, load_prior(tmp / "prior", "dog"), acc.device, dtype), acc
 
 
-def _train_rows(setup, dtype: torch.dtype, device: str, steps: int, compile_unet: bool = False) -> list[dict]:
-    """A row per gradient-checkpointing setting (FLOPs counted once, on the first step, uncompiled), in the
-    steady state of a long run: the prior cache filled first. ``warmup_s``: the untimed first step of a
-    setting (with ``compile_unet``, the compilation)."""
-    from torch.utils.flop_counter import FlopCounterMode
+def _train_rows(setup, acc, steps: int, checkpointing: Sequence[bool], peak: float | None) -> list[dict]:
+    """A row per gradient-checkpointing setting, timing :func:`~latexblend.train.train_step` (the step of
+    ``latexblend train``) in the steady state of a long run: the prior cache filled first. FLOPs are
+    counted once, on step 0 (uncompiled: with ``compile_unet`` the UNet is compiled after it);
+    ``warmup_s`` is each setting's untimed first step (with ``compile_unet``, the compilation)."""
+    from latexblend.train import compile_unet, fill_prior_cache, make_optimizer, step_tflop, train_step
 
-    from latexblend import train
-
-    optimizer = torch.optim.AdamW(setup.parameters(), lr=1e-5)
-    autocast = torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
-    with autocast:
-        train.fill_prior_cache(setup)
-
-    def one(step: int) -> None:
-        with autocast:
-            loss = train.step_loss(setup, step)[0]
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    with FlopCounterMode(display=False) as counter:
-        one(0)
-    flops = counter.get_total_flops()
-    if compile_unet:
-        train.compile_unet(setup.pipe.unet)
-    rows, peak_tflops = [], _peak_tflops(_device_name(device))
-    for checkpointing in (False, True):
+    params = setup.parameters()
+    optimizer = acc.prepare(make_optimizer(setup.cfg, params, setup.cfg.lr))
+    with acc.autocast():
+        fill_prior_cache(setup)
+    tflop = step_tflop(setup, acc, 0)
+    if setup.cfg.compile_unet:
+        compile_unet(setup.pipe.unet, setup.cfg.compile_backend)
+    device, rows = str(setup.device), []
+    samples = setup.cfg.batch_size * setup.cfg.grad_accum * (2 if setup.prior else 1)
+    for on in checkpointing:
         unet = setup.pipe.unet
-        unet.enable_gradient_checkpointing() if checkpointing else unet.disable_gradient_checkpointing()
-        warmup, _ = _timed(lambda: one(1), device)
-        seconds, peak = _timed(lambda: [one(s) for s in range(2, 2 + steps)], device)
-        per_step = seconds / steps
-        rows.append({"gradient_checkpointing": checkpointing, "steps_per_s": round(1 / per_step, 3),
-                     "samples_per_s": round(2 * setup.cfg.batch_size / per_step, 3),
-                     "peak_gib": round(peak, 3), "tflop_per_step": float(f"{flops / 1e12:.4g}"),
-                     "mfu": round(flops / per_step / (peak_tflops * 1e12), 4) if peak_tflops else None,
-                     "warmup_s": round(warmup, 2)})
+        unet.enable_gradient_checkpointing() if on else unet.disable_gradient_checkpointing()
+        warmup, _ = timed(lambda: train_step(setup, optimizer, acc, 1, params), device)
+        seconds, peak_gib = timed(lambda: [train_step(setup, optimizer, acc, s, params) for s in range(2, 2 + steps)],
+                                  device)
+        rate = steps / seconds
+        rows.append({"gradient_checkpointing": on, "steps_per_s": round(rate, 4),
+                     "samples_per_s": round(samples * rate, 4), "peak_gib": round(peak_gib, 3),
+                     "tflop_per_step": float(f"{tflop:.5g}"), "tflop_per_s": round(tflop * rate, 4),
+                     "mfu": round(mfu(tflop, rate, peak), 4) if peak else None, "warmup_s": round(warmup, 2)})
     return rows
 
 
 def bench_train(model: str = "tiny", steps: int = 5, size: int | None = None, device: str | None = None,
-                cache_prior: bool = True, compile_unet: bool = False) -> dict:
-    """Steps/s, samples/s, peak memory and FLOP utilisation of the dual-flow training step,
-    without and with gradient checkpointing (one setup; FLOPs from ``torch.utils.flop_counter``)."""
+                checkpointing: Sequence[bool] = (False, True), peak: float | None = None, **settings) -> dict:
+    """Steps/s, samples/s, peak memory and FLOP utilisation of the dual-flow training step (the one
+    ``latexblend train`` runs: :func:`~latexblend.train.train_step`, with clipping and gradient
+    averaging), per gradient-checkpointing setting. ``settings``: training settings
+    (:class:`~latexblend.config.TrainConfig`: ``cache_prior``, ``compile_unet``, ``grad_accum``,
+    ``batch_size``...). ``peak``: the device's TFLOP/s for MFU [default: the datasheet figure of known
+    GPUs; none on the CPU]."""
     import tempfile
-
-    from latexblend.models import resolve_device
 
     check_counts(steps=steps)
     device = resolve_device(device)
     with tempfile.TemporaryDirectory() as tmp:  # prior images are read on every cache miss
-        setup, dtype = _train_setup(model, size, device, Path(tmp), cache_prior=cache_prior)
-        rows = _train_rows(setup, dtype, device, steps, compile_unet)
-    trainable = sum(p.numel() for p in setup.parameters())
-    return {"benchmark": "train", "model": model, "device": device, "device_name": _device_name(device),
-            "dtype": str(dtype).replace("torch.", ""), "size": setup.size, "steps": steps,
-            "batch": "1 instance + 1 prior", "cache_prior": cache_prior, "compile_unet": compile_unet,
-            "trainable_params": trainable, "rows": rows, "env": _env()}
+        setup, acc = _train_setup(model, size, Path(tmp), device, **settings)
+        device = str(setup.device)
+        peak = peak_tflops(device_name(device), peak)
+        rows = _train_rows(setup, acc, steps, checkpointing, peak)
+    cfg = setup.cfg
+    return {"benchmark": "train", "model": model, "device": device, "device_name": device_name(device),
+            "dtype": str(setup.dtype).replace("torch.", ""), "size": setup.size, "steps": steps,
+            "batch": f"{cfg.batch_size} instance + {cfg.batch_size} prior", "grad_accum": cfg.grad_accum,
+            "cache_prior": cfg.cache_prior, "compile_unet": cfg.compile_unet, "peak_tflops": peak,
+            "trainable_params": sum(p.numel() for p in setup.parameters()), "rows": rows, "env": environment()}
 
 
 def bench_extract(model: str = "tiny", device: str | None = None, repeats: int = 3) -> dict:
@@ -375,14 +328,14 @@ def bench_extract(model: str = "tiny", device: str | None = None, repeats: int =
 
     from latexblend.bank import save_bank
     from latexblend.extract import extract_bank
-    from latexblend.models import resolve_device
+    from latexblend.text import pipeline_text_side
 
     check_counts(repeats=repeats)
     device = resolve_device(device)
     with tempfile.TemporaryDirectory() as tmp:
-        setup, _ = _train_setup(model, None, device, Path(tmp))
-        pipe = setup.pipe
-        toks, encs = [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2]
+        setup, _ = _train_setup(model, None, Path(tmp), device)
+        device = str(setup.device)
+        toks, encs = pipeline_text_side(setup.pipe)
         weights = setup.weights()
 
         def extract():
@@ -391,9 +344,9 @@ def bench_extract(model: str = "tiny", device: str | None = None, repeats: int =
                                 training={}, dtype=torch.float16)
 
         extract()  # warm-up
-        times = [_timed(extract, device)[0] for _ in range(repeats)]
+        times = [timed(extract, device)[0] for _ in range(repeats)]
         path = save_bank(extract(), Path(tmp) / "bench.safetensors")
         size = path.stat().st_size
-    return {"benchmark": "extract", "model": model, "device": device, "device_name": _device_name(device),
+    return {"benchmark": "extract", "model": model, "device": device, "device_name": device_name(device),
             "rows": [{"extract_s": round(statistics.median(times), 4), "bank_bytes": size,
-                      "bank_mb": round(size / 1e6, 4), "bank_dtype": "float16"}], "env": _env()}
+                      "bank_mb": round(size / 1e6, 4), "bank_dtype": "float16"}], "env": environment()}

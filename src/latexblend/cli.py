@@ -460,9 +460,10 @@ def train_cmd(
     use_prior: Annotated[bool | None, Opt("--use-prior/--no-prior", help="Prior preservation [on].")] = None,
     steps: Annotated[int | None, Opt(help="Optimizer steps [default: 3000 / processes; toy: 600].")] = None,
     lr: Annotated[float | None, Opt(help="Base learning rate [default: 1e-5; toy: 1e-4].")] = None,
-    scale_lr: Annotated[bool | None, Opt("--scale-lr/--no-scale-lr", help="Scale lr by batch x processes [on].")
+    scale_lr: Annotated[bool | None, Opt("--scale-lr/--no-scale-lr", help="Scale lr by the effective batch [on].")
                         ] = None,
     batch_size: Annotated[int | None, Opt(help="Instance (and prior) images per process [default: 1].")] = None,
+    grad_accum: Annotated[int | None, Opt(help="Micro-batches per optimizer step [default: 1].")] = None,
     resolution: Annotated[int | None, Opt(help="Training resolution [default: 512, tiny: 64].")] = None,
     seed: Annotated[int | None, Opt(help="Seed [default: 42].")] = None,
     base_flow: Annotated[bool | None, Opt("--base-flow/--no-base-flow",
@@ -568,16 +569,28 @@ def bench_train_cmd(
     device: str | None = None,
     no_cache_prior: Annotated[bool, typer.Option("--no-cache-prior", help="Encode prior data every step.")] = False,
     compile_unet: Annotated[bool, typer.Option("--compile-unet", help="torch.compile the UNet.")] = False,
+    compile_backend: Annotated[str, typer.Option(help="torch.compile backend of --compile-unet.")] = "inductor",
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Instance (and prior) images per micro-batch.")] = 1,
+    checkpointing: Annotated[str, typer.Option(
+        help="Gradient checkpointing settings to time: off, on or both.")] = "both",
+    peak_tflops: Annotated[float | None, typer.Option(
+        help="The device's peak TFLOP/s for MFU [known GPUs: datasheet bf16; CPU: n/a].")] = None,
     out: BenchOutOpt = Path("bench_train.json"),
 ) -> None:
     """Training step: steps/s, samples/s, peak memory, FLOPs and utilisation, with/without checkpointing."""
-    if steps < 1:
-        raise LatexBlendError("--steps must be at least 1")
+    settings = {"off": (False,), "on": (True,), "both": (False, True)}
+    if steps < 1 or grad_accum < 1 or batch_size < 1:
+        raise LatexBlendError("--steps, --grad-accum and --batch-size must be at least 1")
+    if checkpointing not in settings:
+        raise LatexBlendError(f"--checkpointing must be off, on or both, got '{checkpointing}'")
     _quiet_libraries()
     from latexblend.bench import bench_train
 
     _bench_report(bench_train(model, steps=steps, size=size, device=device, cache_prior=not no_cache_prior,
-                              compile_unet=compile_unet), out)
+                              compile_unet=compile_unet, compile_backend=compile_backend, grad_accum=grad_accum,
+                              batch_size=batch_size,
+                              checkpointing=settings[checkpointing], peak=peak_tflops), out)
 
 
 @bench_app.command("fidelity")

@@ -206,8 +206,9 @@ MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 @dataclasses.dataclass
 class TrainConfig:
     """Stage 1 settings. Defaults are the authors' recipe (METHOD section 2): lr 1e-5 scaled by the
-    batch (instance + prior) and the number of processes, AdamW, constant schedule, grad clip 1.0,
-    3000 steps on one process (1500 on two), seed 42, 512 px on SDXL (64 px on the tiny model)."""
+    batch (instance + prior), the number of processes and ``grad_accum``, AdamW, constant schedule, grad
+    clip 1.0, 3000 steps on one process (1500 on two, or with ``grad_accum`` 2), seed 42, 512 px on SDXL
+    (64 px on the tiny model)."""
 
     name: str | None = None
     images: str | None = None
@@ -219,6 +220,7 @@ class TrainConfig:
     resolution: int | None = None  # None: min(512, the UNet's native size)
     steps: int | None = None  # None: 3000 // processes
     batch_size: int = 1  # instance images per process (and as many prior images)
+    grad_accum: int = 1  # micro-batches per optimizer step (effective batch: batch x processes x grad_accum)
     lr: float = 1e-5
     scale_lr: bool = True
     weight_decay: float = 1e-2
@@ -235,6 +237,7 @@ class TrainConfig:
     kv_rank: int = 0  # > 0: LoRA of this rank on to_k/to_v instead of full weights
     gradient_checkpointing: bool = False
     compile_unet: bool = False  # torch.compile the UNet (the first step compiles)
+    compile_backend: str = "inductor"  # torch.compile backend of compile_unet ("eager": graph capture only)
     cache_prior: bool = True  # keep prior images' VAE moments and captions' text features after first use
     use_8bit_adam: bool = False
     mixed_precision: str = "auto"  # auto: bf16 on CUDA, none on CPU
@@ -242,6 +245,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # the newest K checkpoints are kept, older ones deleted (0: keep all)
     log_every: int = 10
     log_tensorboard: bool = False
+    peak_tflops: float | None = None  # the device's peak TFLOP/s for MFU [default: known GPUs' datasheet bf16]
     runs_dir: str = "runs"
     bank_dir: str | None = None  # [default: $LATEXBLEND_BANK or ./concept_bank]
     extract_prompt: str = "photo of {token} {noun}"
@@ -267,6 +271,9 @@ class TrainConfig:
         if self.steps is not None:
             check_range("steps", self.steps, 1)
         check_range("batch_size", self.batch_size, 1)
+        check_range("grad_accum", self.grad_accum, 1, 1024)
+        if self.peak_tflops is not None:
+            check_range("peak_tflops", self.peak_tflops, 1e-6)
         check_range("lr", self.lr, 0)
         check_range("kv_rank", self.kv_rank, 0)
         check_range("checkpoint_every", self.checkpoint_every, 0)

@@ -171,7 +171,7 @@ def load_models(clip_model: str = DEFAULT_CLIP, dino_model: str = DEFAULT_DINO, 
     """Load CLIP (``CLIPModel`` + ``CLIPTokenizer``) and DINO (``ViTModel``) from folders or hub ids."""
     from transformers import CLIPModel, CLIPTokenizer, ViTModel
 
-    from latexblend.models import resolve_device
+    from latexblend.device import resolve_device
 
     device = resolve_device(device)
     clip = _load(CLIPModel.from_pretrained, clip_model, "--clip-model")

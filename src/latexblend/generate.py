@@ -138,7 +138,7 @@ def generate(cfg: GenerateConfig, pipe=None) -> Path:
     one run at a time (:func:`~latexblend.samples.claim_out`) and removed again if a check fails in it
     while it is still empty.
     """
-    from latexblend.models import resolve_device
+    from latexblend.device import resolve_device
 
     cfg.validate()  # also when called from Python with a config not built by config.merge
     start = time.perf_counter()

@@ -232,54 +232,6 @@ def resolve_model(model: str) -> str:
     return model
 
 
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-DEVICE_TYPES = ("cpu", "cuda", "mps")
-
-
-def resolve_device(device: str | None) -> str:
-    """``device`` checked against this machine (``None``: CUDA when available, else the CPU). Every command
-    taking ``--device`` goes through here: an unknown name or a device this machine lacks is one error."""
-    import torch
-
-    if device is None or device == "auto":
-        return default_device()
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError):
-        parsed = None
-    if parsed is None or parsed.type not in DEVICE_TYPES:
-        raise LatexBlendError(f"unknown device '{device}': use cpu, cuda, cuda:N or mps")
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise LatexBlendError(f"device '{device}': this machine has no CUDA GPU that torch {torch.__version__} "
-                                  f"can use; pass --device cpu")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise LatexBlendError(f"device '{device}': this machine has {torch.cuda.device_count()} CUDA GPU(s) "
-                                  f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
-    if parsed.type == "mps" and not torch.backends.mps.is_available():
-        raise LatexBlendError(f"device '{device}': MPS is not available on this machine; pass --device cpu")
-    return str(parsed)
-
-
-def resolve_mixed_precision(name: str) -> str:
-    """Training's autocast mode: ``auto`` is bf16 on CUDA when supported, else fp16 on CUDA, else none;
-    ``fp16`` needs a CUDA GPU (one clear error instead of accelerate's traceback)."""
-    import torch
-
-    cuda = torch.cuda.is_available()
-    if name == "auto":
-        return ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "no"
-    if name == "fp16" and not cuda:
-        raise LatexBlendError("mixed precision fp16 needs a CUDA GPU and this machine has none; use auto, no or "
-                              "bf16")
-    return name
-
-
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     """``auto`` is bf16 on CUDA when supported (else fp16) and fp32 on CPU."""
     import torch
@@ -304,6 +256,8 @@ def load_pipeline(model: str = "tiny", device: str | None = None, dtype: str = "
     naming the model and how to provide it as a local folder.
     """
     from diffusers import StableDiffusionXLPipeline
+
+    from latexblend.device import resolve_device
 
     device = resolve_device(device)
     if model == "sdxl-random":

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from latexblend.attention import SpliceProcessor, SpliceState, install_processors, project_kv
-from latexblend.config import TrainConfig, to_dict
+from latexblend.config import TrainConfig
 from latexblend.data import (
     augment,
     draw,
@@ -36,18 +34,30 @@ from latexblend.data import (
     prior_sample,
     template_pool,
 )
+from latexblend.device import (
+    device_name,
+    environment,
+    flop_counter,
+    mfu,
+    peak_memory,
+    peak_tflops,
+    resolve_mixed_precision,
+)
 from latexblend.errors import LatexBlendError
-from latexblend.extract import ENCODERS, KV_FILE, TOKENS_FILE, bank_dtype, concept_span, encode_prompts, extract_bank
-from latexblend.fileio import save_safetensors, write_text_atomic
+from latexblend.extract import bank_dtype, extract_bank
+from latexblend.runfolder import (
+    check_run_folder,
+    config_hash,
+    merge_lora,
+    prune_checkpoints,
+    read_checkpoint,
+    start_run_folder,
+    write_checkpoint,
+    write_run_info,
+    write_weights,
+)
+from latexblend.text import ENCODERS, concept_span, encode_prompts, pipeline_text_side
 from latexblend.tokens import Span, token_ids
-
-#: Settings that do not change what a step computes (may differ when resuming).
-_NOT_HASHED = ("steps", "resume", "overwrite", "checkpoint_every", "keep_checkpoints", "log_every", "log_tensorboard",
-               "runs_dir", "bank_dir", "bank_dtype", "extract_prompt", "gradient_checkpointing", "cache_prior",
-               "compile_unet")
-#: torch.compile backend of ``compile_unet`` (tests use "eager": the same graph capture, no code generation)
-COMPILE_BACKEND = "inductor"
-
 
 # --------------------------------------------------------------------------- trainable pieces
 
@@ -66,7 +76,7 @@ class LowRankLinear(nn.Module):
         return self.base(x) + F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
 
     def merged_weight(self) -> torch.Tensor:
-        return self.base.weight.float() + self.lora_B @ self.lora_A
+        return merge_lora(self.base.weight, self.lora_A, self.lora_B)
 
 
 class IdentifierRows:
@@ -223,7 +233,7 @@ def _templates(pipe, cfg: TrainConfig, token_id: int, noun_ids: list[int]) -> li
     from latexblend.models import attn2_modules
 
     out = []
-    toks, encs = [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2]
+    toks, encs = pipeline_text_side(pipe)
     for template in template_pool(cfg.fixed_template):
         instance, replace = template.format(f"{cfg.token} {cfg.class_noun}"), template.format(f"a {cfg.class_noun}")
         with torch.no_grad():
@@ -250,7 +260,7 @@ def build_setup(cfg: TrainConfig, images: list, prior: list, device, dtype: torc
         pipe.vae.to(torch.float32)
     size = cfg.resolution or min(512, pipe.unet.config.sample_size * pipe.vae_scale_factor)
     _check_resolution(pipe, size)
-    toks, encs = [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2]
+    toks, encs = pipeline_text_side(pipe)
     token_id = add_identifier_token(toks, encs, cfg.token, init_token=cfg.init_token)
     noun_ids = token_ids(pipe.tokenizer, cfg.class_noun)
     templates = _templates(pipe, cfg, token_id, noun_ids)
@@ -262,17 +272,21 @@ def build_setup(cfg: TrainConfig, images: list, prior: list, device, dtype: torc
     install_processors(pipe.unet, lambda layer: SpliceProcessor(layer, state))
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
-    if cfg.compile_unet:
-        compile_unet(pipe.unet)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     return Setup(cfg, pipe, images, prior, templates, rows, kv, state, scheduler, fp, size, dtype, pipe.device,
                  pipe.unet.dtype, pipe.vae.dtype, PriorCache(cfg.cache_prior))
 
 
-def compile_unet(unet) -> None:
-    """``torch.compile`` the UNet's forward in place (with :data:`COMPILE_BACKEND`); compiled at its first call.
-    One graph serves every template pair: the splice reads span positions from a tensor."""
-    unet.compile(backend=COMPILE_BACKEND)
+def compile_unet(unet, backend: str = "inductor") -> None:
+    """``torch.compile`` the UNet's forward in place with ``backend``; compiled at its first call (``train``
+    does it after counting the first step's FLOPs). One graph serves every template pair: the splice
+    reads span positions from a tensor."""
+    import torch._dynamo
+
+    if backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise LatexBlendError(f"unknown compile backend '{backend}' (known: "
+                              f"{', '.join(torch._dynamo.list_backends(exclude_tags=()))})")
+    unet.compile(backend=backend)
 
 
 # --------------------------------------------------------------------------- one step
@@ -343,9 +357,7 @@ def prior_latent(setup: Setup, path, flip: bool) -> tuple[torch.Tensor, tuple]:
 
 
 def _encode(setup: Setup, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    pipe = setup.pipe
-    return encode_prompts([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2], prompts,
-                          setup.device)
+    return encode_prompts(*pipeline_text_side(setup.pipe), prompts, setup.device)
 
 
 def prior_text(setup: Setup, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -407,7 +419,7 @@ def step_loss(setup: Setup, step: int, rank: int = 0) -> tuple[torch.Tensor, tor
     return inst + setup.cfg.prior_loss_weight * prior, inst, prior
 
 
-# --------------------------------------------------------------------------- the loop
+# --------------------------------------------------------------------------- one optimizer step
 
 #: Largest flat gradient buffer of one collective (bytes): 341 M fp32 SDXL K/V values take 6 buckets.
 BUCKET_BYTES = 256 * 2**20
@@ -443,78 +455,168 @@ def average_gradients(params: list[nn.Parameter], reduce, cap: int = BUCKET_BYTE
             p.grad = g.view_as(p)
 
 
+def train_step(setup: Setup, optimizer, acc, step: int, params: list[nn.Parameter]) -> torch.Tensor:
+    """One optimizer step of ``train`` and ``bench train``: ``grad_accum`` micro-batches, gradients averaged
+    across processes, clipped, the update. Returns ``[loss, instance loss, prior loss]`` of this process
+    (mean over its micro-batches), detached and on the device: reading it is the caller's sync.
+
+    Micro-batch ``m`` of process ``r`` draws its data as process ``r * grad_accum + m`` would with one
+    micro-batch, so ``k`` micro-batches on one process train exactly as ``k`` processes do. ``acc``: the
+    ``accelerate.Accelerator`` (autocast, backward with fp16 loss scaling, collectives, clipping).
+    """
+    accum = setup.cfg.grad_accum
+    total = None
+    for micro in range(accum):
+        with acc.autocast():
+            loss, inst, prior = step_loss(setup, step, acc.process_index * accum + micro)
+        acc.backward(loss / accum)
+        parts = torch.stack([loss.detach(), inst.detach(), prior.detach()])
+        total = parts if total is None else total + parts
+    if acc.num_processes > 1:  # one process: the identity, skipping two copies of every gradient
+        average_gradients(params, lambda flat: acc.reduce(flat, reduction="mean"))
+    if setup.cfg.max_grad_norm:
+        acc.clip_grad_norm_(params, setup.cfg.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total / accum
+
+
+def step_tflop(setup: Setup, acc, step: int) -> float:
+    """TFLOP of training step ``step`` (forward and backward of its micro-batches: matmuls, convolutions,
+    attention), counted on a separate pass whose gradients are dropped: the counter's dispatch mode can
+    change the last bits of a backward, and the real step must not depend on whether it was counted."""
+    accum = setup.cfg.grad_accum
+    with flop_counter() as counter:
+        for micro in range(accum):
+            with acc.autocast():
+                loss = step_loss(setup, step, acc.process_index * accum + micro)[0]
+            loss.backward()
+    for p in setup.parameters():
+        p.grad = None
+    return counter.tflop()
+
+
+def accelerator(mixed_precision: str, device: str | None = None):
+    """The ``accelerate.Accelerator`` of a training run (on CUDA when available, unless ``device`` is
+    ``cpu``; ``auto`` precision: bf16 on CUDA when supported, else fp16; none on the CPU) and the compute
+    dtype it implies."""
+    from accelerate import Accelerator
+
+    cuda = torch.cuda.is_available() and device != "cpu"
+    mixed_precision = resolve_mixed_precision(mixed_precision) if cuda or mixed_precision != "auto" else "no"
+    acc = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=1, cpu=not cuda)
+    return acc, {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
+
+
+def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter], lr: float):
+    """AdamW: the fused kernel on CUDA and CPU (a handful of ops for all tensors; on the CPU 3.7x faster than
+    the default per-tensor loop and 7x the multi-tensor path, docs/BENCHMARKS.md), the multi-tensor
+    (foreach) path on other devices; 8-bit AdamW with ``use_8bit_adam``."""
+    kwargs = dict(lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as err:
+            raise LatexBlendError("--use-8bit-adam needs bitsandbytes (pip install bitsandbytes)") from err
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    if params and params[0].device.type in ("cuda", "cpu"):
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    return torch.optim.AdamW(params, foreach=True, **kwargs)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class Meter:
+    """Steps/s over the last log window and FLOP utilisation (nanoGPT style): ``tflop`` per step is
+    counted once, on the run's first step; ``peak`` is the device's TFLOP/s (``None``: MFU n/a)."""
+
+    peak: float | None
+    tflop: float | None = None
+    last_step: int = 0
+    last_time: float = field(default_factory=time.perf_counter)
+
+    def tick(self, done: int) -> float:
+        """Steps/s since the previous tick (the device synchronised by the caller's read of the loss)."""
+        now = time.perf_counter()
+        rate = (done - self.last_step) / max(now - self.last_time, 1e-9)
+        self.last_step, self.last_time = done, now
+        return rate
+
+    def mfu_text(self, rate: float) -> str:
+        value = mfu(self.tflop, rate, self.peak)
+        return "MFU n/a" if value is None else f"MFU {100 * value:.1f}%"
+
+
 def train(cfg: TrainConfig, progress: bool = True, on_step=None) -> Path | None:
     """Train one concept; write ``runs/<name>/`` and ``concept_bank/<name>.safetensors``. Returns the run
     folder on the main process (``None`` on the others).
 
-    ``on_step(step, loss)`` is called after every optimizer step (``step`` counts from 1).
+    ``on_step(step, losses, setup)`` is called after every optimizer step on every process (``step`` counts
+    from 1; ``losses`` as :func:`train_step` returns them, unread; ``setup`` holds the trainables). The
+    loss is read (a device sync) only at log steps.
     """
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    from latexblend.models import resolve_mixed_precision
-
-    mixed = resolve_mixed_precision(cfg.mixed_precision)
-    acc = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=1, cpu=not torch.cuda.is_available())
+    acc, dtype = accelerator(cfg.mixed_precision)
     images, prior = check_inputs(cfg)
-    run, resume_from = _check_run_folder(cfg)
+    run, resume_from = check_run_folder(cfg)
     summary_writer = _tensorboard() if cfg.log_tensorboard else None
-    steps = cfg.steps or 3000 // acc.num_processes
-    lr = cfg.lr * (cfg.batch_size * (2 if cfg.use_prior else 1) * acc.num_processes if cfg.scale_lr else 1)
-    setup = build_setup(cfg, images, prior, acc.device, {"no": torch.float32, "bf16": torch.bfloat16,
-                                                         "fp16": torch.float16}[mixed])
-    setup.extra.update(steps=steps, lr=lr, num_processes=acc.num_processes, mixed_precision=mixed)
+    setup = build_setup(cfg, images, prior, acc.device, dtype)
+    steps, lr = _schedule(cfg, acc.num_processes)
+    setup.extra.update(steps=steps, lr=lr, num_processes=acc.num_processes, mixed_precision=acc.mixed_precision)
     params = setup.parameters()
-    optimizer = acc.prepare(_optimizer(cfg, params, lr))
+    optimizer = acc.prepare(make_optimizer(cfg, params, lr))
     start = load_checkpoint(setup, optimizer, resume_from) if resume_from else 0
     if resume_from and acc.is_main_process:
         tqdm.write(f"resuming from step {start} ({resume_from})")
     if acc.is_main_process:
-        _start_run_folder(cfg, run, resume_from)
+        start_run_folder(cfg, run, resume_from)
     writer = summary_writer(str(run / "tb")) if summary_writer and acc.is_main_process else None
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=cfg.name,
                disable=not (progress and acc.is_main_process))
-    t0, loss_value = time.perf_counter(), float("nan")
+    meter = Meter(peak_tflops(device_name(setup.device), cfg.peak_tflops), last_step=start)
+    t0, loss = time.perf_counter(), float("nan")
     for step in bar:
-        with acc.autocast():
-            loss, inst, prior_loss = step_loss(setup, step, acc.process_index)
-        acc.backward(loss)
-        average_gradients(params, lambda flat: acc.reduce(flat, reduction="mean"))
-        if cfg.max_grad_norm:
-            acc.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = float(acc.reduce(loss.detach(), reduction="mean"))
-        done, rate = step + 1, (step + 1 - start) / (time.perf_counter() - t0)
-        bar.set_postfix(loss=f"{loss_value:.4f}", steps_per_s=f"{rate:.2f}")
-        if acc.is_main_process and (done % cfg.log_every == 0 or done == steps):
-            parts = f"instance {float(inst.detach()):.4f}, prior {float(prior_loss.detach()):.4f}"
-            bar.write(f"step {done}/{steps} | loss {loss_value:.4f} ({parts}) | {rate:.2f} steps/s | "
-                      f"peak mem {_peak_memory() / 2**30:.2f} GiB")
-            if writer:
-                writer.add_scalar("loss", loss_value, done)
+        if step == start:
+            meter.tflop = step_tflop(setup, acc, step)
+            if cfg.compile_unet:
+                compile_unet(setup.pipe.unet, cfg.compile_backend)
+        losses = train_step(setup, optimizer, acc, step, params)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == steps:
+            loss = _log(setup, acc, bar, writer, meter, losses, done)
         if acc.is_main_process and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < steps:
             save_checkpoint(setup, optimizer, run, done)
             prune_checkpoints(run, cfg.keep_checkpoints)
         if on_step:
-            on_step(done, loss_value)
+            on_step(done, losses, setup)
     wall = time.perf_counter() - t0
-    _debug_dump(setup, acc.process_index)
     if acc.is_main_process:
-        _finish(setup, run, start, steps, wall, loss_value)
+        _finish(setup, run, start, wall, loss, meter)
     acc.wait_for_everyone()
     return run if acc.is_main_process else None
 
 
-def _optimizer(cfg: TrainConfig, params, lr: float):
-    kwargs = dict(lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-    if not cfg.use_8bit_adam:
-        return torch.optim.AdamW(params, **kwargs)
-    try:
-        import bitsandbytes as bnb
-    except ImportError as err:
-        raise LatexBlendError("--use-8bit-adam needs bitsandbytes (pip install bitsandbytes)") from err
-    return bnb.optim.AdamW8bit(params, **kwargs)
+def _schedule(cfg: TrainConfig, processes: int) -> tuple[int, float]:
+    """``(steps, lr)``: 3000 samples per image slot by default, lr scaled by the effective batch."""
+    steps = cfg.steps or max(1, 3000 // (processes * cfg.grad_accum))
+    batch = cfg.batch_size * (2 if cfg.use_prior else 1) * processes * cfg.grad_accum
+    return steps, cfg.lr * (batch if cfg.scale_lr else 1)
+
+
+def _log(setup: Setup, acc, bar, writer, meter: Meter, losses: torch.Tensor, done: int) -> float:
+    """Read the step's losses (the one sync and collective of a log step), write the log line; the loss."""
+    loss, inst, prior = acc.reduce(losses, reduction="mean").tolist()
+    rate = meter.tick(done)
+    bar.set_postfix(loss=f"{loss:.4f}", steps_per_s=f"{rate:.2f}")
+    if acc.is_main_process:
+        bar.write(f"step {done}/{setup.extra['steps']} | loss {loss:.4f} (instance {inst:.4f}, prior {prior:.4f}) | "
+                  f"{rate:.2f} steps/s | {meter.mfu_text(rate)} | peak mem {peak_memory(setup.device) / 2**30:.2f} GiB")
+        if writer:
+            writer.add_scalar("loss", loss, done)
+    return loss
 
 
 def _tensorboard():
@@ -526,75 +628,13 @@ def _tensorboard():
     return SummaryWriter
 
 
-def _peak_memory() -> int:
-    """Peak bytes: CUDA allocator peak, else the process's max resident set."""
-    if torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated())
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-# --------------------------------------------------------------------------- run folder and checkpoints
-
-
-def config_hash(cfg: TrainConfig) -> str:
-    data = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_HASHED}
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _check_run_folder(cfg: TrainConfig) -> tuple[Path, Path | None]:
-    """``(run folder, checkpoint to resume from)``; refuses to clobber a run or a bank by accident. A run
-    folder without weights (stopped before its first checkpoint) holds nothing to keep or resume: it is
-    started again from step 0, also under ``--resume latest``."""
-    from latexblend.bank import SUFFIX, bank_dir
-
-    run = Path(cfg.runs_dir) / cfg.name
-    kept = _has_weights(run)
-    if cfg.resume and (cfg.resume != "latest" or kept):
-        return run, find_checkpoint(run, cfg.resume)
-    if kept and not cfg.overwrite:
-        raise LatexBlendError(f"{run} already exists; continue it with --resume latest, or pass --overwrite")
-    bank = bank_dir(cfg.bank_dir) / f"{cfg.name}{SUFFIX}"
-    if bank.exists() and not cfg.overwrite:
-        raise LatexBlendError(f"{bank} already exists; pass --overwrite or choose another --name")
-    if run.exists() and any(run.iterdir()) and not kept and not cfg.overwrite:
-        print(f"{run} holds no checkpoint (an earlier run stopped before its first one): starting it from step 0")
-    return run, None
-
-
-def _has_weights(run: Path) -> bool:
-    """Does ``run`` hold final weights or a checkpoint (anything worth keeping)?"""
-    return (run / KV_FILE).is_file() or any((p / "state.json").is_file() for p in run.glob("checkpoints/step_*"))
-
-
-def find_checkpoint(run: Path, which: str) -> Path:
-    """``latest`` -> the newest ``run/checkpoints/step_<N>``; a path -> that checkpoint (or a run's newest)."""
-    path = run if which == "latest" else Path(which)
-    if not path.exists():
-        raise LatexBlendError(f"--resume {which}: {path} does not exist")
-    if (path / "state.json").is_file():
-        return path
-    steps = sorted((p for p in (path / "checkpoints").glob("step_*") if (p / "state.json").is_file()
-                    and p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
-    if not steps:
-        raise LatexBlendError(f"--resume {which}: no checkpoint in {path} (looked for checkpoints/step_<N>/state.json)")
-    return steps[-1]
-
-
-def _start_run_folder(cfg: TrainConfig, run: Path, resume_from: Path | None) -> None:
-    import yaml
-
-    if resume_from is None and run.exists():
-        shutil.rmtree(run)  # --overwrite (checked up-front)
-    resolved = {k: v for k, v in to_dict(cfg).items() if k not in ("resume", "overwrite")}
-    write_text_atomic(run / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+# --------------------------------------------------------------------------- run folder files
 
 
 def _training_summary(setup: Setup) -> dict:
     cfg = setup.cfg
     return {"steps": setup.extra["steps"], "lr": setup.extra["lr"], "base_lr": cfg.lr, "seed": cfg.seed,
-            "batch_size": cfg.batch_size, "num_processes": setup.extra["num_processes"],
+            "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "num_processes": setup.extra["num_processes"],
             "base_flow": cfg.base_flow, "fixed_template": cfg.fixed_template, "resolution": setup.size,
             "prior": cfg.use_prior, "prior_loss_weight": cfg.prior_loss_weight, "kv_rank": cfg.kv_rank,
             "token": cfg.token, "init_token": cfg.init_token, "images": str(Path(cfg.images).resolve())}
@@ -603,98 +643,50 @@ def _training_summary(setup: Setup) -> dict:
 def save_trainables(setup: Setup, folder: Path, extra_meta: dict | None = None) -> None:
     """``kv.safetensors`` (attn2 to_k/to_v weights or LoRA factors, fp32) and ``tokens.safetensors``."""
     layers = list(dict.fromkeys(name.rsplit(".", 1)[0] for name in setup.kv))
-    meta = {"kind": "lora" if setup.cfg.kv_rank else "full", "rank": str(setup.cfg.kv_rank),
-            "layers": json.dumps(layers), "base_fingerprint": setup.fingerprint,
-            "training": json.dumps(_training_summary(setup)), **(extra_meta or {})}
-    kv = {name: p.detach().cpu().contiguous() for name, p in setup.kv_tensors().items()}
-    save_safetensors(kv, folder / KV_FILE, meta)
-    meta = {"token": setup.cfg.token, "init_token": setup.cfg.init_token, "token_id": str(setup.rows.token_id)}
-    save_safetensors(setup.rows.tensors(), folder / TOKENS_FILE, meta)
+    kv_meta = {"kind": "lora" if setup.cfg.kv_rank else "full", "rank": str(setup.cfg.kv_rank),
+               "layers": json.dumps(layers), "base_fingerprint": setup.fingerprint,
+               "training": json.dumps(_training_summary(setup)), **(extra_meta or {})}
+    rows_meta = {"token": setup.cfg.token, "init_token": setup.cfg.init_token, "token_id": str(setup.rows.token_id)}
+    write_weights(folder, setup.kv_tensors(), kv_meta, setup.rows.tensors(), rows_meta)
 
 
 def save_checkpoint(setup: Setup, optimizer, run: Path, step: int) -> Path:
-    """``run/checkpoints/step_<step>/``: trainables, optimizer state (tensors and numbers only), state.json.
-    Written into a temporary folder and renamed, so a checkpoint is complete or absent."""
-    final = run / "checkpoints" / f"step_{step}"
-    tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_trainables(setup, tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "config_hash": config_hash(setup.cfg)}))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    return final
-
-
-def prune_checkpoints(run: Path, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` checkpoints of ``run`` (``keep`` 0: keep all); returns the deleted."""
-    steps = sorted((p for p in (run / "checkpoints").glob("step_*") if p.name[5:].isdigit()),
-                   key=lambda p: int(p.name[5:]))
-    old = steps[:-keep] if keep else []
-    for folder in old:
-        shutil.rmtree(folder, ignore_errors=True)
-    return old
+    """``run/checkpoints/step_<step>/``: trainables, optimizer state (tensors and numbers only), state.json."""
+    return write_checkpoint(run, step, lambda folder: save_trainables(setup, folder), optimizer.state_dict(),
+                            config_hash(setup.cfg))
 
 
 def load_checkpoint(setup: Setup, optimizer, folder: Path) -> int:
     """Restore trainables and optimizer state from ``folder``; returns the step to continue from."""
-    from safetensors.torch import load_file
-
-    state = json.loads((folder / "state.json").read_text())
-    if state["config_hash"] != config_hash(setup.cfg):
-        raise LatexBlendError(f"{folder} was written with different training settings; resume with the run's "
-                              f"own config.yaml")
-    kv, rows = load_file(str(folder / KV_FILE)), load_file(str(folder / TOKENS_FILE))
+    step, kv, rows, state = read_checkpoint(folder, config_hash(setup.cfg))
     with torch.no_grad():
         for name, p in setup.kv_tensors().items():
             p.copy_(kv[name])
         for key, row in zip(ENCODERS, setup.rows.rows, strict=True):
             row.copy_(rows[key])
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
-    return int(state["step"])
+    optimizer.load_state_dict(state)
+    return step
 
 
-def _finish(setup: Setup, run: Path, start: int, steps: int, wall: float, loss: float) -> None:
+def _finish(setup: Setup, run: Path, start: int, wall: float, loss: float, meter: Meter) -> None:
     """Final weights, run.json, and the bank (Stage 2, no separate step)."""
-    import platform
-
-    import accelerate
-    import diffusers
-    import transformers
-
     from latexblend.bank import SUFFIX, bank_dir, save_bank
 
-    cfg, pipe = setup.cfg, setup.pipe
+    cfg, pipe, steps = setup.cfg, setup.pipe, setup.extra["steps"]
     save_trainables(setup, run)
     training = {**_training_summary(setup), "final_loss": loss}
-    bank = extract_bank([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2],
-                        setup.weights(), name=cfg.name, class_noun=cfg.class_noun, token_id=setup.rows.token_id,
-                        prompt=cfg.extract_prompt.format(token=cfg.token, noun=cfg.class_noun),
+    toks, encs = pipeline_text_side(pipe)
+    bank = extract_bank(toks, encs, setup.weights(), name=cfg.name, class_noun=cfg.class_noun,
+                        token_id=setup.rows.token_id, prompt=cfg.extract_prompt.format(token=cfg.token,
+                                                                                       noun=cfg.class_noun),
                         base_model=cfg.model, fingerprint=setup.fingerprint, training=training,
                         dtype=bank_dtype(cfg.bank_dtype, pipe.device, setup.dtype))
     bank_path = save_bank(bank, bank_dir(cfg.bank_dir) / f"{cfg.name}{SUFFIX}")
-    device = torch.cuda.get_device_name() if pipe.device.type == "cuda" else platform.processor() or "cpu"
-    info = {"versions": {"python": platform.python_version(), "torch": torch.__version__,
-                         "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-                         "accelerate": accelerate.__version__},
-            "device": device, "num_processes": setup.extra["num_processes"],
-            "mixed_precision": setup.extra["mixed_precision"], "start_step": start, "steps": steps,
-            "steps_per_s": (steps - start) / wall if wall > 0 else None, "wall_s": wall,
-            "peak_memory_bytes": _peak_memory(), "final_loss": loss, "lr": setup.extra["lr"],
+    rate = (steps - start) / wall if wall > 0 else None
+    info = {"versions": environment(), "device": device_name(setup.device),
+            "num_processes": setup.extra["num_processes"], "mixed_precision": setup.extra["mixed_precision"],
+            "start_step": start, "steps": steps, "steps_per_s": rate, "wall_s": wall,
+            "tflop_per_step": meter.tflop, "mfu": mfu(meter.tflop, rate, meter.peak) if rate else None,
+            "peak_memory_bytes": peak_memory(setup.device), "final_loss": loss, "lr": setup.extra["lr"],
             "bank": str(bank_path)}
-    write_text_atomic(run / "run.json", json.dumps(info, indent=2))
-
-
-def _debug_dump(setup: Setup, rank: int) -> None:
-    """With ``$LATEXBLEND_DEBUG_DUMP`` set, write a digest of this process's trainables (multi-process tests)."""
-    prefix = os.environ.get("LATEXBLEND_DEBUG_DUMP")
-    if not prefix:
-        return
-    h = hashlib.sha256()
-    total = 0.0
-    for _, p in setup.named_parameters():
-        data = p.detach().cpu().contiguous()
-        h.update(data.numpy().tobytes())
-        total += float(data.double().sum())
-    write_text_atomic(f"{prefix}.rank{rank}.json", json.dumps({"rank": rank, "sha256": h.hexdigest(), "sum": total}))
+    write_run_info(run, info)

@@ -1,0 +1,224 @@
+"""The training run folder, the one writer and reader of its files.
+
+```
+runs/<name>/
+  config.yaml                 resolved settings (defaults < YAML < flags), written at the start
+  run.json                    versions, device, wall time, steps/s, MFU, peak memory, final loss (at the end)
+  kv.safetensors              trainable attn2 to_k/to_v weights (fp32) or LoRA factors, with metadata
+  tokens.safetensors          the identifier's learned embedding row per text encoder
+  checkpoints/step_<N>/       kv + tokens as above, optimizer.pt (tensors only), state.json (step, config hash)
+  tb/                         tensorboard events (--log-tensorboard)
+```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from latexblend.config import TrainConfig, load_mapping, merge, to_dict
+from latexblend.errors import LatexBlendError
+from latexblend.fileio import save_safetensors, write_text_atomic
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+CONFIG_FILE = "config.yaml"
+RUN_FILE = "run.json"
+KV_FILE = "kv.safetensors"
+TOKENS_FILE = "tokens.safetensors"
+STATE_FILE = "state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+
+#: Settings that do not change what a step computes (may differ when resuming).
+NOT_HASHED = ("steps", "resume", "overwrite", "checkpoint_every", "keep_checkpoints", "log_every", "log_tensorboard",
+              "runs_dir", "bank_dir", "bank_dtype", "extract_prompt", "gradient_checkpointing", "cache_prior",
+              "compile_unet", "compile_backend", "peak_tflops")
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    """A digest of the settings that change what a training step computes (resume refuses a mismatch)."""
+    data = {k: v for k, v in to_dict(cfg).items() if k not in NOT_HASHED}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_run_folder(cfg: TrainConfig) -> tuple[Path, Path | None]:
+    """``(run folder, checkpoint to resume from)``; refuses to clobber a run or a bank by accident. A run
+    folder without weights (stopped before its first checkpoint) holds nothing to keep or resume: it is
+    started again from step 0, also under ``--resume latest``."""
+    from latexblend.bank import SUFFIX, bank_dir
+
+    run = Path(cfg.runs_dir) / cfg.name
+    kept = _has_weights(run)
+    if cfg.resume and (cfg.resume != "latest" or kept):
+        return run, find_checkpoint(run, cfg.resume)
+    if kept and not cfg.overwrite:
+        raise LatexBlendError(f"{run} already exists; continue it with --resume latest, or pass --overwrite")
+    bank = bank_dir(cfg.bank_dir) / f"{cfg.name}{SUFFIX}"
+    if bank.exists() and not cfg.overwrite:
+        raise LatexBlendError(f"{bank} already exists; pass --overwrite or choose another --name")
+    if run.exists() and any(run.iterdir()) and not kept and not cfg.overwrite:
+        print(f"{run} holds no checkpoint (an earlier run stopped before its first one): starting it from step 0")
+    return run, None
+
+
+def _has_weights(run: Path) -> bool:
+    """Does ``run`` hold final weights or a checkpoint (anything worth keeping)?"""
+    return (run / KV_FILE).is_file() or any((p / STATE_FILE).is_file() for p in run.glob("checkpoints/step_*"))
+
+
+def _checkpoints(folder: Path, complete: bool) -> list[Path]:
+    """``folder/checkpoints/step_<N>`` in step order (``complete``: only those with a state.json)."""
+    steps = (p for p in (folder / "checkpoints").glob("step_*") if p.name[5:].isdigit())
+    return sorted((p for p in steps if not complete or (p / STATE_FILE).is_file()), key=lambda p: int(p.name[5:]))
+
+
+def find_checkpoint(run: Path, which: str) -> Path:
+    """``latest`` -> the newest ``run/checkpoints/step_<N>``; a path -> that checkpoint (or a run's newest)."""
+    path = run if which == "latest" else Path(which)
+    if not path.exists():
+        raise LatexBlendError(f"--resume {which}: {path} does not exist")
+    if (path / STATE_FILE).is_file():
+        return path
+    steps = _checkpoints(path, complete=True)
+    if not steps:
+        raise LatexBlendError(f"--resume {which}: no checkpoint in {path} (looked for checkpoints/step_<N>/state.json)")
+    return steps[-1]
+
+
+def start_run_folder(cfg: TrainConfig, run: Path, resume_from: Path | None) -> None:
+    """Empty the folder for a fresh run (``--overwrite``, checked up-front) and write ``config.yaml``."""
+    import yaml
+
+    if resume_from is None and run.exists():
+        shutil.rmtree(run)
+    resolved = {k: v for k, v in to_dict(cfg).items() if k not in ("resume", "overwrite")}
+    write_text_atomic(run / CONFIG_FILE, yaml.safe_dump(resolved, sort_keys=False))
+
+
+def read_config(run: Path) -> TrainConfig:
+    """The settings a run was trained with (its ``config.yaml``)."""
+    if not (run / CONFIG_FILE).is_file():
+        raise LatexBlendError(f"{run} is not a training run folder (no {CONFIG_FILE})")
+    return merge(TrainConfig, load_mapping(run / CONFIG_FILE), source=f"{run}/{CONFIG_FILE}")
+
+
+def write_run_info(run: Path, info: dict) -> Path:
+    return write_text_atomic(run / RUN_FILE, json.dumps(info, indent=2))
+
+
+# --------------------------------------------------------------------------- weights and checkpoints
+
+
+def write_weights(folder: Path, kv: dict[str, torch.Tensor], kv_meta: dict[str, str], rows: dict[str, torch.Tensor],
+                  rows_meta: dict[str, str]) -> None:
+    """``kv.safetensors`` and ``tokens.safetensors`` in ``folder`` (each written atomically, metadata sorted:
+    identical runs give identical bytes)."""
+    for name, tensors, meta in ((KV_FILE, kv, kv_meta), (TOKENS_FILE, rows, rows_meta)):
+        save_safetensors({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, folder / name, meta)
+
+
+def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(kv tensors, identifier rows)`` of a run folder or checkpoint."""
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / KV_FILE)), load_file(str(folder / TOKENS_FILE))
+
+
+def checkpoint_path(run: Path, step: int) -> Path:
+    return run / "checkpoints" / f"step_{step}"
+
+
+def write_checkpoint(run: Path, step: int, write, optimizer_state: dict, cfg_hash: str) -> Path:
+    """``checkpoints/step_<step>/``: ``write(folder)`` writes the weights, then the optimizer state and
+    ``state.json``. Built in a temporary folder and renamed, so a checkpoint is complete or absent."""
+    import torch
+
+    final = checkpoint_path(run, step)
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+    (tmp / STATE_FILE).write_text(json.dumps({"step": step, "config_hash": cfg_hash}))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def prune_checkpoints(run: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints of ``run`` (``keep`` 0: keep all); returns the deleted."""
+    steps = _checkpoints(run, complete=False)
+    old = steps[:-keep] if keep else []
+    for folder in old:
+        shutil.rmtree(folder, ignore_errors=True)
+    return old
+
+
+def read_checkpoint(folder: Path, cfg_hash: str) -> tuple[int, dict, dict, dict]:
+    """``(step, kv tensors, identifier rows, optimizer state)``; refuses a checkpoint of other settings."""
+    import torch
+
+    state = json.loads((folder / STATE_FILE).read_text())
+    if state["config_hash"] != cfg_hash:
+        raise LatexBlendError(f"{folder} was written with different training settings; resume with the run's "
+                              f"own {CONFIG_FILE}")
+    kv, rows = read_weights(folder)
+    optimizer = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+    return int(state["step"]), kv, rows, optimizer
+
+
+def checkpoint_folder(run: Path, checkpoint: int | None) -> Path:
+    """The run folder itself (final weights) or ``checkpoints/step_<N>``; refused, naming the missing
+    file(s), when its weights are incomplete."""
+    folder = run if checkpoint is None else checkpoint_path(run, checkpoint)
+    missing = [name for name in (KV_FILE, TOKENS_FILE) if not (folder / name).is_file()]
+    if missing:
+        what = "final weights (the run did not finish; pass --checkpoint N)" if checkpoint is None else \
+            f"checkpoint {checkpoint}"
+        raise LatexBlendError(f"{run} has no {what}: {' and '.join(str(folder / m) for m in missing)} missing")
+    return folder
+
+
+def kv_metadata(path: Path) -> dict:
+    """The safetensors metadata of a ``kv.safetensors`` (kind ``full`` or ``lora``, layers, fingerprint...)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as err:
+        raise LatexBlendError(f"{path} is not a readable safetensors file: {err}") from err
+
+
+def merge_lora(w0: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
+    """The effective weight ``W0 + B A`` (fp32) of LoRA factors ``A`` [r, in], ``B`` [out, r] on ``W0`` [out, in]."""
+    return w0.float() + lora_b.float() @ lora_a.float()
+
+
+def kv_weights(path: Path, base_unet=None) -> tuple[dict, dict]:
+    """``({layer: (W_k, W_v)}, metadata)`` from a ``kv.safetensors`` (full weights or LoRA factors; LoRA
+    needs ``base_unet`` for ``W0``)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    layers = json.loads(meta.get("layers") or "null") or list(dict.fromkeys(k.split(".to_")[0] for k in tensors))
+    if meta.get("kind") != "lora":
+        return {layer: (tensors[f"{layer}.to_k.weight"], tensors[f"{layer}.to_v.weight"]) for layer in layers}, meta
+    from latexblend.models import attn2_modules
+
+    if base_unet is None:
+        raise LatexBlendError(f"{path} holds LoRA factors; the base UNet is needed to merge them")
+    mods = attn2_modules(base_unet)
+
+    def merged(layer: str, proj: str):
+        w0 = getattr(mods[layer], proj).weight.detach().cpu()
+        return merge_lora(w0, tensors[f"{layer}.{proj}.lora_A"], tensors[f"{layer}.{proj}.lora_B"])
+
+    return {layer: (merged(layer, "to_k"), merged(layer, "to_v")) for layer in layers}, meta
