@@ -21,3 +21,13 @@ def test_the_demo_bank_folder_is_spelled_out_where_banks_are_used():
     for command in ("latexblend bank ls --dir $W/concept_bank", "latexblend generate "):
         assert command in printed
     assert re.search(r"latexblend generate .*--dir \$W/concept_bank", printed)
+
+
+def test_the_readme_layout_names_every_module():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    layout = readme[readme.index("## Layout"):]
+    layout = layout[:layout.index("\n## ", 1)]
+    modules = sorted(p.name for p in (ROOT / "src" / "latexblend").glob("*.py") if not p.name.startswith("__"))
+    assert modules
+    missing = [m for m in modules if f"`{m}`" not in layout]
+    assert not missing, missing
