@@ -487,9 +487,8 @@ def train_cmd(
     sets: Annotated[list[str] | None, Opt("--set", help="Any training setting, KEY=VALUE (repeatable).")] = None,
 ) -> None:
     """Stage 1: train one concept (dual flow), then write its bank (Stage 2)."""
-    flags = dict(locals())  # every option is a TrainConfig field of the same name, except these:
-    for key in ("concept", "concepts_dir", "index", "sets"):
-        flags.pop(key)
+    # every option is a TrainConfig field of the same name, except these:
+    flags = {k: v for k, v in locals().items() if k not in ("concept", "concepts_dir", "index", "sets")}
     from latexblend.config import farm_concept, farm_index, finished_bank, train_settings
 
     farm = farm_index(index, concept, images)
@@ -556,8 +555,6 @@ def prior_cmd(
     made, _ = generate_prior(load_pipeline(model, device=device), class_noun, num, out, seed=seed, steps=steps,
                              cfg=cfg)
     typer.echo(f"generated {made} prior images of '{class_noun}' in {out}/ ({num} in all)")
-
-
 
 
 @bench_app.command("train")
