@@ -604,18 +604,20 @@ def bench_fidelity_cmd(
                    ] = Path("out/fidelity"),
 ) -> None:
     """Concept-present % and prompt fidelity % on held-out toy prompts, per method variant."""
-    _quiet_libraries()
     from latexblend import toy
     from latexblend.fidelity import TOY_RECIPE, VARIANTS, FidelitySettings, run_fidelity, table
 
     if model != "toy":
         raise LatexBlendError("bench fidelity needs --model toy (its scenes have exact detectors)")
+    if seeds < 1:
+        raise LatexBlendError(f"--seeds must be at least 1, got {seeds}")
     names = [c.strip() for c in concepts.split(",") if c.strip()]
     chosen = [v.strip() for v in variants.split(",") if v.strip()]
     bad = [c for c in names if c not in toy.CONCEPTS] + [v for v in chosen if v not in VARIANTS]
-    if bad or not names or seeds < 1:
+    if bad or not names:
         raise LatexBlendError(f"unknown concept/variant {', '.join(bad) or '(none given)'}; concepts: "
-                              f"{', '.join(toy.CONCEPTS)}; variants: {', '.join(VARIANTS)}; --seeds >= 1")
+                              f"{', '.join(toy.CONCEPTS)}; variants: {', '.join(VARIANTS)}")
+    _quiet_libraries()
     settings = FidelitySettings(concepts=names, variants=chosen, steps=steps or TOY_RECIPE["steps"],
                                 lr=lr if lr is not None else TOY_RECIPE["lr"], seeds=seeds)
     result = run_fidelity(out, settings, progress=typer.echo)
