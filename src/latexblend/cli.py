@@ -374,8 +374,6 @@ def evaluate_cmd(
 
 
 def _evaluate_toy(samples: Path) -> None:
-    import json
-
     from latexblend.fidelity import score_samples
     from latexblend.fileio import write_text_atomic
 
