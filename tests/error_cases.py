@@ -297,6 +297,9 @@ _IMPORT_CASES = [
 ]
 
 _MESSAGE_CASES = [
+    Case("prompts-file-not-utf8", 8, "`generate --prompts-file` of a file that is not UTF-8 text",
+         lambda t, p: (t / "p.txt").write_bytes(b"\xff\xfe a dog") and _generate(t, "--prompts-file", str(t / "p.txt")),
+         "error: cannot read prompts file {tmp}/p.txt: not UTF-8 text", absent=("out",)),
     Case("generate-refused-leaves-no-folder", 8, "`generate --out NEW` with a bank that does not fit the model",
          lambda t, p: _generate(t, "--concepts", str(write_bank(t / "b" / "corgi.safetensors"))),
          "error: bank 'corgi' does not fit this model: … attn2 layers missing from the bank, 2 bank layers not in "

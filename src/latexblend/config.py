@@ -338,8 +338,9 @@ def read_prompts(path: str | Path) -> list[str]:
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as err:
-        raise LatexBlendError(f"cannot read prompts file {path}: {err.strerror or err}") from err
+    except (OSError, UnicodeDecodeError) as err:
+        reason = "not UTF-8 text" if isinstance(err, UnicodeDecodeError) else err.strerror or err
+        raise LatexBlendError(f"cannot read prompts file {path}: {reason}") from err
     prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise LatexBlendError(f"prompts file {path} has no prompts")
