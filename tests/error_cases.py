@@ -297,6 +297,9 @@ _IMPORT_CASES = [
 ]
 
 _MESSAGE_CASES = [
+    Case("config-json-not-utf8", 8, "`generate --config X.json` of a file that is not UTF-8 text",
+         lambda t, p: (t / "c.json").write_bytes(b"\xff\xfe[1]") and _generate(t, "--config", str(t / "c.json")),
+         "error: {tmp}/c.json is not valid YAML/JSON: …", absent=("out",)),
     Case("prompts-file-not-utf8", 8, "`generate --prompts-file` of a file that is not UTF-8 text",
          lambda t, p: (t / "p.txt").write_bytes(b"\xff\xfe a dog") and _generate(t, "--prompts-file", str(t / "p.txt")),
          "error: cannot read prompts file {tmp}/p.txt: not UTF-8 text", absent=("out",)),

@@ -22,7 +22,7 @@ def settings_file(path: str | Path, directory: str | Path | None = None) -> dict
     from latexblend.config import load_mapping
 
     path = Path(path)
-    if path.suffix == ".json" and path.is_file() and path.read_text(encoding="utf-8").lstrip().startswith("["):
+    if path.suffix == ".json" and path.is_file() and path.read_bytes().lstrip().startswith(b"["):
         return release_config(path, directory)
     return load_mapping(path)
 
