@@ -297,6 +297,10 @@ _IMPORT_CASES = [
 ]
 
 _MESSAGE_CASES = [
+    Case("prior-captions-not-utf8", 8, "a prior folder whose `captions.txt` is not UTF-8 text",
+         lambda t, p: (write_png(t / "prior" / "a.png").with_name("captions.txt").write_bytes(b"\xff\xfe dog")
+                       and train_flags(t, "--use-prior", "--prior", str(t / "prior"))),
+         "error: {tmp}/prior/captions.txt is not UTF-8 text: invalid start byte at byte 0", absent=("runs", "banks")),
     Case("config-json-not-utf8", 8, "`generate --config X.json` of a file that is not UTF-8 text",
          lambda t, p: (t / "c.json").write_bytes(b"\xff\xfe[1]") and _generate(t, "--config", str(t / "c.json")),
          "error: {tmp}/c.json is not valid YAML/JSON: …", absent=("out",)),

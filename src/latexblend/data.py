@@ -96,7 +96,11 @@ def list_images(folder: str | Path, what: str = "image", strict: bool = True) ->
 
 
 def _read_lines(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise LatexBlendError(f"{path} is not UTF-8 text: {err.reason} at byte {err.start}") from err
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def load_prior(folder: str | Path, class_noun: str, captions: str | Path | None = None) -> list[tuple[Path, str]]:
