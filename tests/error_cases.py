@@ -297,6 +297,9 @@ _IMPORT_CASES = [
 ]
 
 _MESSAGE_CASES = [
+    Case("extract-dtype-bogus", 8, "`extract --dtype bogus`",
+         lambda t, p: ["extract", "--run", str(fake_run(t)), "--dtype", "bogus"],
+         "error: unknown dtype 'bogus'; choose one of auto, fp32, fp16, bf16", absent=("banks",)),
     Case("prior-captions-not-utf8", 8, "a prior folder whose `captions.txt` is not UTF-8 text",
          lambda t, p: (write_png(t / "prior" / "a.png").with_name("captions.txt").write_bytes(b"\xff\xfe dog")
                        and train_flags(t, "--use-prior", "--prior", str(t / "prior"))),

@@ -75,6 +75,7 @@ def extract_run(run: str | Path, checkpoint: int | None = None, prompt: str | No
     if path.exists() and not overwrite:
         raise LatexBlendError(f"{path} already exists; pass --overwrite to replace it, or --out FILE")
     device = resolve_device(device)
+    rows_dtype = bank_dtype(dtype, device, None)  # a bad --dtype is refused before anything loads
     meta = kv_metadata(folder / KV_FILE)
     base_unet = load_unet_and_tokenizer(cfg.model, device="cpu")[0] if meta.get("kind") == "lora" else None
     weights, meta = kv_weights(folder / KV_FILE, base_unet)
@@ -86,7 +87,7 @@ def extract_run(run: str | Path, checkpoint: int | None = None, prompt: str | No
     training["checkpoint"] = "final" if checkpoint is None else checkpoint
     bank = extract_bank(tokenizers, encoders, weights, name=cfg.name, class_noun=cfg.class_noun, token_id=token_id,
                         prompt=prompt, base_model=cfg.model, fingerprint=meta["base_fingerprint"],
-                        training=training, dtype=bank_dtype(dtype, device, None))
+                        training=training, dtype=rows_dtype)
     return bank, save_bank(bank, path)
 
 
