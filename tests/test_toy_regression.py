@@ -3,9 +3,9 @@ carries what it learned (its colours) into new scenes only through its bank.
 
 What is asserted is what training seed 0 gives (docs/TOY.md): the bank moves the slot object's colour
 to the concept's colours (75% of these 16 images vs 38% without a bank). The effect depends on the
-training seed (31-84% over seeds 0, 1, 2, 42 on the benchmark's 32 images) and the concept's two-tone
-arrangement is not learned at all: this catches a break in train / extract / blend on a trained model,
-it does not show the method works on the toy.
+seed (`bench fidelity --seed S`: 84/44%, 31/38%, 44/34%, 28/22% with/without the bank for
+S = 0, 1, 2, 42) and the concept's two-tone arrangement is not learned at all: this catches a break
+in train / extract / blend on a trained model, it does not show the method works on the toy.
 """
 
 from __future__ import annotations

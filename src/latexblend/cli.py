@@ -598,6 +598,8 @@ def bench_fidelity_cmd(
     steps: Annotated[int | None, typer.Option(help="Training steps per concept [toy recipe].")] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate before batch scaling [toy recipe].")] = None,
     seeds: Annotated[int, typer.Option(help="Seeds per prompt.")] = 4,
+    seed: Annotated[int, typer.Option(help="Base seed: draws the concept and prior images, seeds training, and "
+                                            "image j uses seed + j.")] = 0,
     out: Annotated[Path, typer.Option(help="Output folder (fidelity.json, grid-<variant>.png).")
                    ] = Path("out/fidelity"),
 ) -> None:
@@ -617,7 +619,7 @@ def bench_fidelity_cmd(
                               f"{', '.join(toy.CONCEPTS)}; variants: {', '.join(VARIANTS)}")
     _quiet_libraries()
     settings = FidelitySettings(concepts=names, variants=chosen, steps=steps or TOY_RECIPE["steps"],
-                                lr=lr if lr is not None else TOY_RECIPE["lr"], seeds=seeds)
+                                lr=lr if lr is not None else TOY_RECIPE["lr"], seeds=seeds, seed=seed)
     result = run_fidelity(out, settings, progress=typer.echo)
     typer.echo(table(result))
     typer.echo(f"wrote {out / 'fidelity.json'} and grids in {out}/ ({result['wall_s']:.0f} s)")
