@@ -91,6 +91,16 @@ def fake_run(tmp: Path, files: tuple[str, ...] = ("kv.safetensors", "tokens.safe
     return run
 
 
+def foreign_kv_run(tmp: Path) -> Path:
+    """A run folder whose ``kv.safetensors`` is a valid safetensors file of other tensors."""
+    import torch
+    from safetensors.torch import save_file
+
+    run = fake_run(tmp, files=("tokens.safetensors",))
+    save_file({"foo": torch.zeros(2, 2)}, str(run / "kv.safetensors"))
+    return run
+
+
 class _Payload:  # a pickle that would run a (harmless) command if it were unpickled without weights_only
     def __reduce__(self):
         import os
@@ -314,6 +324,10 @@ _MESSAGE_CASES = [
          lambda t, p: _generate(t, "--concepts", str(write_bank(t / "b" / "corgi.safetensors"))),
          "error: bank 'corgi' does not fit this model: … attn2 layers missing from the bank, 2 bank layers not in "
          "the model (e.g. …)", absent=("out",)),
+    Case("extract-foreign-kv", 8, "`extract` of a run whose kv.safetensors holds other tensors",
+         lambda t, p: ["extract", "--run", str(foreign_kv_run(t))],
+         "error: {tmp}/runs/rex/kv.safetensors does not hold latexblend to_k/to_v weights: 'foo.to_k.weight' "
+         "missing (a damaged or foreign file)", absent=("banks",)),
     Case("extract-missing-tokens", 8, "`extract` of a run whose tokens.safetensors is gone",
          lambda t, p: ["extract", "--run", str(fake_run(t, files=("kv.safetensors",)))],
          "error: {tmp}/runs/rex has no final weights (the run did not finish; pass --checkpoint N): "

@@ -209,7 +209,14 @@ def kv_weights(path: Path, base_unet=None) -> tuple[dict, dict]:
         meta = f.metadata() or {}
         tensors = {key: f.get_tensor(key) for key in f.keys()}
     layers = json.loads(meta.get("layers") or "null") or list(dict.fromkeys(k.split(".to_")[0] for k in tensors))
-    if meta.get("kind") != "lora":
+    kind = meta.get("kind")
+    names = ("lora_A", "lora_B") if kind == "lora" else ("weight",)
+    missing = [f"{layer}.{proj}.{n}" for layer in layers for proj in ("to_k", "to_v") for n in names
+               if f"{layer}.{proj}.{n}" not in tensors]
+    if missing or not layers:
+        what = f"{missing[0]!r} missing" if missing else "no layers"
+        raise LatexBlendError(f"{path} does not hold latexblend to_k/to_v weights: {what} (a damaged or foreign file)")
+    if kind != "lora":
         return {layer: (tensors[f"{layer}.to_k.weight"], tensors[f"{layer}.to_v.weight"]) for layer in layers}, meta
     from latexblend.models import attn2_modules
 

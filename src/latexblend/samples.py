@@ -36,9 +36,10 @@ def metadata_path(folder: str | Path) -> Path:
 
 @contextlib.contextmanager
 def claim_out(out: str | Path | None, rank: int = 0) -> Iterator[Path]:
-    """Create (or accept an empty) output folder and hold it while the block runs; refuse one that already
-    holds a finished run or that another run is writing (the main process keeps a lock file with its pid
-    there: :func:`~latexblend.fileio.claim_folder`). A folder created here is removed again when the block
+    """Create (or accept an existing) output folder and hold it while the block runs; files of an earlier
+    run that did not finish (no metadata.json) are written over. Refuse a folder that already holds a
+    finished run or that another run is writing (the main process keeps a lock file with its pid there:
+    :func:`~latexblend.fileio.claim_folder`). A folder created here is removed again when the block
     fails while it is still empty. Every process checks the same things, so all of them stop on a bad folder."""
     path = Path(out or f"out/generate-{time.strftime('%Y%m%d-%H%M%S')}")
     if metadata_path(path).exists():
