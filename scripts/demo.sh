@@ -11,10 +11,8 @@
 # (denoising steps, 30), LATEXBLEND_SKIP_INSTALL=1 to use the current environment as it is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ "${LATEXBLEND_SKIP_INSTALL:-0}" != 1 ]; then
-  # shellcheck source=scripts/setup_env.sh
-  . scripts/setup_env.sh
-fi
+# shellcheck source=scripts/setup_env.sh
+. scripts/setup_env.sh
 W="${DEMO_DIR:-demo}"
 STEPS="${DEMO_STEPS:-300}"
 LR="${DEMO_LR:-3e-3}"

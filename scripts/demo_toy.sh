@@ -11,10 +11,8 @@
 # Knobs (environment): DEMO_DIR, DEMO_STEPS (600), LATEXBLEND_SKIP_INSTALL=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ "${LATEXBLEND_SKIP_INSTALL:-0}" != 1 ]; then
-  # shellcheck source=scripts/setup_env.sh
-  . scripts/setup_env.sh
-fi
+# shellcheck source=scripts/setup_env.sh
+. scripts/setup_env.sh
 W="${DEMO_DIR:-demo_toy}"
 STEPS="${DEMO_STEPS:-600}"
 export HF_HUB_OFFLINE=1
