@@ -16,7 +16,16 @@ from pathlib import Path
 import torch
 
 from latexblend.bank import ConceptBank
-from latexblend.device import count_tflop, device_name, environment, mfu, peak_tflops, resolve_device, timed
+from latexblend.device import (
+    count_tflop,
+    device_name,
+    environment,
+    mfu,
+    peak_tflops,
+    resolve_device,
+    synchronize,
+    timed,
+)
 from latexblend.errors import LatexBlendError
 from latexblend.fileio import write_text_atomic
 
@@ -160,8 +169,7 @@ def _profiled(fn: Callable[[], object], device: str, path: Path) -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         fn()
-        if cuda:
-            torch.cuda.synchronize()
+        synchronize(device)
     table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
                                       row_limit=60)
     write_text_atomic(path, table + "\n")

@@ -87,8 +87,9 @@ def mfu(tflop_per_step: float | None, steps_per_s: float, peak: float | None) ->
 
 
 def reset_peak_memory(device: str | torch.device) -> None:
+    """Synchronise ``device`` and start a new CUDA allocator peak (nothing else on other devices)."""
+    synchronize(device)
     if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
 
 
@@ -110,8 +111,7 @@ def synchronize(device: str | torch.device) -> None:
 def timed(fn: Callable[[], object], device: str | torch.device) -> tuple[float, float]:
     """``(seconds, peak GiB)`` of one call, the device synchronised before and after; the peak is the CUDA
     allocator's during the call, 0 on other devices (a process's resident-set peak never goes down)."""
-    reset_peak_memory(device)
-    synchronize(device)
+    reset_peak_memory(device)  # synchronises
     start = time.perf_counter()
     fn()
     synchronize(device)

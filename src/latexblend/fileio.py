@@ -148,16 +148,16 @@ def claim_folder(path: str | Path, what: str = "run", lock: bool = True) -> Iter
     try:
         if lock:
             _take_lock(lock_path, what)
-        yield path
+        try:
+            yield path
+        finally:
+            if lock:
+                _release(lock_path)
     except BaseException:
-        if lock:
-            _release(lock_path)
         for folder in created:  # what this call created, while it is still empty
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
         raise
-    if lock:
-        _release(lock_path)
 
 
 def _release(lock: Path) -> None:
