@@ -98,7 +98,7 @@ def _record_kv(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("bind", [False, True])
+@pytest.mark.parametrize("bind", [False, True, "always"])
 def test_rows_are_the_bank_rows_only_in_the_window_and_on_the_conditional_branch(tiny_pipe, monkeypatch, bind):
     calls = _record_kv(monkeypatch)
     bank = bank_for(tiny_pipe, "corgi", "dog", 0)
@@ -118,8 +118,15 @@ def test_rows_are_the_bank_rows_only_in_the_window_and_on_the_conditional_branch
                 assert torch.equal(k[1, 3], bank.k[layer][1]) and torch.equal(k[1, 4], bank.k[layer][1])
             else:
                 assert torch.equal(k[1, span], bank.k[layer])
+        elif bind == "always":  # the release: the plain slot ("a") bound to the noun before blend_start
+            assert torch.equal(v[1], pv[1]) and torch.equal(k[1, 3], pk[1, 4]) and torch.equal(k[1, 4], pk[1, 4])
         else:
             assert torch.equal(k[1], pk[1]) and torch.equal(v[1], pv[1])
+
+
+def test_bind_must_be_a_known_mode(tiny_pipe):
+    with pytest.raises(LatexBlendError, match="bind must be"):
+        apply(tiny_pipe, [], bind="sometimes")
 
 
 @pytest.mark.parametrize("scheduler", ["default", "ddim", "dpmpp_2m"])

@@ -89,6 +89,8 @@ def test_augmentation_is_seeded_and_masks_the_pasted_object(concept_dir):
             cropped += 1
             assert float((s.pixels.abs().sum(0) == 0).float().mean()) == 0
     assert pasted > 15 and cropped > 5  # roughly 2/3 vs 1/3 of 40
+    never = [augment(img, 64, 8, torch.Generator().manual_seed(seed), shrink=0.0) for seed in range(20)]
+    assert all(float(s.mask.sum()) == 64 for s in never)  # shrink 0 (the toy recipe): always enlarge-and-crop
 
 
 def test_images_are_exif_rotated_rgb(tmp_path):
@@ -174,6 +176,14 @@ def test_batch_layout_and_independent_templates(setup):
     a, b = make_batch(setup, step_generator(42, 5)), make_batch(setup, step_generator(42, 5))
     assert torch.equal(a.latents, b.latents) and torch.equal(a.noise, b.noise) and a.prompts == b.prompts
     assert len(setup.templates) == len(TEMPLATES)
+
+
+def test_time_ids_carry_the_crop_unless_fixed(setup, tiny_dir, concept_dir, prior_dir):
+    crops = [make_batch(setup, step_generator(42, s)).time_ids[0] for s in range(12)]
+    assert any(ids[2:4].abs().sum() > 0 for ids in crops)  # enlarge-and-crop steps pass their offset
+    fixed = setup_for(config(tiny_dir, concept_dir, prior_dir, crop_time_ids=False))
+    for s in range(12):
+        assert make_batch(fixed, step_generator(42, s)).time_ids.tolist() == [[64, 64, 0, 0, 64, 64]] * 2
 
 
 def test_instance_kv_is_base_flow_with_concept_rows_at_the_span(setup):

@@ -104,13 +104,14 @@ class BlendState:
     ``rows[name]`` holds a concept's bank rows ``(k, v)`` per layer, each ``[L, C]``. ``row_spans[i]``
     lists the spans of conditional sample ``i`` (the i-th prompt embedding the pipeline built).
     ``t_frac`` is the current ``t / T``, set by a UNet pre-forward hook; rows are replaced while
-    ``t_frac < blend_start``.
+    ``t_frac < blend_start``. ``bind``: True binds the slot to the noun while blending, ``"always"``
+    also before ``blend_start`` (the authors' release), False never.
     """
 
     rows: dict[str, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = field(default_factory=dict)
     row_spans: list[list[Span]] = field(default_factory=list)
     blend_start: float = 0.9
-    bind: bool = True
+    bind: bool | str = True
     t_frac: float = 0.0
     cache: dict = field(default_factory=dict)
 
@@ -122,14 +123,16 @@ class BlendState:
     def active(self) -> bool:
         return self.t_frac < self.blend_start
 
-    def blended(self, layer: str, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``k``, ``v`` [B, 77, C] with every conditional span's rows replaced by its bank rows.
+    def blended(self, layer: str, k: torch.Tensor, v: torch.Tensor,
+                replace: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``k``, ``v`` [B, 77, C] with every conditional span's rows replaced by its bank rows (only
+        bound, not replaced, when ``replace`` is False).
 
         The batch is ``[uncond..., cond...]`` (classifier-free guidance) or ``[cond...]``; the
-        unconditional half is never touched. Returns ``None`` when there is nothing to replace.
+        unconditional half is never touched. Returns ``None`` when there is nothing to change.
         """
         n = len(self.row_spans)
-        if not any(self.row_spans):
+        if not any(self.row_spans) or not (replace or self.bind):
             return None
         if k.shape[0] not in (n, 2 * n):
             raise RuntimeError(f"{layer}: batch of {k.shape[0]} does not match {n} conditional prompts")
@@ -138,9 +141,10 @@ class BlendState:
         for i, spans in enumerate(self.row_spans):
             row = offset + i
             for span in spans:
-                bank_k, bank_v = self.rows[span.name]
-                kb[row, span.start : span.stop] = bank_k[layer].to(kb.dtype)
-                vb[row, span.start : span.stop] = bank_v[layer].to(vb.dtype)
+                if replace:
+                    bank_k, bank_v = self.rows[span.name]
+                    kb[row, span.start : span.stop] = bank_k[layer].to(kb.dtype)
+                    vb[row, span.start : span.stop] = bank_v[layer].to(vb.dtype)
                 if self.bind:  # V* attends where the noun attends: slot K row := last noun K row
                     kb[row, span.start] = kb[row, span.stop - 1]
         return kb, vb
@@ -159,12 +163,13 @@ class BlendProcessor(KVProcessor):
         if entry is None:
             with torch.no_grad():
                 k, v = project_kv(attn, context)
-                entry = (k, v, self.state.blended(self.layer, k, v))
+                early = self.state.blended(self.layer, k, v, replace=False) if self.state.bind == "always" else None
+                entry = (k, v, self.state.blended(self.layer, k, v), early)
             self.state.cache[key] = entry
-        k, v, blended = entry
+        k, v, blended, early = entry
         if blended is not None and self.state.active:
             return blended
-        return k, v
+        return early or (k, v)
 
 
 # --------------------------------------------------------------------------- training splice (METHOD section 2)

@@ -56,8 +56,11 @@ class Blender:
     """
 
     def __init__(self, pipe, banks: dict[str, ConceptBank], required: Sequence[str] = (),
-                 blend_start: float = 0.9, bind: bool = True, guidance=None, rectify=None, save_maps: bool = False):
+                 blend_start: float = 0.9, bind: bool | str = True, guidance=None, rectify=None,
+                 save_maps: bool = False):
         check_range("blend_start", blend_start, 0, 1)
+        if bind not in (True, False, "always"):
+            raise LatexBlendError(f"bind must be True, False or 'always', got {bind!r}")
         guidance, rectify = _options(GuidanceOptions, guidance), _options(RectifyOptions, rectify)
         if getattr(pipe, "_latexblend", None) is not None:
             raise LatexBlendError("latexblend is already applied to this pipeline; remove() it first")
@@ -177,7 +180,7 @@ def load_banks(names: Sequence[str | Path | ConceptBank],
     return banks
 
 
-def apply(pipe, concepts: Sequence[str | Path | ConceptBank], blend_start: float = 0.9, bind: bool = True,
+def apply(pipe, concepts: Sequence[str | Path | ConceptBank], blend_start: float = 0.9, bind: bool | str = True,
           bank_dir: str | Path | None = None, optional: Sequence[str | Path | ConceptBank] = (),
           guidance: GuidanceOptions | dict | bool | None = None, rectify: RectifyOptions | dict | bool | None = None,
           save_maps: bool = False) -> Blender:
@@ -188,7 +191,9 @@ def apply(pipe, concepts: Sequence[str | Path | ConceptBank], blend_start: float
     >>> blender.remove()                                         # doctest: +SKIP
 
     ``concepts`` must appear in every prompt (by class noun, or as ``<name>``); ``optional`` ones only
-    where a prompt writes ``<name>``. ``guidance`` (blending guidance, METHOD section 5) and ``rectify``
+    where a prompt writes ``<name>``. ``bind``: the slot attends where the noun attends while blending
+    (True), also before ``blend_start`` as in the authors' release (``"always"``), or never (False).
+    ``guidance`` (blending guidance, METHOD section 5) and ``rectify``
     (self-attention rectification, section 6) take ``True`` for the defaults, a dict of
     :class:`~latexblend.guidance.GuidanceOptions` / :class:`~latexblend.rectify.RectifyOptions` fields,
     or an instance; ``save_maps`` keeps per-concept cross-attention maps (``blender.steering``).

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any, TypeVar
 
+from latexblend.data import SHRINK
 from latexblend.errors import LatexBlendError
 
 T = TypeVar("T")
@@ -229,6 +230,8 @@ class TrainConfig:
     adam_eps: float = 1e-8
     max_grad_norm: float = 1.0
     prior_loss_weight: float = 1.0
+    crop_time_ids: bool = True  # SDXL time ids carry each image's crop; False: (size, size, 0, 0, size, size)
+    augment_shrink: float = SHRINK  # share of instance samples shrunk and pasted on a blank canvas (Custom Diffusion)
     seed: int = 42
     base_flow: bool = True
     fixed_template: bool = False
@@ -280,6 +283,7 @@ class TrainConfig:
         check_range("keep_checkpoints", self.keep_checkpoints, 0)
         check_range("log_every", self.log_every, 1)
         check_range("prior_loss_weight", self.prior_loss_weight, 0)
+        check_range("augment_shrink", self.augment_shrink, 0, 1)
         check_range("max_grad_norm", self.max_grad_norm, 0)
         if self.mixed_precision not in MIXED_PRECISION:
             raise LatexBlendError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}")

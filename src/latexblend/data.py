@@ -173,10 +173,13 @@ def _square(img: Image.Image, side: int) -> Image.Image:
     return img.crop((left, top, left + s, top + s)).resize((side, side), Image.Resampling.BICUBIC)
 
 
-def augment(img: Image.Image, size: int, factor: int, g: torch.Generator) -> Sample:
-    """Custom Diffusion's augmentation: random hflip; with probability 2/3 shrink to a side in
-    ``[size/3, size]`` and paste at a random place on a blank (mid-grey) canvas, the loss masked to the
-    latent cells the object covers; otherwise enlarge to ``[1.2, 1.4] x size`` and random-crop (mask
+SHRINK = 2 / 3  # Custom Diffusion's share of shrink-and-paste augmentations
+
+
+def augment(img: Image.Image, size: int, factor: int, g: torch.Generator, shrink: float = SHRINK) -> Sample:
+    """Custom Diffusion's augmentation: random hflip; with probability ``shrink`` (2/3) shrink to a side
+    in ``[size/3, size]`` and paste at a random place on a blank (mid-grey) canvas, the loss masked to
+    the latent cells the object covers; otherwise enlarge to ``[1.2, 1.4] x size`` and random-crop (mask
     all ones). ``factor`` is the VAE's downsampling (8)."""
     import torch
     from PIL import Image
@@ -186,7 +189,7 @@ def augment(img: Image.Image, size: int, factor: int, g: torch.Generator) -> Sam
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     lat = size // factor
     mask = torch.zeros(1, lat, lat)
-    if float(torch.rand((), generator=g)) < 2 / 3:
+    if float(torch.rand((), generator=g)) < shrink:
         side = _randint(g, size // 3, size)
         top, left = _randint(g, 0, size - side), _randint(g, 0, size - side)
         pixels = torch.zeros(3, size, size)

@@ -322,7 +322,7 @@ def make_batch(setup: Setup, g: torch.Generator) -> Batch:
         image = draw(g, setup.images)
         prompts.append(draw(g, setup.templates).instance)
         replace.append(draw(g, setup.templates))
-        samples.append(augment(image, setup.size, factor, g))
+        samples.append(augment(image, setup.size, factor, g, cfg.augment_shrink))
     moments, time_ids = [_vae_moments(setup, torch.stack([s.pixels for s in samples]))], [s.time_ids for s in samples]
     for _ in range(cfg.batch_size if setup.prior else 0):
         path, caption = draw(g, setup.prior)
@@ -337,6 +337,8 @@ def make_batch(setup: Setup, g: torch.Generator) -> Batch:
     noise = torch.randn(latents.shape, generator=g).to(device)
     t = torch.randint(0, setup.scheduler.config.num_train_timesteps, (len(time_ids),), generator=g).to(device)
     masks = torch.stack([s.mask for s in samples]).to(device)
+    if not cfg.crop_time_ids:  # what inference passes
+        time_ids = [(setup.size, setup.size, 0, 0, setup.size, setup.size)] * len(time_ids)
     time_ids = torch.tensor(time_ids, dtype=torch.float32, device=device)
     return Batch(latents, noise, t, masks, time_ids, prompts, replace, cfg.batch_size)
 
