@@ -1,4 +1,4 @@
-# Sourced by scripts/test.sh, scripts/demo.sh and scripts/demo_toy.sh: create .venv if needed, install latexblend into it.
+# Sourced by scripts/test.sh, scripts/demo.sh and scripts/demo_tiny.sh: create .venv if needed, install latexblend into it.
 # On a CPU-only machine torch is pinned to the CPU build 2.13.0; set LATEXBLEND_TORCH to override
 # (e.g. LATEXBLEND_TORCH="torch" on a CUDA machine). Set LATEXBLEND_VENV to use another folder.
 # LATEXBLEND_SKIP_INSTALL=1 uses the current environment as it is (nothing created or installed).

@@ -1,7 +1,12 @@
 """Train the ``toy`` base model (VAE, then UNet) on the toy world and export fp16 weights to the package.
 
-    OMP_NUM_THREADS=1 python scripts/train_toy.py --work runs/toy-build --vae-steps 600 --unet-steps 6000
+    OMP_NUM_THREADS=1 python scripts/train_toy.py --work runs/toy-build --vae-steps 800 --unet-steps 15000
     python scripts/train_toy.py --work runs/toy-build --export      # write assets/toy-*.safetensors now
+    python scripts/train_toy.py --work runs/toy-build --decoder-steps 1200 --unet-steps 18000   # after a world change:
+        # delete WORK/data.pt; the decoder is fine-tuned alone (latents stay valid), the UNet continues
+
+The shipped model was built in stages as the world changed (docs/TOY.md has the history): a fresh
+run gives a comparable model, not the same bytes.
 
 Resumable: checkpoints go to WORK every --ckpt-every steps and a rerun continues from the last one.
 The log (WORK/log.txt) holds losses, the VAE check (detector on reconstructions, concepts included)
@@ -48,8 +53,8 @@ def to_images(x: torch.Tensor):
 
 
 def vae_scene(rng: random.Random) -> toy.Scene:
-    """VAE data: world scenes and concept objects (the VAE must represent concept colours)."""
-    if rng.random() < 0.3:
+    """VAE data: world scenes and concept objects (the VAE must represent concepts too)."""
+    if rng.random() < 0.1:
         return toy.random_scene(rng, concept=rng.choice(list(toy.CONCEPTS)))
     return toy.random_scene(rng)
 
@@ -124,8 +129,9 @@ def check_vae(work: Path, vae, n: int = 200) -> float:
     world, conc = [], []
     for s, im in zip(scenes, rec, strict=True):
         d = toy.detect(im)
-        if s.things[0].colour in toy.CONCEPTS:
-            conc.append(s.things[0].colour in d.concepts())
+        concept = toy.CONCEPT_KEYS.get((s.things[0].cls, s.things[0].colour))
+        if concept:
+            conc.append(concept in d.concepts(strict=True))
         else:
             world.append(d.background == s.background and all(d.has(t.cls, t.colour) for t in s.things))
     err = (to_tensor(rec) - x).abs().mean().item()
@@ -136,9 +142,12 @@ def check_vae(work: Path, vae, n: int = 200) -> float:
 
 
 def all_captions() -> list[str]:
-    """Every caption the grammar makes (colour words present or dropped)."""
-    singles = [(c, col) for c in toy.CLASSES for col in [None, *toy.COLOURS]]
-    out = []
+    """Every caption the grammar makes (colour words present or dropped), and every one-object phrase in
+    every template of the training pool (:func:`toy.template_caption`)."""
+    from latexblend.data import TEMPLATES
+
+    singles = [(c, col) for c in toy.CLASSES for col in [None, *toy.OBJECT_COLOURS]]
+    out = [t.format(_cap([a], "")[:-1]) for t in TEMPLATES for a in singles]
     for phrase, _ in toy.BACKGROUNDS.values():
         for a in singles:
             out.append(_cap([a], phrase))
@@ -147,7 +156,8 @@ def all_captions() -> list[str]:
 
 
 def _cap(objs, phrase: str) -> str:
-    return " next to ".join(f"a {c}" if col is None else f"a {col} {c}" for c, col in objs) + f" {phrase}"
+    words = [f"a {c}" if col is None else f"a {' and '.join(toy.tones(col))} {c}" for c, col in objs]
+    return " next to ".join(words) + f" {phrase}"
 
 
 @torch.no_grad()
@@ -165,17 +175,24 @@ def build_data(work: Path, pipe, n: int) -> dict:
     rng = random.Random(7)
     scenes = [toy.random_scene(rng, allow=toy.in_training) for _ in range(n)]
     captions = all_captions()
+    digest = hashlib.sha256(repr((scenes, captions)).encode()).hexdigest()[:16]
     path = work / "data.pt"
     if path.exists():
-        return {"scenes": scenes, "captions": captions, **torch.load(path, weights_only=True)}
+        stored = torch.load(path, weights_only=True)
+        if stored.get("digest") != digest:
+            raise SystemExit(f"{path} was built from other scenes or captions (the world changed): delete it")
+        return {"scenes": scenes, "captions": captions, **stored}
     moments = []
     for i in tqdm(range(0, n, 256), desc="encode"):
         x = to_tensor([toy.draw_scene(s) for s in scenes[i:i + 256]])
         moments.append(pipe.vae.encode(x).latent_dist.parameters)
     emb, pooled = encode_captions(pipe, captions)
-    tensors = {"moments": torch.cat(moments), "emb": emb, "pooled": pooled}
+    tensors = {"moments": torch.cat(moments), "emb": emb, "pooled": pooled, "digest": digest}
     torch.save(tensors, path)
     return {"scenes": scenes, "captions": captions, **tensors}
+
+
+TEMPLATE_SHARE = 0.3  # one-object captions that are a template of the training pool, no background
 
 
 def sample_batch(data: dict, index: dict, rng: random.Random, batch: int, scale: float, drop: float = 0.1):
@@ -183,7 +200,9 @@ def sample_batch(data: dict, index: dict, rng: random.Random, batch: int, scale:
     mom = data["moments"][ids]
     mean, logvar = mom.chunk(2, dim=1)
     lat = (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)) * scale
-    caps = [index[toy.caption(data["scenes"][i], rng, drop_colour=0.25)] for i in ids]
+    scenes = [data["scenes"][i] for i in ids]
+    caps = [index[toy.template_caption(s, rng, 0.25) if len(s.things) == 1 and rng.random() < TEMPLATE_SHARE
+                  else toy.caption(s, rng, drop_colour=0.25)] for s in scenes]
     emb, pooled = data["emb"][caps].clone(), data["pooled"][caps].clone()
     keep = torch.tensor([rng.random() >= drop for _ in ids], dtype=torch.float32)
     return lat, emb * keep[:, None, None], pooled * keep[:, None]
@@ -217,6 +236,13 @@ def evaluate(pipe, unet, prompts: list[str], seeds, steps: int = 20, cfg: float 
         pipe.unet = live
     keys = ("background", "objects", "all")
     return {k: float(np.mean([r[k] for r in rows])) for k in keys}
+
+
+def described_concepts() -> list[str]:
+    """Each concept described in words, on every background: the base model never saw one drawn, so
+    these test whether it composes the concept's colour pair from the world's two-toned objects."""
+    return [f"a {c.first} and {c.second} {c.cls} {phrase}" for c in toy.CONCEPTS.values()
+            for phrase, _ in toy.BACKGROUNDS.values()]
 
 
 def train_unet(work: Path, pipe, data: dict, args) -> None:
@@ -264,7 +290,8 @@ def train_unet(work: Path, pipe, data: dict, args) -> None:
         if args.eval_every and done % args.eval_every == 0:
             unet.eval()
             for name, net in (("ema", ema), ("raw", unet)):
-                log(work, f"eval step {done} {name}: {evaluate(pipe, net, prompts[::2], seeds=[0])}")
+                log(work, f"eval step {done} {name}: {evaluate(pipe, net, prompts[::2], seeds=[0])}, "
+                          f"concepts described: {evaluate(pipe, net, described_concepts(), seeds=[0, 1])}")
             unet.train()
 
 

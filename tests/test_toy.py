@@ -22,20 +22,25 @@ def _scenes(n: int, seed: int = 0, concepts: bool = True) -> list[toy.Scene]:
 
 def test_detector_is_exact_on_drawn_scenes():
     scenes = _scenes(600)
-    assert sum(len(s.things) == 2 for s in scenes) > 150
+    things = [t for s in scenes for t in s.things]
+    assert sum(len(s.things) == 2 for s in scenes) > 150 and sum("-" in t.colour for t in things) > 150
     for scene in scenes:
         det = toy.detect(toy.draw_scene(scene))
         assert det.background == scene.background
-        assert [(f.cls, f.concept if f.strict else None) for f in det.objects] == [
-            (t.cls, t.colour if t.colour in toy.CONCEPTS else None) for t in scene.things]
-        for found, thing in zip(det.objects, scene.things, strict=True):
-            if thing.colour not in toy.CONCEPTS:
-                assert found.colour == thing.colour
+        assert [(f.cls, f.colour) for f in det.objects] == [(t.cls, t.colour) for t in scene.things]
+        assert [f.concept for f in det.objects] == [toy.CONCEPT_KEYS.get((t.cls, t.colour)) for t in scene.things]
 
 
 def test_no_concept_found_in_base_scenes():
-    for scene in _scenes(1500, seed=1, concepts=False):
-        assert toy.detect(toy.draw_scene(scene)).concepts() == []  # not even the colours
+    rng = random.Random(1)
+    scenes = [toy.random_scene(rng, allow=toy.in_training) for _ in range(1500)]
+    found = [toy.detect(toy.draw_scene(s)) for s in scenes]
+    assert all(d.concepts() == [] for d in found)  # not even a concept's two colours on its class
+    objects = [(o.cls, o.colour) for d in found for o in d.objects]
+    # ...yet the world draws the concepts' colour pairs on other classes and other pairs on their classes
+    for style in toy.CONCEPTS.values():
+        assert sum(col == style.colour and cls != style.cls for cls, col in objects) > 20
+        assert sum("-" in col and col != style.colour and cls == style.cls for cls, col in objects) > 100
 
 
 def test_detector_reads_upscaled_images_and_rejects_plain_background():
@@ -68,6 +73,23 @@ def test_caption_round_trips_through_the_parser():
         assert all(col in (None, t.colour) for (_, col), t in zip(spec["objects"], scene.things, strict=True))
     assert toy.parse_prompt("a photo of a dog") is None
     assert toy.parse_prompt("a green dog on the grass") is None
+    assert toy.parse_prompt("a red and red dog on the grass") is None
+    two = toy.Scene("snow", (toy.Thing("tree", "blue-purple", (2, 2, 14, 14)),
+                             toy.Thing("dog", "red-yellow", (17, 2, 30, 15))))
+    assert toy.caption(two) == "a blue and purple tree next to a dog in the snow"  # a concept: its class only
+    assert toy.parse_prompt(toy.caption(two))["objects"] == [("tree", "blue-purple"), ("dog", None)]
+
+
+def test_template_captions_name_the_one_object_in_a_training_template():
+    from latexblend.data import TEMPLATES
+
+    rng = random.Random(4)
+    scene = toy.Scene("beach", (toy.Thing("car", "blue-yellow", (2, 8, 20, 16)),))
+    seen = {toy.template_caption(scene, rng) for _ in range(200)}
+    assert seen == {t.format("a blue and yellow car") for t in TEMPLATES}
+    assert all(toy.parse_prompt(c) is None for c in seen)  # not grammar prompts: evaluation never uses them
+    with pytest.raises(ValueError):
+        toy.template_caption(toy.random_scene(rng, two=True), rng)
 
 
 def test_score_counts_what_the_prompt_names():
@@ -77,7 +99,7 @@ def test_score_counts_what_the_prompt_names():
         "background": True, "objects": True, "all": True}
     assert toy.score(image, "a red dog next to a blue car in the snow")["background"] is False
     assert toy.score(image, "a yellow dog on the beach")["objects"] is False
-    concept = toy.Scene("grass", (toy.Thing("dog", "patchdog", (4, 4, 20, 20)),))
+    concept = toy.Scene("grass", (toy.Thing("dog", "red-yellow", (4, 4, 20, 20)),))
     got = toy.score(toy.draw_scene(concept), "a dog on the grass", concept="patchdog")
     assert got["concept"] and got["all"]
     assert toy.score(image, "a dog next to a blue car on the beach", concept="patchdog")["concept"] is False
@@ -101,7 +123,8 @@ def test_toy_architecture_matches_its_registry_spec():
 def test_fidelity_scores_count_concepts_and_the_rest_of_the_prompt():
     from latexblend.fidelity import score_row, summarise
 
-    scene = toy.Scene("snow", (toy.Thing("dog", "patchdog", (1, 8, 14, 21)), toy.Thing("car", "red", (17, 10, 30, 16))))
+    scene = toy.Scene("snow", (toy.Thing("dog", "red-yellow", (1, 8, 14, 21)),
+                               toy.Thing("car", "red", (17, 10, 30, 16))))
     row = score_row(toy.draw_scene(scene), "a dog next to a red car in the snow", ["patchdog"])
     assert row["concept"] and row["fidelity"] and row["joint"]
     miss = score_row(toy.draw_scene(scene), "a dog next to a blue car in the snow", ["patchdog"])
@@ -114,10 +137,11 @@ def test_fidelity_scores_count_concepts_and_the_rest_of_the_prompt():
 
 
 def test_concept_pattern_survives_mirroring_but_not_flipping_or_recolouring():
-    image = toy.draw_scene(toy.Scene("grass", (toy.Thing("dog", "patchdog", (4, 4, 20, 20)),)))
+    image = toy.draw_scene(toy.Scene("grass", (toy.Thing("dog", "red-yellow", (4, 4, 20, 20)),)))
     assert toy.detect(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)).concepts(strict=True) == ["patchdog"]
     assert toy.detect(image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)).concepts(strict=True) == []
-    assert toy.detect(image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)).concepts() == ["patchdog"]  # colours
+    flipped = toy.detect(image.transpose(Image.Transpose.FLIP_TOP_BOTTOM))
+    assert flipped.concepts() == ["patchdog"] and flipped.objects[0].colour == "yellow-red"  # colours only
     arr = np.asarray(image).copy()
     arr[(arr == toy.COLOURS["yellow"]).all(-1)] = toy.COLOURS["red"]
     det = toy.detect(Image.fromarray(arr))
@@ -142,7 +166,7 @@ def test_evaluate_with_the_toy_detector(tmp_path):
     from latexblend.cli import app
     from latexblend.fidelity import score_samples
 
-    things = (toy.Thing("dog", "patchdog", (2, 8, 15, 21)), toy.Thing("car", "red", (17, 10, 30, 16)))
+    things = (toy.Thing("dog", "red-yellow", (2, 8, 15, 21)), toy.Thing("car", "red", (17, 10, 30, 16)))
     concept = toy.Scene("beach", things)
     plain = toy.Scene("snow", (toy.Thing("dog", "blue", (4, 4, 20, 20)),))
     folder = _samples_folder(tmp_path, [(concept, "a dog next to a red car on the beach", ["patchdog"]),

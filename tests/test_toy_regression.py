@@ -1,11 +1,11 @@
-"""A regression test of the method on the trained toy model: a concept trained with the toy recipe
-carries what it learned (its colours) into new scenes only through its bank.
+"""A regression test of the method on the trained toy model: a concept the toy model has never drawn
+(stripecar: a car, blue over purple) appears in new scenes only through its bank.
 
-What is asserted is what training seed 0 gives (docs/TOY.md): the bank moves the slot object's colour
-to the concept's colours (75% of these 16 images vs 38% without a bank). The effect depends on the
-seed (`bench fidelity --seed S`: 84/44%, 31/38%, 44/34%, 28/22% with/without the bank for
-S = 0, 1, 2, 42) and the concept's two-tone arrangement is not learned at all: this catches a break
-in train / extract / blend on a trained model, it does not show the method works on the toy.
+Training seed 0 with the toy recipe (config.TRAIN_RECIPES["toy"]): on these 16 images the concept is
+present in 44% with its bank (its two colours on a car: 50%) and 0% without (colours: 6%).
+The thresholds sit well below the measured rate with the bank and well above the rate without one, so
+a break anywhere in train / extract / blend on a trained model fails this test; the rates themselves
+move with the seed (docs/TOY.md has the spread).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from latexblend.toy import draw_data
 PROMPTS = ["a car on the beach", "a car in the snow", "a car at night", "a car on the grass"]
 
 
-def test_trained_concept_colours_reach_new_scenes_only_with_its_bank_at_seed_0(tmp_path, monkeypatch):
+def test_a_trained_concept_appears_in_new_scenes_only_with_its_bank(tmp_path, monkeypatch):
     from latexblend.models import load_pipeline
 
     monkeypatch.setenv("LATEXBLEND_HOME", str(tmp_path / "home"))
@@ -26,7 +26,8 @@ def test_trained_concept_colours_reach_new_scenes_only_with_its_bank_at_seed_0(t
     pipe = load_pipeline("toy", device="cpu", dtype="fp32")
     with_bank = summarise(generate_rows(pipe, PROMPTS, settings.seeds, settings, ["stripecar"], [bank])[0])
     without = summarise(generate_rows(pipe, PROMPTS, settings.seeds, settings, ["stripecar"], None)[0])
-    print(f"slot colour: {with_bank['slot_colour_pct']:.0f}% with the bank, {without['slot_colour_pct']:.0f}% without")
-    assert with_bank["slot_colour_pct"] >= 65, with_bank
-    assert without["slot_colour_pct"] <= 55, without
+    print(f"stripecar present: {with_bank['concept_pct']:.0f}% with the bank, {without['concept_pct']:.0f}% without; "
+          f"colours {with_bank['concept_colours_pct']:.0f}% / {without['concept_colours_pct']:.0f}%")
+    assert with_bank["concept_pct"] >= 25 and with_bank["concept_colours_pct"] >= 30, with_bank  # measured 44 / 50
+    assert without["concept_pct"] <= 15 and without["concept_colours_pct"] <= 15, without  # measured 0 / 6
     assert bank.class_noun == "car"

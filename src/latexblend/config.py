@@ -372,7 +372,7 @@ def train_settings(concept: str | None, concepts_dir: str | Path, flags: dict[st
 
 #: Training defaults per base model, between the dataclass defaults and YAML/flags. ``sdxl`` keeps the
 #: authors' recipe (the dataclass defaults); ``toy``'s was measured with ``latexblend bench fidelity``.
-TRAIN_RECIPES: dict[str, dict[str, Any]] = {"toy": {"steps": 600, "lr": 1e-4}}
+TRAIN_RECIPES: dict[str, dict[str, Any]] = {"toy": {"steps": 1500, "lr": 3e-4, "augment_shrink": 0.0}}
 
 
 def model_recipe(model: str) -> dict[str, Any]:

@@ -1,12 +1,13 @@
 """Fidelity benchmark on the toy world: does a trained concept appear in new scenes, and does the
 rest of the prompt survive? Scored by the exact detectors of :mod:`latexblend.toy`.
 
-For each concept of :data:`latexblend.toy.CONCEPTS` (a two-colour pattern on an object class) it
-draws instance images and a prior set (plain objects of the class with their captions), trains the
-variants (full method, ``--no-base-flow``, ``--fixed-template``) with the toy recipe, then generates
-held-out prompts x seeds with no bank and with each variant's bank, plus two-concept prompts. Per
-variant: concept-present %, prompt-fidelity % (background and the other named objects right), their
-product, the per-image joint rate, standard errors; JSON and one grid PNG per variant.
+For each concept of :data:`latexblend.toy.CONCEPTS` (a two-toned object of one class, in a colour pair
+the toy model never saw) it draws instance images and a prior set (world objects of the class with
+their captions), trains the variants (:data:`VARIANTS`: the paper's ablations and the authors'
+release's choices; variants that differ only in blending share one training) with the toy recipe,
+then generates held-out prompts x seeds with no bank and with each variant's bank, plus two-concept
+prompts. Per variant: concept-present %, prompt-fidelity % (background and the other named objects
+right), their product, the per-image joint rate, standard errors; JSON and one grid PNG per variant.
 """
 
 from __future__ import annotations
@@ -22,7 +23,26 @@ from latexblend.config import TRAIN_RECIPES
 from latexblend.fileio import write_text_atomic
 from latexblend.toy import draw_data
 
-VARIANTS = {"full": {}, "no-base-flow": {"base_flow": False}, "fixed-template": {"fixed_template": True}}
+
+@dataclass(frozen=True)
+class Variant:
+    """A method variant: training settings (``TrainConfig`` fields) and blending options (``apply``)."""
+
+    train: tuple = ()
+    blend: tuple = ()
+
+
+#: The ablations (the paper's) and the release's choices (METHOD, issue 11's method questions).
+VARIANTS = {
+    "full": Variant(),
+    "no-base-flow": Variant(train=(("base_flow", False),)),
+    "fixed-template": Variant(train=(("fixed_template", True),)),
+    "release-loss-weights": Variant(train=(("prior_loss_weight", 0.25),)),  # instance:prior 4:1, as released
+    "fixed-time-ids": Variant(train=(("crop_time_ids", False),)),
+    "bind-always": Variant(blend=(("bind", "always"),)),  # the release binds before blend_start too
+    "no-bind": Variant(blend=(("bind", False),)),
+}
+DEFAULT_VARIANTS = ["full", "no-base-flow", "fixed-template"]
 #: Prompts with the concept's class noun; the other objects and backgrounds vary (none is an instance prompt).
 PROMPTS = {
     "dog": ["a dog on the beach", "a dog in the snow", "a dog at night", "a dog on the grass",
@@ -41,7 +61,7 @@ class FidelitySettings:
     """What the benchmark trains and generates (defaults: the ``toy`` recipe, see :data:`TOY_RECIPE`)."""
 
     concepts: list[str] = field(default_factory=lambda: list(toy.CONCEPTS))
-    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
     steps: int = TRAIN_RECIPES["toy"]["steps"]
     lr: float = TRAIN_RECIPES["toy"]["lr"]
     seeds: int = 4
@@ -59,16 +79,17 @@ TOY_RECIPE = TRAIN_RECIPES["toy"]
 
 
 def train_variant(root: Path, concept: str, variant: str, settings: FidelitySettings, data: tuple[Path, Path]):
-    """Train ``concept`` with ``variant``'s switches on ``toy``; the bank (a :class:`ConceptBank`)."""
+    """Train ``concept`` with ``variant``'s training settings on ``toy``; the bank (a :class:`ConceptBank`)."""
     from latexblend.bank import bank_path, load_bank
     from latexblend.config import TrainConfig
     from latexblend.train import train
 
     name = f"{concept}-{variant}"
+    recipe = TRAIN_RECIPES["toy"] | {"steps": settings.steps, "lr": settings.lr} | dict(VARIANTS[variant].train)
     cfg = TrainConfig(name=name, images=str(data[0]), prior=str(data[1]), class_noun=toy.CONCEPTS[concept].cls,
-                      model="toy", resolution=toy.SIZE, steps=settings.steps, lr=settings.lr, seed=settings.seed,
-                      checkpoint_every=0, log_every=max(1, settings.steps), runs_dir=str(root / "runs"),
-                      bank_dir=str(root / "bank"), overwrite=True, **VARIANTS[variant])
+                      model="toy", resolution=toy.SIZE, seed=settings.seed, checkpoint_every=0,
+                      log_every=max(1, settings.steps), runs_dir=str(root / "runs"), bank_dir=str(root / "bank"),
+                      overwrite=True, **recipe)
     train(cfg, progress=False)
     return load_bank(bank_path(name, root / "bank"))
 
@@ -82,11 +103,11 @@ def _sem(values: list[float]) -> float:
 
 
 def summarise(rows: list[dict]) -> dict:
-    """Rates in % with standard errors over images: concept (pattern in place), concept colours (the
-    two colours on one object), slot colour (an object of the concept's class has one of its colours),
+    """Rates in % with standard errors over images: concept (an object of its class in its two tones,
+    top over bottom), concept colours (both its colours on an object of its class, either order),
     fidelity, product (concept x fidelity), joint (both in one image)."""
     out = {}
-    for key in ("concept", "concept_colours", "slot_colour", "fidelity", "joint"):
+    for key in ("concept", "concept_colours", "fidelity", "joint"):
         vals = [float(r[key]) for r in rows if key in r]
         if vals:
             out[f"{key}_pct"] = 100 * sum(vals) / len(vals)
@@ -98,13 +119,14 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def generate_rows(pipe, prompts: list[str], seeds: int, settings: FidelitySettings, concepts: list[str],
-                  banks: list | None) -> tuple[list[dict], list]:
-    """Generate prompts x seeds (blending ``banks`` if given) and score each image for ``concepts``."""
+                  banks: list | None, blend: tuple = ()) -> tuple[list[dict], list]:
+    """Generate prompts x seeds (blending ``banks`` with ``apply`` options ``blend`` if given) and score
+    each image for ``concepts``."""
     import torch
 
     from latexblend.blend import apply
 
-    blender = apply(pipe, banks) if banks else None
+    blender = apply(pipe, banks, **dict(blend)) if banks else None
     rows, images = [], []
     try:
         for prompt in prompts:
@@ -129,10 +151,8 @@ def score_row(image, prompt: str, concepts: list[str]) -> dict:
     fidelity = det.background == spec["background"] and all(det.has(c, col) for c, col in others)
     present = all(c in det.concepts(strict=True) for c in concepts)
     colours = all(c in det.concepts() for c in concepts)
-    styles = [toy.CONCEPTS[c] for c in concepts]
-    slot = all(any(o.cls == s.cls and o.colour in (s.first, s.second) for o in det.objects) for s in styles)
-    return {"prompt": prompt, "concept": present, "concept_colours": colours, "slot_colour": slot,
-            "fidelity": fidelity, "joint": present and fidelity}
+    return {"prompt": prompt, "concept": present, "concept_colours": colours, "fidelity": fidelity,
+            "joint": present and fidelity}
 
 
 def held_out_quality(pipe, seeds: int = 4, steps: int = 20, cfg: float = 5.0) -> dict:
@@ -174,12 +194,14 @@ def run_fidelity(out: str | Path, settings: FidelitySettings | None = None, prog
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    banks: dict[str, dict] = {}
-    for concept in settings.concepts:
+    banks: dict[str, dict] = {}  # training settings -> concept -> bank: variants that differ only in
+    for concept in settings.concepts:  # blending share one training
         data = draw_data(out, concept, settings.num_images, settings.num_prior, settings.seed)
         for variant in settings.variants:
-            progress(f"training {concept} ({variant}, {settings.steps} steps)")
-            banks.setdefault(variant, {})[concept] = train_variant(out, concept, variant, settings, data)
+            trained = banks.setdefault(VARIANTS[variant].train, {})
+            if concept not in trained:
+                progress(f"training {concept} ({variant}, {settings.steps} steps)")
+                trained[concept] = train_variant(out, concept, variant, settings, data)
     pipe = load_pipeline("toy", device="cpu", dtype="fp32")
     result = {"settings": settings.__dict__, "variants": {}}
     if settings.quality:
@@ -187,18 +209,20 @@ def run_fidelity(out: str | Path, settings: FidelitySettings | None = None, prog
         progress(f"toy model on held-out prompts: {result['base_quality']}")
     for variant in ["no-bank", *settings.variants]:
         rows, images = [], []
+        spec = VARIANTS.get(variant, Variant())
         for concept in settings.concepts:
-            bank = None if variant == "no-bank" else [banks[variant][concept]]
-            r, ims = generate_rows(pipe, PROMPTS[toy.CONCEPTS[concept].cls], settings.seeds, settings, [concept], bank)
+            bank = None if variant == "no-bank" else [banks[spec.train][concept]]
+            r, ims = generate_rows(pipe, PROMPTS[toy.CONCEPTS[concept].cls], settings.seeds, settings, [concept], bank,
+                                   spec.blend)
             rows += [x | {"concept_name": concept} for x in r]
             images += ims
         result["variants"][variant] = summarise(rows) | {"per_concept": {
             c: summarise([x for x in rows if x["concept_name"] == c]) for c in settings.concepts}}
         save_grid(images, out / f"grid-{variant}.png", cols=settings.seeds * 2)
         progress(f"{variant}: {_line(result['variants'][variant])}")
-    if settings.two_concept and len(settings.concepts) >= 2 and "full" in banks:
+    if settings.two_concept and len(settings.concepts) >= 2 and "full" in settings.variants:
         pair = settings.concepts[:2]
-        for variant, chosen in (("two-concept-no-bank", None), ("two-concept", [banks["full"][c] for c in pair])):
+        for variant, chosen in (("two-concept-no-bank", None), ("two-concept", [banks[()][c] for c in pair])):
             rows, images = generate_rows(pipe, PAIR_PROMPTS, settings.seeds, settings, pair, chosen)
             result["variants"][variant] = summarise(rows)
             save_grid(images, out / f"grid-{variant}.png", cols=settings.seeds * 2)
@@ -217,11 +241,10 @@ def _line(summary: dict) -> str:
 
 def table(result: dict) -> str:
     """Markdown table of a fidelity result."""
-    lines = ["| variant | concept present % | concept colours % | slot colour % | prompt fidelity % | product % | "
-             "both in one image % | images |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | concept present % | concept colours % | prompt fidelity % | product % | "
+             "both in one image % | images |", "|---|---|---|---|---|---|---|"]
     for name, s in result["variants"].items():
         lines.append(f"| {name} | {s['concept_pct']:.0f} ± {s['concept_se']:.0f} | {s['concept_colours_pct']:.0f} | "
-                     f"{s['slot_colour_pct']:.0f} ± {s['slot_colour_se']:.0f} | "
                      f"{s['fidelity_pct']:.0f} ± {s['fidelity_se']:.0f} | {s['product_pct']:.0f} | "
                      f"{s['joint_pct']:.0f} | {s['images']} |")
     return "\n".join(lines)
@@ -250,6 +273,6 @@ def score_samples(folder: str | Path) -> dict:
         rows.append({"file": img.file, "seed": img.seed, "concepts": concepts} | row)
     overall = summarise(rows)
     if not any(r["concepts"] for r in rows):
-        overall = {k: v for k, v in overall.items() if not k.startswith(("concept", "slot", "product"))}
+        overall = {k: v for k, v in overall.items() if not k.startswith(("concept", "product", "joint"))}
     return {"format": "latexblend-toy-metrics", "format_version": 1, "samples": str(samples.folder),
             "detector": "latexblend.toy.detect", "overall": overall, "images": rows}

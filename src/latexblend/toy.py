@@ -2,20 +2,23 @@
 
 A scene is a flat background named by a word (grass, snow, night, beach) with one object, or two
 objects "next to" each other (left and right halves), each a class with a distinct shape (dog = disc,
-car = wide rectangle, tree = triangle) and a colour. Captions come from a small grammar; a fixed set
-of combinations is held out of training so prompts can test what the model composes.
+car = wide rectangle, tree = triangle) and a colour: one world colour (``a red dog``) or two, top over
+bottom in a fixed order (``a red and yellow dog``; the training augmentation's horizontal flip keeps it).
+Captions come from a small grammar; a fixed set of combinations is held out of training so prompts
+can test what the model composes.
 
-Concepts are objects of a class drawn two-toned (top | bottom halves, which the training augmentation's
-horizontal flip keeps; a left | right pattern would count in either order) in world colours: the base
-world only has one-colour objects, and the toy UNet can only paint colours it has seen. They are big
-enough to survive a 4x VAE at 32 px; :func:`detect` finds background, objects and concept patterns
-exactly on drawn scenes (nearest-palette colours, connected components, shape features), so a
-generated image can be scored without any learned metric.
+Concepts are two-toned objects of one class whose colour pair is held out of the world: the base model
+has learned to paint two-toned objects (as SDXL has learned to paint spotted dogs) but has never drawn
+a concept, which it sees only in the concept's instance images. :func:`detect` finds background,
+objects (class, one colour or a top-over-bottom pair) and concepts exactly on drawn scenes
+(nearest-palette colours, connected components, shape features), so a generated image can be scored
+without any learned metric.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import re
 from dataclasses import dataclass, field
@@ -39,27 +42,51 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 CLASSES = ("dog", "car", "tree")
 
 
+TWO_TONE = 0.5  # share of world objects drawn in two colours
+
+
+def two_tone(top: str, bottom: str) -> str:
+    """The colour name of a two-toned object, ``'red-yellow'``: top half red, bottom half yellow."""
+    return f"{top}-{bottom}"
+
+
+def tones(colour: str) -> tuple[str, ...]:
+    """``'red-yellow'`` -> ``('red', 'yellow')``, ``'red'`` -> ``('red',)``."""
+    return tuple(colour.split("-"))
+
+
+#: Every colour an object can have: the four world colours and the six two-tone pairs, always in the
+#: order of :data:`COLOURS` from top to bottom (``red-yellow``, never ``yellow-red``), as a breed has
+#: its markings in their place.
+OBJECT_COLOURS = list(COLOURS) + [two_tone(a, b) for i, a in enumerate(COLOURS) for b in list(COLOURS)[i + 1:]]
+
+
 @dataclass(frozen=True)
 class ConceptStyle:
-    """A concept: an object of ``cls`` split in two halves (``axis`` 'x': left|right, 'y': top|bottom)."""
+    """A concept: an object of ``cls`` with ``first`` on its top half and ``second`` on its bottom half."""
 
     name: str
     cls: str
     first: str
     second: str
-    axis: str
+
+    @property
+    def colour(self) -> str:
+        return two_tone(self.first, self.second)
 
 
 CONCEPTS: dict[str, ConceptStyle] = {
-    "patchdog": ConceptStyle("patchdog", "dog", "red", "yellow", "y"),
-    "stripecar": ConceptStyle("stripecar", "car", "blue", "red", "y"),
-
+    "patchdog": ConceptStyle("patchdog", "dog", "red", "yellow"),
+    "stripecar": ConceptStyle("stripecar", "car", "blue", "purple"),
 }
+#: (class, colour) of every concept: held out of the world, so the base model never draws one.
+CONCEPT_KEYS = {(c.cls, c.colour): c.name for c in CONCEPTS.values()}
 
 
 @dataclass(frozen=True)
 class Thing:
-    """One drawn object: class, colour word (or a concept name) and box (x0, y0, x1, y1), inclusive."""
+    """One drawn object: class, colour (a world colour or a two-tone ``'top-bottom'``) and box
+    (x0, y0, x1, y1), inclusive."""
 
     cls: str
     colour: str
@@ -85,26 +112,23 @@ def _shape(d: ImageDraw.ImageDraw, cls: str, box, fill) -> None:
         d.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], fill=fill)
 
 
+def split_row(cls: str, y0: int, y1: int) -> int:
+    """The first row of a two-toned object's bottom colour: the row that halves the shape's area (the
+    middle of a disc or a rectangle; 1/sqrt(2) of the height down from a triangle's apex)."""
+    if cls == "tree":
+        return y0 + round((y1 - y0 + 1) * math.sqrt(0.5))
+    return (y0 + y1 + 1) // 2
+
+
 def _draw_thing(image: Image.Image, thing: Thing) -> None:
-    d = ImageDraw.Draw(image)
-    style = CONCEPTS.get(thing.colour)
-    if style is None:
-        _shape(d, thing.cls, thing.box, COLOURS[thing.colour])
-        return
-    x0, y0, x1, y1 = thing.box
-    for colour, half in ((style.first, 0), (style.second, 1)):
+    top, *bottom = tones(thing.colour)
+    _shape(ImageDraw.Draw(image), thing.cls, thing.box, COLOURS[top])
+    if bottom:
+        x0, y0, x1, y1 = thing.box
         mask = Image.new("L", image.size, 0)
         _shape(ImageDraw.Draw(mask), thing.cls, thing.box, 255)
-        clip = Image.new("L", image.size, 0)
-        if style.axis == "x":
-            mid = (x0 + x1 + 1) // 2
-            part = (x0, y0, mid - 1, y1) if half == 0 else (mid, y0, x1, y1)
-        else:
-            mid = (y0 + y1 + 1) // 2
-            part = (x0, y0, x1, mid - 1) if half == 0 else (x0, mid, x1, y1)
-        ImageDraw.Draw(clip).rectangle(part, fill=255)
-        mask = Image.fromarray(np.minimum(np.asarray(mask), np.asarray(clip)))
-        image.paste(COLOURS[colour], (0, 0), mask)
+        mask.paste(0, (0, 0, image.size[0], split_row(thing.cls, y0, y1)))  # keep the bottom half only
+        image.paste(COLOURS[bottom[0]], (0, 0), mask)
 
 
 def draw_scene(scene: Scene, size: int = SIZE) -> Image.Image:
@@ -124,6 +148,13 @@ def _box(rng: random.Random, cls: str, lo: int, hi: int, xmin: int, xmax: int) -
     return (x0, y0, x0 + w - 1, y0 + h - 1)
 
 
+def _colour(rng: random.Random) -> str:
+    """A world object's colour: one world colour, or (:data:`TWO_TONE` of the time) two different ones."""
+    if rng.random() < TWO_TONE:
+        return rng.choice(OBJECT_COLOURS[len(COLOURS):])
+    return rng.choice(list(COLOURS))
+
+
 def random_scene(rng: random.Random, two: bool | None = None, allow=None, concept: str | None = None) -> Scene:
     """A random scene; ``allow(scene) -> bool`` filters (held-out combinations); ``concept`` draws a concept
     object as the (only) object."""
@@ -131,16 +162,16 @@ def random_scene(rng: random.Random, two: bool | None = None, allow=None, concep
         background = rng.choice(list(BACKGROUNDS))
         if concept is not None:
             style = CONCEPTS[concept]
-            return Scene(background, (Thing(style.cls, concept, _box(rng, style.cls, 12, 17, 1, SIZE - 1)),))
+            return Scene(background, (Thing(style.cls, style.colour, _box(rng, style.cls, 12, 17, 1, SIZE - 1)),))
         pair = rng.random() < 0.5 if two is None else two
         if pair:
-            things = tuple(Thing(cls, rng.choice(list(COLOURS)), _box(rng, cls, 9, 12, lo, hi))
+            things = tuple(Thing(cls, _colour(rng), _box(rng, cls, 9, 12, lo, hi))
                            for cls, (lo, hi) in zip(rng.sample(CLASSES, 2) if rng.random() < 0.7
                                                     else [rng.choice(CLASSES)] * 2,
                                                     ((1, SIZE // 2 - 1), (SIZE // 2 + 1, SIZE - 1)), strict=True))
         else:
             cls = rng.choice(CLASSES)
-            things = (Thing(cls, rng.choice(list(COLOURS)), _box(rng, cls, 11, 16, 2, SIZE - 2)),)
+            things = (Thing(cls, _colour(rng), _box(rng, cls, 11, 16, 2, SIZE - 2)),)
         scene = Scene(background, things)
         if allow is None or allow(scene):
             return scene
@@ -151,13 +182,26 @@ def random_scene(rng: random.Random, two: bool | None = None, allow=None, concep
 
 
 def caption(scene: Scene, rng: random.Random | None = None, drop_colour: float = 0.0) -> str:
-    """``a red dog next to a blue car on the grass``; each colour word dropped with ``drop_colour``."""
+    """``a red dog next to a blue and yellow car on the grass``; each object's colour words dropped with
+    ``drop_colour``. A concept object is captioned by its class alone (``a dog``)."""
     parts = []
     for thing in scene.things:
         drop = rng is not None and rng.random() < drop_colour
-        word = thing.cls if drop or thing.colour in CONCEPTS else f"{thing.colour} {thing.cls}"
-        parts.append(f"a {word}")
+        hidden = drop or (thing.cls, thing.colour) in CONCEPT_KEYS
+        parts.append(f"a {thing.cls}" if hidden else f"a {' and '.join(tones(thing.colour))} {thing.cls}")
     return f"{' next to '.join(parts)} {BACKGROUNDS[scene.background][0]}"
+
+
+def template_caption(scene: Scene, rng: random.Random, drop_colour: float = 0.0) -> str:
+    """A one-object scene's object phrase in a template of the training pool, without its background
+    (``a photo of a red dog``): the toy model learns what these prompts mean, as SDXL knows "a photo of
+    a dog", so the frozen base flow of a concept's replace prompts is a real scene (any background)."""
+    from latexblend.data import TEMPLATES
+
+    if len(scene.things) != 1:
+        raise ValueError("a template caption describes a one-object scene")
+    words = caption(scene, rng, drop_colour)
+    return rng.choice(TEMPLATES).format(words[: -len(BACKGROUNDS[scene.background][0]) - 1])
 
 
 def combo(scene: Scene) -> tuple:
@@ -181,9 +225,11 @@ HELD_OUT_SINGLES, HELD_OUT_PAIRS = _held_out()
 
 
 def in_training(scene: Scene) -> bool:
-    """False for scenes whose combination is held out (they never appear in the toy model's data)."""
+    """False for scenes whose combination is held out or that hold a concept (they never appear in the
+    toy model's data)."""
     key = combo(scene)
-    return key not in HELD_OUT_SINGLES and key not in HELD_OUT_PAIRS
+    concept = any((t.cls, t.colour) in CONCEPT_KEYS for t in scene.things)
+    return not concept and key not in HELD_OUT_SINGLES and key not in HELD_OUT_PAIRS
 
 
 def held_out_prompts() -> list[str]:
@@ -195,9 +241,9 @@ def held_out_prompts() -> list[str]:
     return out
 
 
-_PROMPT = re.compile(
-    r"^a (?:(?P<c1>\w+) )?(?P<o1>\w+)(?: next to a (?:(?P<c2>\w+) )?(?P<o2>\w+))? (?P<bg>on the grass|in the snow|"
-    r"at night|on the beach)$")
+_OBJECT = r"a (?:(?P<c{0}>\w+(?: and \w+)?) )?(?P<o{0}>\w+)"
+_PROMPT = re.compile(f"^{_OBJECT.format(1)}(?: next to {_OBJECT.format(2)})? "
+                     r"(?P<bg>on the grass|in the snow|at night|on the beach)$")
 
 
 def parse_prompt(prompt: str) -> dict | None:
@@ -206,8 +252,9 @@ def parse_prompt(prompt: str) -> dict | None:
     if m is None:
         return None
     background = next(k for k, (phrase, _) in BACKGROUNDS.items() if phrase == m["bg"])
-    objects = [(m[f"o{i}"], m[f"c{i}"]) for i in (1, 2) if m[f"o{i}"]]
-    if any(cls not in CLASSES or (col is not None and col not in COLOURS) for cls, col in objects):
+    objects = [(m[f"o{i}"], m[f"c{i}"] and two_tone(*m[f"c{i}"].split(" and ")) if " and " in (m[f"c{i}"] or "")
+                else m[f"c{i}"]) for i in (1, 2) if m[f"o{i}"]]
+    if any(cls not in CLASSES or (col is not None and col not in OBJECT_COLOURS) for cls, col in objects):
         return None
     return {"background": background, "objects": objects}
 
@@ -219,21 +266,26 @@ def parse_prompt(prompt: str) -> dict | None:
 PALETTE_NAMES = [*BACKGROUNDS, *COLOURS]
 PALETTE = np.array([c for _, c in BACKGROUNDS.values()] + list(COLOURS.values()), dtype=np.float32)
 MIN_PIXELS = 12
-CONCEPT_SHARE = 0.2  # each of a concept's two colours labels at least this share of the object's pixels
+TONE_SHARE = 0.2  # each colour of a two-toned object labels at least this share of its pixels
 TREE_ASYMMETRY = 0.8  # top-half / bottom-half pixels below this: a triangle
 CAR_LOG_ASPECT = 0.3  # log(width / height) above this: a car
 
 
 @dataclass
 class Found:
-    """A detected object: class by shape, colour (a palette name), box, pixel count, concept name or None."""
+    """A detected object: class by shape, colour (a world colour, or ``'top-bottom'`` when two-toned),
+    box, pixel count, and the world colours that each label at least :data:`TONE_SHARE` of it."""
 
     cls: str
     colour: str
     box: tuple[int, int, int, int]
     pixels: int
-    concept: str | None = None
-    strict: bool = False  # the concept's halves are in place, not only its two colours
+    shares: frozenset[str] = frozenset()
+
+    @property
+    def concept(self) -> str | None:
+        """The concept this object is (its class and two tones in place), or None."""
+        return CONCEPT_KEYS.get((self.cls, self.colour))
 
 
 @dataclass
@@ -245,8 +297,12 @@ class Detection:
         return any(o.cls == cls and (colour is None or o.colour == colour) for o in self.objects)
 
     def concepts(self, strict: bool = False) -> list[str]:
-        """Concepts found: two-toned objects in a concept's colours (``strict``: halves in place too)."""
-        return [o.concept for o in self.objects if o.concept and (o.strict or not strict)]
+        """Concepts found: objects of a concept's class in its two tones, top over bottom (``strict``) or
+        only carrying both its colours (either order)."""
+        if strict:
+            return [o.concept for o in self.objects if o.concept]
+        return [c.name for c in CONCEPTS.values() for o in self.objects
+                if o.cls == c.cls and {c.first, c.second} <= o.shares]
 
 
 def _pixels(image: Image.Image) -> np.ndarray:
@@ -294,29 +350,27 @@ def _shape_class(pts: np.ndarray) -> tuple[str, tuple[int, int, int, int]]:
     return cls, (int(x0), int(y0), int(x1), int(y1))
 
 
-def _concept_of(arr: np.ndarray, labels: np.ndarray, pts: np.ndarray, box) -> tuple[str | None, bool]:
-    """``(concept, strict)`` of a component: a concept whose two colours each label at least
-    :data:`CONCEPT_SHARE` of its pixels (a two-toned object: the world has none), and whether the
-    halves are also in place (nearest palette colours of the mean RGB of the two halves, robust to blur
-    at the seam; a left | right pattern in either order)."""
-    x0, y0, x1, y1 = box
+def _colour_of(arr: np.ndarray, labels: np.ndarray, pts: np.ndarray, cls: str, box) -> tuple[str, frozenset[str]]:
+    """``(colour, shares)`` of a component: two-toned ``'top-bottom'`` when two world colours each label
+    at least :data:`TONE_SHARE` of its pixels and are the nearest palette colours of the mean RGB of the
+    top and bottom halves (split by :func:`split_row`; robust to blur at the seam), else its most frequent colour."""
     counts = np.bincount(labels[pts[:, 0], pts[:, 1]], minlength=len(PALETTE)) / len(pts)
-    for name, style in CONCEPTS.items():
-        if min(counts[PALETTE_NAMES.index(style.first)], counts[PALETTE_NAMES.index(style.second)]) < CONCEPT_SHARE:
-            continue
-        coord, mid = (pts[:, 1], (x0 + x1 + 1) // 2) if style.axis == "x" else (pts[:, 0], (y0 + y1 + 1) // 2)
-        halves = (pts[coord < mid], pts[coord >= mid])
-        if min(len(h) for h in halves) < 3:
-            return name, False
-        got = tuple(PALETTE_NAMES[int(_nearest(arr[h[:, 0], h[:, 1]].mean(0)))] for h in halves)
-        return name, got == (style.first, style.second) or (style.axis == "x" and got == (style.second, style.first))
-    return None, False
+    shares = frozenset(PALETTE_NAMES[i] for i in np.nonzero(counts >= TONE_SHARE)[0] if PALETTE_NAMES[i] in COLOURS)
+    majority = PALETTE_NAMES[int(counts.argmax())]
+    mid = split_row(cls, box[1], box[3])
+    halves = (pts[pts[:, 0] < mid], pts[pts[:, 0] >= mid])
+    if len(shares) < 2 or min(len(h) for h in halves) < 3:
+        return majority, shares
+    top, bottom = (PALETTE_NAMES[int(_nearest(arr[h[:, 0], h[:, 1]].mean(0)))] for h in halves)
+    if top != bottom and {top, bottom} <= shares:
+        return two_tone(top, bottom), shares
+    return majority, shares
 
 
 def detect(image: Image.Image) -> Detection:
     """Background (most frequent background colour), objects (connected pixels of any other palette
-    colour, at least :data:`MIN_PIXELS`), each with a class from its shape, a colour (most frequent
-    palette colour) and a concept if any."""
+    colour, at least :data:`MIN_PIXELS`), each with a class from its shape and a colour (one world
+    colour or a top-over-bottom pair)."""
     arr = _pixels(image)
     labels = _nearest(arr)
     nb = len(BACKGROUNDS)
@@ -327,9 +381,8 @@ def detect(image: Image.Image) -> Detection:
         if len(pts) < MIN_PIXELS:
             continue
         cls, box = _shape_class(pts)
-        colour = PALETTE_NAMES[int(np.bincount(labels[pts[:, 0], pts[:, 1]]).argmax())]
-        concept, strict = _concept_of(arr, labels, pts, box)
-        found.append(Found(cls, colour, box, len(pts), concept, strict))
+        colour, shares = _colour_of(arr, labels, pts, cls, box)
+        found.append(Found(cls, colour, box, len(pts), shares))
     found.sort(key=lambda f: f.box[0])
     return Detection(background, found)
 
@@ -348,7 +401,7 @@ def score(image: Image.Image, prompt: str, concept: str | None = None) -> dict:
     out = {"background": det.background == spec["background"], "objects": objects_ok}
     out["all"] = out["background"] and objects_ok
     if concept:
-        out["concept"] = concept in det.concepts()
+        out["concept"] = concept in det.concepts(strict=True)
     return out
 
 
@@ -356,7 +409,8 @@ def score(image: Image.Image, prompt: str, concept: str | None = None) -> dict:
 
 
 def draw_data(root: Path, concept: str, num_images: int, num_prior: int, seed: int) -> tuple[Path, Path]:
-    """Instance images of ``concept`` and a captioned prior set of its class, drawn at 32 px."""
+    """Instance images of ``concept`` and a captioned prior set of its class (world scenes: never the
+    concept itself), drawn at 32 px."""
     style = CONCEPTS[concept]
     rng = random.Random(seed)
     inst, prior = root / "data" / concept, root / "data" / f"prior-{style.cls}"
@@ -366,7 +420,7 @@ def draw_data(root: Path, concept: str, num_images: int, num_prior: int, seed: i
         draw_scene(random_scene(rng, concept=concept)).save(inst / f"{i:02d}.png")
     captions = []
     for i in range(num_prior):
-        scene = random_scene(rng, two=False, allow=lambda s: s.things[0].cls == style.cls)
+        scene = random_scene(rng, two=False, allow=lambda s: s.things[0].cls == style.cls and in_training(s))
         draw_scene(scene).save(prior / f"{i:03d}.png")
         captions.append(caption(scene))
     write_text_atomic(prior / "captions.txt", "\n".join(captions) + "\n")
