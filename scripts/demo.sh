@@ -31,7 +31,7 @@ echo "== 2/4 training both concepts on the toy model (each writes its bank)"
 for spec in patchdog:dog stripecar:car; do
   name="${spec%%:*}"; noun="${spec##*:}"
   latexblend train --images "$W/data/$name" --class-noun "$noun" --name "$name" --model toy \
-    --prior "$W/data/prior-$noun" "${steps[@]}" --checkpoint-every 0 --runs-dir "$W/runs" \
+    --prior "$W/data/prior-$noun" ${steps[@]+"${steps[@]}"} --checkpoint-every 0 --runs-dir "$W/runs" \
     --bank-dir "$W/concept_bank" --overwrite
 done
 latexblend bank ls --dir "$W/concept_bank"

@@ -121,7 +121,7 @@ def finetune_decoder(work: Path, vae, steps: int, batch: int, lr: float) -> None
 def check_vae(work: Path, vae, n: int = 200) -> float:
     """Detector agreement on reconstructions (world scenes and concepts); returns the latent scaling."""
     rng = random.Random(999)
-    scenes = [toy.random_scene(rng) for _ in range(n)] + [
+    scenes = [toy.random_scene(rng, allow=toy.in_training) for _ in range(n)] + [
         toy.random_scene(rng, concept=c) for c in toy.CONCEPTS for _ in range(n // 4)]
     x = to_tensor([toy.draw_scene(s) for s in scenes])
     mean = vae.encode(x).latent_dist.mean
@@ -147,17 +147,13 @@ def all_captions() -> list[str]:
     from latexblend.data import TEMPLATES
 
     singles = [(c, col) for c in toy.CLASSES for col in [None, *toy.OBJECT_COLOURS]]
-    out = [t.format(_cap([a], "")[:-1]) for t in TEMPLATES for a in singles]
-    for phrase, _ in toy.BACKGROUNDS.values():
-        for a in singles:
-            out.append(_cap([a], phrase))
-            out.extend(_cap([a, b], phrase) for b in singles)
+    phrases = [toy.object_phrase(c, col) for c, col in singles]
+    out = [t.format(p) for t in TEMPLATES for p in phrases]
+    for where, _ in toy.BACKGROUNDS.values():
+        for a in phrases:
+            out.append(f"{a} {where}")
+            out.extend(f"{a} next to {b} {where}" for b in phrases)
     return out
-
-
-def _cap(objs, phrase: str) -> str:
-    words = [f"a {c}" if col is None else f"a {' and '.join(toy.tones(col))} {c}" for c, col in objs]
-    return " next to ".join(words) + f" {phrase}"
 
 
 @torch.no_grad()
@@ -171,16 +167,28 @@ def encode_captions(pipe, captions: list[str]) -> tuple[torch.Tensor, torch.Tens
 
 
 @torch.no_grad()
+def encoder_digest(vae) -> str:
+    """A digest of the VAE encoder's weights: the UNet's latents (and their scale) depend on it alone."""
+    h = hashlib.sha256()
+    for name, t in sorted({**vae.encoder.state_dict(), **vae.quant_conv.state_dict()}.items()):
+        h.update(name.encode() + t.detach().float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def build_data(work: Path, pipe, n: int) -> dict:
+    """The UNet's training scenes, their VAE moments and every caption's text features (cached in
+    WORK/data.pt, refused when the scenes, their drawing, the captions or the encoder changed)."""
     rng = random.Random(7)
     scenes = [toy.random_scene(rng, allow=toy.in_training) for _ in range(n)]
     captions = all_captions()
-    digest = hashlib.sha256(repr((scenes, captions)).encode()).hexdigest()[:16]
+    drawn = b"".join(toy.draw_scene(s).tobytes() for s in scenes[:64])
+    key = repr((scenes, captions)).encode() + drawn + encoder_digest(pipe.vae).encode()
+    digest = hashlib.sha256(key).hexdigest()[:16]
     path = work / "data.pt"
     if path.exists():
         stored = torch.load(path, weights_only=True)
         if stored.get("digest") != digest:
-            raise SystemExit(f"{path} was built from other scenes or captions (the world changed): delete it")
+            raise SystemExit(f"error: {path} was built from other scenes, drawing, captions or VAE encoder: delete it")
         return {"scenes": scenes, "captions": captions, **stored}
     moments = []
     for i in tqdm(range(0, n, 256), desc="encode"):
@@ -241,8 +249,8 @@ def evaluate(pipe, unet, prompts: list[str], seeds, steps: int = 20, cfg: float 
 def described_concepts() -> list[str]:
     """Each concept described in words, on every background: the base model never saw one drawn, so
     these test whether it composes the concept's colour pair from the world's two-toned objects."""
-    return [f"a {c.first} and {c.second} {c.cls} {phrase}" for c in toy.CONCEPTS.values()
-            for phrase, _ in toy.BACKGROUNDS.values()]
+    return [f"{toy.object_phrase(c.cls, c.colour)} {where}" for c in toy.CONCEPTS.values()
+            for where, _ in toy.BACKGROUNDS.values()]
 
 
 def train_unet(work: Path, pipe, data: dict, args) -> None:
@@ -311,12 +319,27 @@ def export(work: Path, pipe, scale: float, which: str = "ema") -> None:
     log(work, f"exported {which} weights at step {state['step']} to {ASSETS} (id {digest})")
 
 
+def latent_scale(work: Path, vae, check: bool) -> float:
+    """The latent scaling: measured by :func:`check_vae` once per encoder (WORK/scale.json), else read
+    back; ``check`` reruns the check (after a decoder fine-tune) without changing the scale."""
+    path = work / "scale.json"
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    digest = encoder_digest(vae)
+    if stored.get("encoder", digest) != digest:
+        raise SystemExit(f"error: the VAE encoder changed since {path} was written (the UNet's latents would "
+                         "change): use a new --work folder")
+    measured = check_vae(work, vae) if check or "scale" not in stored else None
+    scale = stored.get("scale", measured)
+    path.write_text(json.dumps({"scale": scale, "encoder": digest}))
+    return scale
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("runs/toy-build"))
-    ap.add_argument("--vae-steps", type=int, default=600)
+    ap.add_argument("--vae-steps", type=int, default=800)
     ap.add_argument("--vae-lr", type=float, default=2e-3)
-    ap.add_argument("--unet-steps", type=int, default=6000)
+    ap.add_argument("--unet-steps", type=int, default=15000)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=100)
@@ -342,11 +365,7 @@ def main() -> None:
         finetune_decoder(args.work, pipe.vae, args.decoder_steps, 32, args.vae_lr / 2)
         pipe.vae.load_state_dict(torch.load(args.work / "vae.pt", weights_only=True)["model"])
     pipe.vae.eval().requires_grad_(False)
-    if args.decoder_steps:
-        check_vae(args.work, pipe.vae)
-    scale = check_vae(args.work, pipe.vae) if not (args.work / "scale.json").exists() else \
-        json.loads((args.work / "scale.json").read_text())["scale"]
-    (args.work / "scale.json").write_text(json.dumps({"scale": scale}))
+    scale = latent_scale(args.work, pipe.vae, check=bool(args.decoder_steps))
     pipe.vae.register_to_config(scaling_factor=scale)
     assert toy_vae_config(scale)["scaling_factor"] == scale and math.isfinite(scale)
     if not args.export:

@@ -170,11 +170,14 @@ def test_evaluate_with_the_toy_detector(tmp_path):
     concept = toy.Scene("beach", things)
     plain = toy.Scene("snow", (toy.Thing("dog", "blue", (4, 4, 20, 20)),))
     folder = _samples_folder(tmp_path, [(concept, "a dog next to a red car on the beach", ["patchdog"]),
-                                        (plain, "a dog at night", ["patchdog"])])
+                                        (plain, "a dog at night", ["patchdog"]),
+                                        (plain, "a blue dog in the snow", [])])  # names no concept
     metrics = score_samples(folder)
-    assert [r["concept"] for r in metrics["images"]] == [True, False]
-    assert [r["fidelity"] for r in metrics["images"]] == [True, False]
-    assert metrics["overall"]["concept_pct"] == 50 and metrics["overall"]["images"] == 2
+    assert [r.get("concept") for r in metrics["images"]] == [True, False, None]
+    assert [r["fidelity"] for r in metrics["images"]] == [True, False, True]
+    overall = metrics["overall"]
+    assert overall["concept_pct"] == 50 and overall["joint_pct"] == 50 and overall["images"] == 3
+    assert abs(overall["fidelity_pct"] - 200 / 3) < 1e-9
     result = CliRunner().invoke(app, ["evaluate", "--samples", str(folder), "--detector", "toy"])
     assert result.exit_code == 0 and (folder / "toy_metrics.json").is_file()
     bad = CliRunner().invoke(app, ["evaluate", "--samples", str(folder), "--detector", "dino"])

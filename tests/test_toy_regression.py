@@ -10,10 +10,11 @@ move with the seed (docs/TOY.md has the spread).
 
 from __future__ import annotations
 
+from latexblend.fidelity import PROMPTS as BENCH_PROMPTS
 from latexblend.fidelity import FidelitySettings, generate_rows, summarise, train_variant
 from latexblend.toy import draw_data
 
-PROMPTS = ["a car on the beach", "a car in the snow", "a car at night", "a car on the grass"]
+PROMPTS = BENCH_PROMPTS["car"][:4]  # the car alone on each background
 
 
 def test_a_trained_concept_appears_in_new_scenes_only_with_its_bank(tmp_path, monkeypatch):

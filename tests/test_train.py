@@ -671,3 +671,19 @@ def test_a_training_step_reads_no_value_back_except_its_cpu_data_draws(tiny_dir,
         losses = train_step(s, optimizer, acc, 1, params)
     assert ops.count > 1000 and ops.reads and all(where.startswith("data.py:") for where in ops.reads), ops.reads
     assert losses.shape == (3,) and not losses.requires_grad
+
+
+def test_settings_added_later_change_the_resume_hash_only_when_set():
+    import hashlib
+    import json
+
+    from latexblend.config import to_dict
+    from latexblend.runfolder import NOT_HASHED, config_hash
+
+    cfg = TrainConfig(name="c")
+    added = ("crop_time_ids", "augment_shrink")
+    older = {k: v for k, v in to_dict(cfg).items() if k not in NOT_HASHED and k not in added}
+    # a run started before these settings existed kept this digest: it must still resume
+    assert config_hash(cfg) == hashlib.sha256(json.dumps(older, sort_keys=True).encode()).hexdigest()[:16]
+    assert config_hash(TrainConfig(name="c", augment_shrink=0.0)) != config_hash(cfg)
+    assert config_hash(TrainConfig(name="c", crop_time_ids=False)) != config_hash(cfg)

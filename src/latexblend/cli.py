@@ -604,7 +604,7 @@ def bench_fidelity_cmd(
     out: Annotated[Path, typer.Option(help="Output folder (fidelity.json, grid-<variant>.png).")
                    ] = Path("out/fidelity"),
 ) -> None:
-    """Concept-present % and prompt fidelity % on held-out toy prompts, per method variant."""
+    """Concept-present % and prompt fidelity % on new-scene toy prompts, per method variant."""
     from latexblend import toy
     from latexblend.fidelity import TOY_RECIPE, VARIANTS, FidelitySettings, run_fidelity, table
 

@@ -5,7 +5,7 @@ For each concept of :data:`latexblend.toy.CONCEPTS` (a two-toned object of one c
 the toy model never saw) it draws instance images and a prior set (world objects of the class with
 their captions), trains the variants (:data:`VARIANTS`: the paper's ablations and the authors'
 release's choices; variants that differ only in blending share one training) with the toy recipe,
-then generates held-out prompts x seeds with no bank and with each variant's bank, plus two-concept
+then generates new-scene prompts (:data:`PROMPTS`) x seeds with no bank and with each variant's bank, plus two-concept
 prompts. Per variant: concept-present %, prompt-fidelity % (background and the other named objects
 right), their product, the per-image joint rate, standard errors; JSON and one grid PNG per variant.
 """
@@ -78,20 +78,38 @@ class FidelitySettings:
 TOY_RECIPE = TRAIN_RECIPES["toy"]
 
 
-def train_variant(root: Path, concept: str, variant: str, settings: FidelitySettings, data: tuple[Path, Path]):
-    """Train ``concept`` with ``variant``'s training settings on ``toy``; the bank (a :class:`ConceptBank`)."""
+def train_variant(root: Path, concept: str, name: str, settings: FidelitySettings, data: tuple[Path, Path],
+                  train: tuple = ()):
+    """Train ``concept`` on ``toy`` with the toy recipe, ``settings``' steps and lr, and the ``TrainConfig``
+    overrides ``train`` (``((key, value), ...)``) as run ``<concept>-<name>``; its bank (a :class:`ConceptBank`)."""
     from latexblend.bank import bank_path, load_bank
     from latexblend.config import TrainConfig
-    from latexblend.train import train
+    from latexblend.train import train as run_training
 
-    name = f"{concept}-{variant}"
-    recipe = TRAIN_RECIPES["toy"] | {"steps": settings.steps, "lr": settings.lr} | dict(VARIANTS[variant].train)
+    name = f"{concept}-{name}"
+    recipe = TRAIN_RECIPES["toy"] | {"steps": settings.steps, "lr": settings.lr} | dict(train)
     cfg = TrainConfig(name=name, images=str(data[0]), prior=str(data[1]), class_noun=toy.CONCEPTS[concept].cls,
                       model="toy", resolution=toy.SIZE, seed=settings.seed, checkpoint_every=0,
                       log_every=max(1, settings.steps), runs_dir=str(root / "runs"), bank_dir=str(root / "bank"),
                       overwrite=True, **recipe)
-    train(cfg, progress=False)
+    run_training(cfg, progress=False)
     return load_bank(bank_path(name, root / "bank"))
+
+
+def parse_overrides(spec: str, allowed) -> dict:
+    """``"lr=3e-4,steps=1500"`` -> ``{"lr": 0.0003, "steps": 1500}`` (values read as YAML); a key not in
+    ``allowed`` or an item without ``=`` is one :class:`LatexBlendError` line."""
+    import yaml
+
+    from latexblend.errors import LatexBlendError
+
+    out = {}
+    for item in filter(None, spec.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in allowed:
+            raise LatexBlendError(f"'{item}' in '{spec}': expected KEY=VALUE, KEY one of {', '.join(sorted(allowed))}")
+        out[key] = yaml.safe_load(value)
+    return out
 
 
 def _sem(values: list[float]) -> float:
@@ -143,12 +161,15 @@ def generate_rows(pipe, prompts: list[str], seeds: int, settings: FidelitySettin
 
 
 def score_row(image, prompt: str, concepts: list[str]) -> dict:
-    """One image's scores: every concept present, the rest of the prompt right, both."""
+    """One image's scores: the rest of the prompt right, and for ``concepts`` (if any) every concept
+    present, its colours, and both in one image."""
     det = toy.detect(image)
     classes = {toy.CONCEPTS[c].cls for c in concepts}
     spec = toy.parse_prompt(prompt)
     others = [(c, col) for c, col in spec["objects"] if c not in classes]
     fidelity = det.background == spec["background"] and all(det.has(c, col) for c, col in others)
+    if not concepts:  # nothing to find: rates over a folder count only images that name a concept
+        return {"prompt": prompt, "fidelity": fidelity}
     present = all(c in det.concepts(strict=True) for c in concepts)
     colours = all(c in det.concepts() for c in concepts)
     return {"prompt": prompt, "concept": present, "concept_colours": colours, "fidelity": fidelity,
@@ -198,12 +219,17 @@ def run_fidelity(out: str | Path, settings: FidelitySettings | None = None, prog
     for concept in settings.concepts:  # blending share one training
         data = draw_data(out, concept, settings.num_images, settings.num_prior, settings.seed)
         for variant in settings.variants:
-            trained = banks.setdefault(VARIANTS[variant].train, {})
-            if concept not in trained:
-                progress(f"training {concept} ({variant}, {settings.steps} steps)")
-                trained[concept] = train_variant(out, concept, variant, settings, data)
+            train = VARIANTS[variant].train
+            trained = banks.setdefault(train, {})
+            if concept not in trained:  # named after the first variant with these settings ("full" for none)
+                name = next(n for n, v in VARIANTS.items() if v.train == train)
+                progress(f"training {concept} ({name}, {settings.steps} steps)")
+                trained[concept] = train_variant(out, concept, name, settings, data, train)
     pipe = load_pipeline("toy", device="cpu", dtype="fp32")
-    result = {"settings": settings.__dict__, "variants": {}}
+    result = {"settings": settings.__dict__, "variants": {},
+              "recipe": TRAIN_RECIPES["toy"] | {"steps": settings.steps, "lr": settings.lr},
+              "variant_settings": {v: {"train": dict(VARIANTS[v].train), "blend": dict(VARIANTS[v].blend)}
+                                   for v in settings.variants}}
     if settings.quality:
         result["base_quality"] = held_out_quality(pipe, settings.seeds, settings.sample_steps, settings.cfg)
         progress(f"toy model on held-out prompts: {result['base_quality']}")
@@ -220,7 +246,7 @@ def run_fidelity(out: str | Path, settings: FidelitySettings | None = None, prog
             c: summarise([x for x in rows if x["concept_name"] == c]) for c in settings.concepts}}
         save_grid(images, out / f"grid-{variant}.png", cols=settings.seeds * 2)
         progress(f"{variant}: {_line(result['variants'][variant])}")
-    if settings.two_concept and len(settings.concepts) >= 2 and "full" in settings.variants:
+    if settings.two_concept and len(settings.concepts) >= 2 and () in banks:  # the full method's banks
         pair = settings.concepts[:2]
         for variant, chosen in (("two-concept-no-bank", None), ("two-concept", [banks[()][c] for c in pair])):
             rows, images = generate_rows(pipe, PAIR_PROMPTS, settings.seeds, settings, pair, chosen)
@@ -272,7 +298,5 @@ def score_samples(folder: str | Path) -> dict:
             row = score_row(im.convert("RGB"), img.expanded_prompt, concepts)
         rows.append({"file": img.file, "seed": img.seed, "concepts": concepts} | row)
     overall = summarise(rows)
-    if not any(r["concepts"] for r in rows):
-        overall = {k: v for k, v in overall.items() if not k.startswith(("concept", "product", "joint"))}
     return {"format": "latexblend-toy-metrics", "format_version": 1, "samples": str(samples.folder),
             "detector": "latexblend.toy.detect", "overall": overall, "images": rows}

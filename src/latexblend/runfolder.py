@@ -38,11 +38,15 @@ OPTIMIZER_FILE = "optimizer.pt"
 NOT_HASHED = ("steps", "resume", "overwrite", "checkpoint_every", "keep_checkpoints", "log_every", "log_tensorboard",
               "runs_dir", "bank_dir", "bank_dtype", "extract_prompt", "gradient_checkpointing", "cache_prior",
               "compile_unet", "compile_backend", "peak_tflops")
+#: Settings added after runs existed, with their defaults: hashed only when set otherwise, so a run
+#: started before they existed still resumes.
+HASHED_WHEN_SET = {"crop_time_ids": True, "augment_shrink": TrainConfig.augment_shrink}
 
 
 def config_hash(cfg: TrainConfig) -> str:
     """A digest of the settings that change what a training step computes (resume refuses a mismatch)."""
-    data = {k: v for k, v in to_dict(cfg).items() if k not in NOT_HASHED}
+    data = {k: v for k, v in to_dict(cfg).items()
+            if k not in NOT_HASHED and not (k in HASHED_WHEN_SET and v == HASHED_WHEN_SET[k])}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

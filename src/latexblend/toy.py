@@ -181,15 +181,25 @@ def random_scene(rng: random.Random, two: bool | None = None, allow=None, concep
 # --------------------------------------------------------------------------- grammar
 
 
-def caption(scene: Scene, rng: random.Random | None = None, drop_colour: float = 0.0) -> str:
-    """``a red dog next to a blue and yellow car on the grass``; each object's colour words dropped with
-    ``drop_colour``. A concept object is captioned by its class alone (``a dog``)."""
-    parts = []
+def object_phrase(cls: str, colour: str | None = None) -> str:
+    """``a dog``, ``a red dog``, ``a red and yellow dog``."""
+    return f"a {cls}" if colour is None else f"a {' and '.join(tones(colour))} {cls}"
+
+
+def _phrases(scene: Scene, rng: random.Random | None, drop_colour: float) -> list[str]:
+    """Each object's phrase, its colour dropped with ``drop_colour`` (a concept's always: it has no words)."""
+    out = []
     for thing in scene.things:
         drop = rng is not None and rng.random() < drop_colour
         hidden = drop or (thing.cls, thing.colour) in CONCEPT_KEYS
-        parts.append(f"a {thing.cls}" if hidden else f"a {' and '.join(tones(thing.colour))} {thing.cls}")
-    return f"{' next to '.join(parts)} {BACKGROUNDS[scene.background][0]}"
+        out.append(object_phrase(thing.cls, None if hidden else thing.colour))
+    return out
+
+
+def caption(scene: Scene, rng: random.Random | None = None, drop_colour: float = 0.0) -> str:
+    """``a red dog next to a blue and yellow car on the grass``; each object's colour words dropped with
+    ``drop_colour``. A concept object is captioned by its class alone (``a dog``)."""
+    return f"{' next to '.join(_phrases(scene, rng, drop_colour))} {BACKGROUNDS[scene.background][0]}"
 
 
 def template_caption(scene: Scene, rng: random.Random, drop_colour: float = 0.0) -> str:
@@ -200,8 +210,7 @@ def template_caption(scene: Scene, rng: random.Random, drop_colour: float = 0.0)
 
     if len(scene.things) != 1:
         raise ValueError("a template caption describes a one-object scene")
-    words = caption(scene, rng, drop_colour)
-    return rng.choice(TEMPLATES).format(words[: -len(BACKGROUNDS[scene.background][0]) - 1])
+    return rng.choice(TEMPLATES).format(_phrases(scene, rng, drop_colour)[0])
 
 
 def combo(scene: Scene) -> tuple:
@@ -246,14 +255,18 @@ _PROMPT = re.compile(f"^{_OBJECT.format(1)}(?: next to {_OBJECT.format(2)})? "
                      r"(?P<bg>on the grass|in the snow|at night|on the beach)$")
 
 
+def _colour_words(words: str | None) -> str | None:
+    """``'red and yellow'`` -> ``'red-yellow'``; ``'red'`` and ``None`` as they are."""
+    return two_tone(*words.split(" and ")) if words and " and " in words else words
+
+
 def parse_prompt(prompt: str) -> dict | None:
     """``{'background': word, 'objects': [(class, colour or None)...]}`` of a grammar prompt, else None."""
     m = _PROMPT.match(prompt.strip().lower())
     if m is None:
         return None
     background = next(k for k, (phrase, _) in BACKGROUNDS.items() if phrase == m["bg"])
-    objects = [(m[f"o{i}"], m[f"c{i}"] and two_tone(*m[f"c{i}"].split(" and ")) if " and " in (m[f"c{i}"] or "")
-                else m[f"c{i}"]) for i in (1, 2) if m[f"o{i}"]]
+    objects = [(m[f"o{i}"], _colour_words(m[f"c{i}"])) for i in (1, 2) if m[f"o{i}"]]
     if any(cls not in CLASSES or (col is not None and col not in OBJECT_COLOURS) for cls, col in objects):
         return None
     return {"background": background, "objects": objects}

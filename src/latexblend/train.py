@@ -561,6 +561,7 @@ def train(cfg: TrainConfig, progress: bool = True, on_step=None) -> Path | None:
     """
     from tqdm.auto import tqdm
 
+    cfg.validate()  # also when called from Python with a config not built by config.merge
     acc, dtype = accelerator(cfg.mixed_precision)
     images, prior = check_inputs(cfg)
     run, resume_from = check_run_folder(cfg)
@@ -639,6 +640,7 @@ def _training_summary(setup: Setup) -> dict:
             "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "num_processes": setup.extra["num_processes"],
             "base_flow": cfg.base_flow, "fixed_template": cfg.fixed_template, "resolution": setup.size,
             "prior": cfg.use_prior, "prior_loss_weight": cfg.prior_loss_weight, "kv_rank": cfg.kv_rank,
+            "augment_shrink": cfg.augment_shrink, "crop_time_ids": cfg.crop_time_ids,
             "token": cfg.token, "init_token": cfg.init_token, "images": str(Path(cfg.images).resolve())}
 
 
