@@ -5,8 +5,8 @@
     python scripts/train_toy.py --work runs/toy-build --decoder-steps 1200 --unet-steps 18000   # after a world change:
         # delete WORK/data.pt; the decoder is fine-tuned alone (latents stay valid), the UNet continues
 
-The shipped model was built in stages as the world changed (docs/TOY.md has the history): a fresh
-run gives a comparable model, not the same bytes.
+The shipped model was built in stages as the world changed (docs/TOY.md has the history); a fresh
+run from scratch was not tried and would not give the same bytes.
 
 Resumable: checkpoints go to WORK every --ckpt-every steps and a rerun continues from the last one.
 The log (WORK/log.txt) holds losses, the VAE check (detector on reconstructions, concepts included)
