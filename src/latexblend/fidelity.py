@@ -83,15 +83,16 @@ def train_variant(root: Path, concept: str, name: str, settings: FidelitySetting
     """Train ``concept`` on ``toy`` with the toy recipe, ``settings``' steps and lr, and the ``TrainConfig``
     overrides ``train`` (``((key, value), ...)``) as run ``<concept>-<name>``; its bank (a :class:`ConceptBank`)."""
     from latexblend.bank import bank_path, load_bank
-    from latexblend.config import TrainConfig
+    from latexblend.config import TrainConfig, merge
     from latexblend.train import train as run_training
 
     name = f"{concept}-{name}"
-    recipe = TRAIN_RECIPES["toy"] | {"steps": settings.steps, "lr": settings.lr} | dict(train)
-    cfg = TrainConfig(name=name, images=str(data[0]), prior=str(data[1]), class_noun=toy.CONCEPTS[concept].cls,
-                      model="toy", resolution=toy.SIZE, seed=settings.seed, checkpoint_every=0,
-                      log_every=max(1, settings.steps), runs_dir=str(root / "runs"), bank_dir=str(root / "bank"),
-                      overwrite=True, **recipe)
+    fixed = dict(name=name, images=str(data[0]), prior=str(data[1]), class_noun=toy.CONCEPTS[concept].cls,
+                 model="toy", resolution=toy.SIZE, seed=settings.seed, checkpoint_every=0,
+                 log_every=max(1, settings.steps), runs_dir=str(root / "runs"), bank_dir=str(root / "bank"),
+                 overwrite=True)
+    recipe = {"steps": settings.steps, "lr": settings.lr} | dict(train)  # checked and coerced like --set
+    cfg = merge(TrainConfig, TRAIN_RECIPES["toy"], recipe, fixed, source="training setting")
     run_training(cfg, progress=False)
     return load_bank(bank_path(name, root / "bank"))
 
