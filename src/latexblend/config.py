@@ -351,21 +351,25 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
+def key_value(item: str, what: str = "--set") -> tuple[str, Any]:
+    """``"lr=1e-4"`` -> ``("lr", value read as YAML)``; no ``=``, no key or bad YAML is one error line
+    naming ``what``."""
+    import yaml
+
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise LatexBlendError(f"{what} takes KEY=VALUE, got '{item}'")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise LatexBlendError(f"{what} {item}: '{value}' is not a valid value ({str(err).splitlines()[0]})") from err
+
+
 def train_settings(concept: str | None, concepts_dir: str | Path, flags: dict[str, Any],
                    sets: list[str] | None = None) -> TrainConfig:
     """Defaults < ``<concepts_dir>/<concept>.yaml`` < ``--set key=value`` < explicit flags."""
-    import yaml
-
     layers: list[dict[str, Any]] = [concept_settings(concept, concepts_dir) if concept else {}]
-    extra: dict[str, Any] = {}
-    for item in sets or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise LatexBlendError(f"--set takes KEY=VALUE, got '{item}'")
-        try:
-            extra[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError as err:
-            raise LatexBlendError(f"--set {item}: '{value}' is not a valid value ({str(err).splitlines()[0]})") from err
+    extra = dict(key_value(item) for item in sets or [])
     model = next((layer["model"] for layer in (flags, extra, *layers[::-1]) if layer.get("model")), TrainConfig.model)
     return merge(TrainConfig, model_recipe(model), *layers, extra, flags, source="training setting")
 

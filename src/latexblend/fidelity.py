@@ -5,9 +5,10 @@ For each concept of :data:`latexblend.toy.CONCEPTS` (a two-toned object of one c
 the toy model never saw) it draws instance images and a prior set (world objects of the class with
 their captions), trains the variants (:data:`VARIANTS`: the paper's ablations and the authors'
 release's choices; variants that differ only in blending share one training) with the toy recipe,
-then generates new-scene prompts (:data:`PROMPTS`) x seeds with no bank and with each variant's bank, plus two-concept
-prompts. Per variant: concept-present %, prompt-fidelity % (background and the other named objects
-right), their product, the per-image joint rate, standard errors; JSON and one grid PNG per variant.
+then generates new-scene prompts (:data:`PROMPTS`) x seeds with no bank and with each variant's bank,
+plus two-concept prompts. Per variant: concept-present %, prompt-fidelity % (background and the other
+named objects right), their product, the per-image joint rate, standard errors; JSON and one grid PNG
+per variant.
 """
 
 from __future__ import annotations
@@ -78,6 +79,11 @@ class FidelitySettings:
 TOY_RECIPE = TRAIN_RECIPES["toy"]
 
 
+def toy_recipe(settings: FidelitySettings) -> dict:
+    """The toy recipe with ``settings``' steps and lr."""
+    return TRAIN_RECIPES["toy"] | {"steps": settings.steps, "lr": settings.lr}
+
+
 def train_variant(root: Path, concept: str, name: str, settings: FidelitySettings, data: tuple[Path, Path],
                   train: tuple = ()):
     """Train ``concept`` on ``toy`` with the toy recipe, ``settings``' steps and lr, and the ``TrainConfig``
@@ -91,25 +97,21 @@ def train_variant(root: Path, concept: str, name: str, settings: FidelitySetting
                  model="toy", resolution=toy.SIZE, seed=settings.seed, checkpoint_every=0,
                  log_every=max(1, settings.steps), runs_dir=str(root / "runs"), bank_dir=str(root / "bank"),
                  overwrite=True)
-    recipe = {"steps": settings.steps, "lr": settings.lr} | dict(train)  # checked and coerced like --set
-    cfg = merge(TrainConfig, TRAIN_RECIPES["toy"], recipe, fixed, source="training setting")
+    cfg = merge(TrainConfig, toy_recipe(settings), dict(train), fixed, source="training setting")  # as --set
     run_training(cfg, progress=False)
     return load_bank(bank_path(name, root / "bank"))
 
 
 def parse_overrides(spec: str, allowed) -> dict:
-    """``"lr=3e-4,steps=1500"`` -> ``{"lr": 0.0003, "steps": 1500}`` (values read as YAML); a key not in
-    ``allowed`` or an item without ``=`` is one :class:`LatexBlendError` line."""
-    import yaml
-
+    """``"lr=3e-4,steps=1500"`` -> ``{"lr": 0.0003, "steps": 1500}`` (values read as YAML, as ``--set``);
+    a key not in ``allowed`` or an item without ``=`` is one :class:`LatexBlendError` line."""
+    from latexblend.config import key_value
     from latexblend.errors import LatexBlendError
 
-    out = {}
-    for item in filter(None, spec.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep or key not in allowed:
-            raise LatexBlendError(f"'{item}' in '{spec}': expected KEY=VALUE, KEY one of {', '.join(sorted(allowed))}")
-        out[key] = yaml.safe_load(value)
+    out = dict(key_value(item, f"'{spec}':") for item in filter(None, spec.split(",")))
+    unknown = sorted(set(out) - set(allowed))
+    if unknown:
+        raise LatexBlendError(f"'{spec}': unknown key {unknown[0]} (known: {', '.join(sorted(allowed))})")
     return out
 
 
@@ -228,7 +230,7 @@ def run_fidelity(out: str | Path, settings: FidelitySettings | None = None, prog
                 trained[concept] = train_variant(out, concept, name, settings, data, train)
     pipe = load_pipeline("toy", device="cpu", dtype="fp32")
     result = {"settings": settings.__dict__, "variants": {},
-              "recipe": TRAIN_RECIPES["toy"] | {"steps": settings.steps, "lr": settings.lr},
+              "recipe": toy_recipe(settings),
               "variant_settings": {v: {"train": dict(VARIANTS[v].train), "blend": dict(VARIANTS[v].blend)}
                                    for v in settings.variants}}
     if settings.quality:
