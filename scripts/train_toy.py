@@ -4,6 +4,8 @@
     python scripts/train_toy.py --work runs/toy-build --export      # write assets/toy-*.safetensors now
     python scripts/train_toy.py --work runs/toy-build --decoder-steps 1200 --unet-steps 18000   # after a world change:
         # delete WORK/data.pt; the decoder is fine-tuned alone (latents stay valid), the UNet continues
+    python scripts/train_toy.py --work runs/toy-more --from-shipped --unet-steps 17100 --pad-swap 0.5 --lr 5e-4
+        # fine-tune the shipped model further in a new folder (a fresh optimizer, warmed up again)
 
 The shipped model was built in stages as the world changed (docs/TOY.md has the history); a fresh
 run from scratch was not tried and would not give the same bytes.
@@ -71,6 +73,9 @@ def train_vae(work: Path, vae, steps: int, batch: int, lr: float) -> None:
     if (work / "vae.pt").exists():
         state = torch.load(work / "vae.pt", weights_only=True)
         vae.load_state_dict(state["model"])
+        if state.get("shipped"):  # --from-shipped: the package's VAE, kept as it is
+            vae.eval()
+            return
         opt.load_state_dict(state["opt"])
         start = state["step"]
     rng = random.Random(start)
@@ -98,7 +103,7 @@ def finetune_decoder(work: Path, vae, steps: int, batch: int, lr: float) -> None
         return
     state = torch.load(work / "vae.pt", weights_only=True)
     start = state.get("decoder_step", 0)
-    if start >= steps:
+    if start >= steps or state.get("shipped"):
         return
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -203,7 +208,29 @@ def build_data(work: Path, pipe, n: int) -> dict:
 TEMPLATE_SHARE = 0.3  # one-object captions that are a template of the training pool, no background
 
 
-def sample_batch(data: dict, index: dict, rng: random.Random, batch: int, scale: float, drop: float = 0.1):
+def caption_lengths(pipe, captions: list[str]) -> torch.Tensor:
+    """Tokens of each caption with BOS and EOS: the rows from ``length - 1`` on are EOS and padding."""
+    return torch.tensor([len(ids) for ids in pipe.tokenizer(captions).input_ids])
+
+
+def swap_padding(emb: torch.Tensor, caps: list[int], data: dict, rng: random.Random, share: float) -> torch.Tensor:
+    """With probability ``share`` per sample, the EOS and padding rows of its caption's features become another
+    random caption's (aligned at the EOS). Those rows attend to the whole caption, so the model learns to
+    read what is drawn from the words' own rows: a concept's rows are then not outvoted by the padding of the
+    prompt they are blended into (docs/TOY.md)."""
+    lengths = data["lengths"]
+    for i, c in enumerate(caps):
+        if rng.random() >= share:
+            continue
+        other = rng.randrange(len(lengths))
+        start, src = int(lengths[c]) - 1, int(lengths[other]) - 1
+        rows = torch.clamp(torch.arange(src, src + emb.shape[1] - start), max=emb.shape[1] - 1)
+        emb[i, start:] = data["emb"][other, rows]
+    return emb
+
+
+def sample_batch(data: dict, index: dict, rng: random.Random, batch: int, scale: float, drop: float = 0.1,
+                 pad_swap: float = 0.0):
     ids = [rng.randrange(len(data["scenes"])) for _ in range(batch)]
     mom = data["moments"][ids]
     mean, logvar = mom.chunk(2, dim=1)
@@ -212,6 +239,8 @@ def sample_batch(data: dict, index: dict, rng: random.Random, batch: int, scale:
     caps = [index[toy.template_caption(s, rng, 0.25) if len(s.things) == 1 and rng.random() < TEMPLATE_SHARE
                   else toy.caption(s, rng, drop_colour=0.25)] for s in scenes]
     emb, pooled = data["emb"][caps].clone(), data["pooled"][caps].clone()
+    if pad_swap:
+        emb = swap_padding(emb, caps, data, rng, pad_swap)
     keep = torch.tensor([rng.random() >= drop for _ in ids], dtype=torch.float32)
     return lat, emb * keep[:, None, None], pooled * keep[:, None]
 
@@ -260,13 +289,15 @@ def train_unet(work: Path, pipe, data: dict, args) -> None:
     unet = pipe.unet
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
-    start = 0
+    start = warm_from = 0
     if (work / "unet.pt").exists():
         state = torch.load(work / "unet.pt", weights_only=True)
         unet.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
         start = state["step"]
+        if "opt" in state:  # else a folder seeded with --from-shipped: a fresh optimizer, warmed up again
+            opt.load_state_dict(state["opt"])
+        warm_from = state.get("warm_from", 0 if "opt" in state else start)
     index = {c: i for i, c in enumerate(data["captions"])}
     rng = random.Random(start + 1)
     torch.manual_seed(start + 1)
@@ -276,8 +307,8 @@ def train_unet(work: Path, pipe, data: dict, args) -> None:
     run_loss = None
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
-        lat, emb, pooled = sample_batch(data, index, rng, args.batch, data["scale"])
+            group["lr"] = args.lr * min(1.0, (step + 1 - warm_from) / args.warmup)
+        lat, emb, pooled = sample_batch(data, index, rng, args.batch, data["scale"], pad_swap=args.pad_swap)
         loss = unet_loss(pipe, sched, lat, emb, pooled)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -294,7 +325,7 @@ def train_unet(work: Path, pipe, data: dict, args) -> None:
             log(work, f"unet step {done} loss {run_loss:.4f}")
         if done % args.ckpt_every == 0 or done == args.unet_steps:
             save_ckpt(work, "unet.pt", {"model": unet.state_dict(), "ema": ema.state_dict(),
-                                        "opt": opt.state_dict(), "step": done})
+                                        "opt": opt.state_dict(), "step": done, "warm_from": warm_from})
         if args.eval_every and done % args.eval_every == 0:
             unet.eval()
             for name, net in (("ema", ema), ("raw", unet)):
@@ -317,6 +348,25 @@ def export(work: Path, pipe, scale: float, which: str = "ema") -> None:
             "size": toy.SIZE}
     (ASSETS / "toy.json").write_text(json.dumps(meta, indent=1))
     log(work, f"exported {which} weights at step {state['step']} to {ASSETS} (id {digest})")
+
+
+def seed_from_shipped(work: Path) -> None:
+    """Start WORK from the package's weights (the shipped VAE, its latent scale and the EMA UNet as both the
+    model and its EMA, at the shipped step), so the UNet can be fine-tuned further without the folder it
+    was built in. Refused when WORK already holds a model."""
+    from safetensors.torch import load_file
+
+    if any((work / name).exists() for name in ("vae.pt", "unet.pt", "scale.json")):
+        raise SystemExit(f"error: {work} already holds a model; --from-shipped needs an empty --work folder")
+    meta = json.loads((ASSETS / "toy.json").read_text())
+    vae_sd = {k: v.float() for k, v in load_file(ASSETS / "toy-vae.safetensors").items()}
+    unet_sd = {k: v.float() for k, v in load_file(ASSETS / "toy-unet.safetensors").items()}
+    pipe = build_toy_pipeline()
+    pipe.vae.load_state_dict(vae_sd)
+    save_ckpt(work, "vae.pt", {"model": vae_sd, "shipped": True})  # kept as shipped: the latents stay valid
+    (work / "scale.json").write_text(json.dumps({"scale": meta["scaling_factor"], "encoder": encoder_digest(pipe.vae)}))
+    save_ckpt(work, "unet.pt", {"model": unet_sd, "ema": unet_sd, "step": meta["unet_steps"]})
+    log(work, f"seeded from the shipped model {meta['id']} (UNet step {meta['unet_steps']})")
 
 
 def latent_scale(work: Path, vae, check: bool) -> float:
@@ -349,10 +399,16 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--decoder-steps", type=int, default=0,
                     help="fine-tune the VAE decoder alone to this many steps (after a concept change)")
+    ap.add_argument("--pad-swap", type=float, default=0.0,
+                    help="share of captions whose EOS and padding rows come from another caption")
+    ap.add_argument("--from-shipped", action="store_true",
+                    help="start an empty --work folder from the package's toy weights (then train on)")
     ap.add_argument("--export", action="store_true", help="only export the latest checkpoints")
     ap.add_argument("--weights", default="ema", choices=["ema", "model"])
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.from_shipped:
+        seed_from_shipped(args.work)
     torch.manual_seed(0)
     pipe = build_toy_pipeline()
     pipe.set_progress_bar_config(disable=True)
@@ -371,6 +427,7 @@ def main() -> None:
     if not args.export:
         data = build_data(args.work, pipe, args.data)
         data["scale"] = scale
+        data["lengths"] = caption_lengths(pipe, data["captions"])
         train_unet(args.work, pipe, data, args)
     export(args.work, pipe, scale, args.weights)
 
