@@ -200,3 +200,16 @@ def test_toy_model_folder_loads_with_stock_diffusers_and_draws_the_prompt(tmp_pa
     assert any(toy.score(im, "a red dog on the beach")["all"] for im in images)
     with pytest.raises(Exception, match="not empty"):
         save_toy_model(folder)
+
+
+def test_in_words_describes_only_the_concepts_bare_noun_phrase():
+    from latexblend.fidelity import in_words, score_row
+
+    assert in_words("a dog next to a red car in the snow", "patchdog") == \
+        "a red and yellow dog next to a red car in the snow"
+    assert in_words("a purple car next to a dog on the grass", "patchdog") == \
+        "a purple car next to a red and yellow dog on the grass"
+    assert in_words("a car at night", "stripecar") == "a blue and purple car at night"
+    scene = toy.Scene("night", (toy.Thing("car", "blue-purple", (4, 10, 25, 19)),))
+    row = score_row(toy.draw_scene(scene), in_words("a car at night", "stripecar"), ["stripecar"])
+    assert row["concept"] and row["fidelity"]

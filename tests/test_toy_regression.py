@@ -2,7 +2,7 @@
 (stripecar: a car, blue over purple) appears in new scenes only through its bank.
 
 Training seed 0 with the toy recipe (config.TRAIN_RECIPES["toy"]): on these 16 images the concept is
-present in 44% with its bank (its two colours on a car: 50%) and 0% without (colours: 6%).
+present in 100% with its bank (its two colours on a car: 100%) and 0% without (colours: 12%).
 The thresholds sit well below the measured rate with the bank and well above the rate without one, so
 a break anywhere in train / extract / blend on a trained model fails this test; the rates themselves
 move with the seed (docs/TOY.md has the spread).
@@ -29,6 +29,6 @@ def test_a_trained_concept_appears_in_new_scenes_only_with_its_bank(tmp_path, mo
     without = summarise(generate_rows(pipe, PROMPTS, settings.seeds, settings, ["stripecar"], None)[0])
     print(f"stripecar present: {with_bank['concept_pct']:.0f}% with the bank, {without['concept_pct']:.0f}% without; "
           f"colours {with_bank['concept_colours_pct']:.0f}% / {without['concept_colours_pct']:.0f}%")
-    assert with_bank["concept_pct"] >= 25 and with_bank["concept_colours_pct"] >= 30, with_bank  # measured 44 / 50
-    assert without["concept_pct"] <= 15 and without["concept_colours_pct"] <= 15, without  # measured 0 / 6
+    assert with_bank["concept_pct"] >= 60 and with_bank["concept_colours_pct"] >= 60, with_bank  # measured 100 / 100
+    assert without["concept_pct"] <= 15 and without["concept_colours_pct"] <= 25, without  # measured 0 / 12
     assert bank.class_noun == "car"

@@ -93,6 +93,22 @@ def test_augmentation_is_seeded_and_masks_the_pasted_object(concept_dir):
     assert all(float(s.mask.sum()) == 64 for s in never)  # shrink 0 (the toy recipe): always enlarge-and-crop
 
 
+def test_augmentation_without_enlarging_keeps_the_whole_image(concept_dir):
+    """``augment_enlarge`` False (the toy recipe): the image at full size, only flipped, loss everywhere."""
+    from latexblend.data import _square, _to_tensor
+
+    img = open_image(concept_dir / "0.png")
+    whole = _to_tensor(_square(img, 64))
+    flips = 0
+    for seed in range(12):
+        s = augment(img, 64, 8, torch.Generator().manual_seed(seed), shrink=0.0, enlarge=False)
+        flipped = torch.equal(s.pixels, whole.flip(-1))
+        assert flipped or torch.equal(s.pixels, whole)
+        flips += flipped
+        assert float(s.mask.sum()) == 64 and s.time_ids == (72, 80, 0, 0, 64, 64)
+    assert 0 < flips < 12
+
+
 def test_images_are_exif_rotated_rgb(tmp_path):
     img = Image.new("L", (40, 20), 128)
     exif = Image.Exif()
@@ -681,9 +697,10 @@ def test_settings_added_later_change_the_resume_hash_only_when_set():
     from latexblend.runfolder import NOT_HASHED, config_hash
 
     cfg = TrainConfig(name="c")
-    added = ("crop_time_ids", "augment_shrink")
+    added = ("crop_time_ids", "augment_shrink", "augment_enlarge")
     older = {k: v for k, v in to_dict(cfg).items() if k not in NOT_HASHED and k not in added}
     # a run started before these settings existed kept this digest: it must still resume
     assert config_hash(cfg) == hashlib.sha256(json.dumps(older, sort_keys=True).encode()).hexdigest()[:16]
     assert config_hash(TrainConfig(name="c", augment_shrink=0.0)) != config_hash(cfg)
     assert config_hash(TrainConfig(name="c", crop_time_ids=False)) != config_hash(cfg)
+    assert config_hash(TrainConfig(name="c", augment_enlarge=False)) != config_hash(cfg)

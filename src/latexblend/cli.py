@@ -593,9 +593,10 @@ def bench_train_cmd(
 def bench_fidelity_cmd(
     model: Annotated[str, typer.Option(help="Only 'toy' (its exact detectors score the images).")] = "toy",
     concepts: Annotated[str, typer.Option(help="Comma-separated toy concepts.")] = "patchdog,stripecar",
-    variants: Annotated[str, typer.Option(help="Method variants (no bank always runs): full, no-base-flow, "
-                                               "fixed-template, release-loss-weights, fixed-time-ids, "
-                                               "bind-always, no-bind.")] = "full,no-base-flow,fixed-template",
+    variants: Annotated[str, typer.Option(help="Method variants (no bank and the concept in words always "
+                                               "run): full, no-base-flow, fixed-template, release-loss-weights, "
+                                               "fixed-time-ids, bind-always, no-bind, enlarge.")
+                        ] = "full,no-base-flow,fixed-template",
     steps: Annotated[int | None, typer.Option(help="Training steps per concept [toy recipe].")] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate before batch scaling [toy recipe].")] = None,
     seeds: Annotated[int, typer.Option(help="Seeds per prompt.")] = 4,

@@ -232,6 +232,7 @@ class TrainConfig:
     prior_loss_weight: float = 1.0
     crop_time_ids: bool = True  # SDXL time ids carry each image's crop; False: (size, size, 0, 0, size, size)
     augment_shrink: float = SHRINK  # share of instance samples shrunk and pasted on a blank canvas (Custom Diffusion)
+    augment_enlarge: bool = True  # the other instance samples enlarged 1.2-1.4x and cropped; False: kept at full size
     seed: int = 42
     base_flow: bool = True
     fixed_template: bool = False
@@ -376,7 +377,8 @@ def train_settings(concept: str | None, concepts_dir: str | Path, flags: dict[st
 
 #: Training defaults per base model, between the dataclass defaults and YAML/flags. ``sdxl`` keeps the
 #: authors' recipe (the dataclass defaults); ``toy``'s was measured with ``latexblend bench fidelity``.
-TRAIN_RECIPES: dict[str, dict[str, Any]] = {"toy": {"steps": 1500, "lr": 3e-4, "augment_shrink": 0.0}}
+TRAIN_RECIPES: dict[str, dict[str, Any]] = {
+    "toy": {"steps": 1500, "lr": 3e-4, "augment_shrink": 0.0, "augment_enlarge": False}}
 
 
 def model_recipe(model: str) -> dict[str, Any]:

@@ -176,11 +176,13 @@ def _square(img: Image.Image, side: int) -> Image.Image:
 SHRINK = 2 / 3  # Custom Diffusion's share of shrink-and-paste augmentations
 
 
-def augment(img: Image.Image, size: int, factor: int, g: torch.Generator, shrink: float = SHRINK) -> Sample:
+def augment(img: Image.Image, size: int, factor: int, g: torch.Generator, shrink: float = SHRINK,
+            enlarge: bool = True) -> Sample:
     """Custom Diffusion's augmentation: random hflip; with probability ``shrink`` (2/3) shrink to a side
     in ``[size/3, size]`` and paste at a random place on a blank (mid-grey) canvas, the loss masked to
     the latent cells the object covers; otherwise enlarge to ``[1.2, 1.4] x size`` and random-crop (mask
-    all ones). ``factor`` is the VAE's downsampling (8)."""
+    all ones), or with ``enlarge`` False keep the image at ``size`` (hflip only). ``factor`` is the VAE's
+    downsampling (8)."""
     import torch
     from PIL import Image
 
@@ -200,6 +202,8 @@ def augment(img: Image.Image, size: int, factor: int, g: torch.Generator, shrink
             r0, r1, c0, c1 = top // factor, -(-(top + side) // factor), left // factor, -(-(left + side) // factor)
         mask[:, r0:r1, c0:c1] = 1.0
         return Sample(pixels, mask, (*orig, 0, 0, size, size))
+    if not enlarge:
+        return Sample(_to_tensor(_square(img, size)), mask + 1.0, (*orig, 0, 0, size, size))
     side = _randint(g, int(1.2 * size), int(1.4 * size))
     top, left = _randint(g, 0, side - size), _randint(g, 0, side - size)
     pixels = _to_tensor(_square(img, side))[:, top : top + size, left : left + size].contiguous()

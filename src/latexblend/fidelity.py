@@ -5,10 +5,10 @@ For each concept of :data:`latexblend.toy.CONCEPTS` (a two-toned object of one c
 the toy model never saw) it draws instance images and a prior set (world objects of the class with
 their captions), trains the variants (:data:`VARIANTS`: the paper's ablations and the authors'
 release's choices; variants that differ only in blending share one training) with the toy recipe,
-then generates new-scene prompts (:data:`PROMPTS`) x seeds with no bank and with each variant's bank,
-plus two-concept prompts. Per variant: concept-present %, prompt-fidelity % (background and the other
-named objects right), their product, the per-image joint rate, standard errors; JSON and one grid PNG
-per variant.
+then generates new-scene prompts (:data:`PROMPTS`) x seeds with no bank, with the concept described in
+words (no bank: a ceiling), and with each variant's bank, plus two-concept prompts. Per variant:
+concept-present %, prompt-fidelity % (background and the other named objects right), their product,
+the per-image joint rate, standard errors; JSON and one grid PNG per variant.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ VARIANTS = {
     "fixed-time-ids": Variant(train=(("crop_time_ids", False),)),
     "bind-always": Variant(blend=(("bind", "always"),)),  # the release binds before blend_start too
     "no-bind": Variant(blend=(("bind", False),)),
+    "enlarge": Variant(train=(("augment_enlarge", True),)),  # Custom Diffusion's 1.2-1.4x enlarge-and-crop
 }
 DEFAULT_VARIANTS = ["full", "no-base-flow", "fixed-template"]
 #: Prompts with the concept's class noun; the other objects and backgrounds vary (none is an instance prompt).
@@ -53,6 +54,10 @@ PROMPTS = {
             "a car next to a red dog in the snow", "a blue tree next to a car at night",
             "a car next to a yellow tree on the beach", "a purple dog next to a car on the grass"],
 }
+#: Reference rows with no bank: ``no-bank`` (the prompts as they are) and ``in-words`` (the concept's noun
+#: phrase replaced by its description, ``a car`` -> ``a blue and purple car``: what the toy model paints
+#: when it is told the concept's look, a ceiling for a bank on these prompts).
+REFERENCES = ("no-bank", "in-words")
 PAIR_PROMPTS = ["a dog next to a car on the beach", "a dog next to a car in the snow",
                 "a car next to a dog at night", "a car next to a dog on the grass"]
 
@@ -77,6 +82,12 @@ class FidelitySettings:
 
 #: Training recipe that learns on the toy model (measured with this benchmark; see docs/TOY.md).
 TOY_RECIPE = TRAIN_RECIPES["toy"]
+
+
+def in_words(prompt: str, concept: str) -> str:
+    """``prompt`` with the concept's bare noun phrase (``a car``) described in words (``a blue and purple car``)."""
+    style = toy.CONCEPTS[concept]
+    return prompt.replace(f"a {style.cls}", toy.object_phrase(style.cls, style.colour), 1)
 
 
 def toy_recipe(settings: FidelitySettings) -> dict:
@@ -236,13 +247,15 @@ def run_fidelity(out: str | Path, settings: FidelitySettings | None = None, prog
     if settings.quality:
         result["base_quality"] = held_out_quality(pipe, settings.seeds, settings.sample_steps, settings.cfg)
         progress(f"toy model on held-out prompts: {result['base_quality']}")
-    for variant in ["no-bank", *settings.variants]:
+    for variant in [*REFERENCES, *settings.variants]:
         rows, images = [], []
         spec = VARIANTS.get(variant, Variant())
         for concept in settings.concepts:
-            bank = None if variant == "no-bank" else [banks[spec.train][concept]]
-            r, ims = generate_rows(pipe, PROMPTS[toy.CONCEPTS[concept].cls], settings.seeds, settings, [concept], bank,
-                                   spec.blend)
+            prompts = PROMPTS[toy.CONCEPTS[concept].cls]
+            if variant == "in-words":
+                prompts = [in_words(p, concept) for p in prompts]
+            bank = None if variant in REFERENCES else [banks[spec.train][concept]]
+            r, ims = generate_rows(pipe, prompts, settings.seeds, settings, [concept], bank, spec.blend)
             rows += [x | {"concept_name": concept} for x in r]
             images += ims
         result["variants"][variant] = summarise(rows) | {"per_concept": {

@@ -40,7 +40,8 @@ NOT_HASHED = ("steps", "resume", "overwrite", "checkpoint_every", "keep_checkpoi
               "compile_unet", "compile_backend", "peak_tflops")
 #: Settings added after runs existed, with their defaults: hashed only when set otherwise, so a run
 #: started before they existed still resumes.
-HASHED_WHEN_SET = {"crop_time_ids": TrainConfig.crop_time_ids, "augment_shrink": TrainConfig.augment_shrink}
+HASHED_WHEN_SET = {"crop_time_ids": TrainConfig.crop_time_ids, "augment_shrink": TrainConfig.augment_shrink,
+                   "augment_enlarge": TrainConfig.augment_enlarge}
 
 
 def config_hash(cfg: TrainConfig) -> str:

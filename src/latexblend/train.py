@@ -322,7 +322,7 @@ def make_batch(setup: Setup, g: torch.Generator) -> Batch:
         image = draw(g, setup.images)
         prompts.append(draw(g, setup.templates).instance)
         replace.append(draw(g, setup.templates))
-        samples.append(augment(image, setup.size, factor, g, cfg.augment_shrink))
+        samples.append(augment(image, setup.size, factor, g, cfg.augment_shrink, cfg.augment_enlarge))
     moments, time_ids = [_vae_moments(setup, torch.stack([s.pixels for s in samples]))], [s.time_ids for s in samples]
     for _ in range(cfg.batch_size if setup.prior else 0):
         path, caption = draw(g, setup.prior)
@@ -640,7 +640,8 @@ def _training_summary(setup: Setup) -> dict:
             "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "num_processes": setup.extra["num_processes"],
             "base_flow": cfg.base_flow, "fixed_template": cfg.fixed_template, "resolution": setup.size,
             "prior": cfg.use_prior, "prior_loss_weight": cfg.prior_loss_weight, "kv_rank": cfg.kv_rank,
-            "augment_shrink": cfg.augment_shrink, "crop_time_ids": cfg.crop_time_ids,
+            "augment_shrink": cfg.augment_shrink, "augment_enlarge": cfg.augment_enlarge,
+            "crop_time_ids": cfg.crop_time_ids,
             "token": cfg.token, "init_token": cfg.init_token, "images": str(Path(cfg.images).resolve())}
 
 
