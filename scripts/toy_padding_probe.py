@@ -3,10 +3,12 @@
     python scripts/toy_padding_probe.py
 
 For 10 coloured one-object prompts x 4 seeds it generates with the prompt's text features as they are,
-then with rows swapped between the prompt and the same prompt without its colour words: the EOS and
-padding rows from the colourless prompt, and the reverse (only the padding coloured). Prints the share
-of images whose object has the asked-for colour. A blended concept replaces only its own rows, so a
-model that reads colour from the padding keeps drawing the prompt's plain object (docs/TOY.md).
+then with rows swapped between the prompt and the same prompt without its colour words, aligned at each
+prompt's EOS token: the EOS and padding rows from the colourless prompt, only the padding rows from it,
+and the reverse (the words colourless, only the padding coloured). The pooled embedding stays the
+coloured prompt's. Prints the share of images whose object has the asked-for colour. A blended
+concept replaces only its own rows, so a model that reads colour from the padding keeps drawing the
+prompt's plain object (docs/TOY.md).
 """
 
 from __future__ import annotations
@@ -25,6 +27,12 @@ PROMPTS = ["a red dog on the grass", "a blue car in the snow", "a yellow tree at
 COLOUR = re.compile(r"^a ((red|blue|yellow|purple)( and (red|blue|yellow|purple))? )")
 
 
+def splice(head: torch.Tensor, at: int, tail: torch.Tensor, src: int) -> torch.Tensor:
+    """``head``'s rows before ``at``, then ``tail``'s rows from ``src`` on (the last row repeated to 77 rows)."""
+    rows = torch.clamp(torch.arange(src, src + head.shape[1] - at), max=tail.shape[1] - 1)
+    return torch.cat([head[:, :at], tail[:, rows]], 1)
+
+
 def main() -> None:
     pipe = load_pipeline("toy", device="cpu", dtype="fp32")
     pipe.set_progress_bar_config(disable=True)
@@ -33,13 +41,13 @@ def main() -> None:
     for prompt in PROMPTS:
         cls, colour = toy.parse_prompt(prompt)["objects"][0]
         plain = COLOUR.sub("a ", prompt)
-        eos = len(pipe.tokenizer(prompt).input_ids) - 1  # position of the EOS token
+        eos, eos0 = (len(pipe.tokenizer(p).input_ids) - 1 for p in (prompt, plain))  # EOS positions
         emb, neg, pooled, neg_pooled = pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=4)
         emb0 = pipe.encode_prompt(plain, device="cpu", num_images_per_prompt=4)[0]
         swaps = {"as prompted": emb,
-                 "EOS + padding from the colourless prompt": torch.cat([emb[:, :eos], emb0[:, eos:]], 1),
-                 "padding from the colourless prompt": torch.cat([emb[:, :eos + 1], emb0[:, eos + 1:]], 1),
-                 "only the padding coloured": torch.cat([emb0[:, :eos + 1], emb[:, eos + 1:]], 1)}
+                 "EOS + padding from the colourless prompt": splice(emb, eos, emb0, eos0),
+                 "padding from the colourless prompt": splice(emb, eos + 1, emb0, eos0 + 1),
+                 "only the padding coloured": splice(emb0, eos0 + 1, emb, eos + 1)}
         for name, context in swaps.items():
             gens = [torch.Generator().manual_seed(j) for j in range(4)]
             images = pipe(prompt_embeds=context, negative_prompt_embeds=neg, pooled_prompt_embeds=pooled,

@@ -4,8 +4,9 @@
     python scripts/train_toy.py --work runs/toy-build --export      # write assets/toy-*.safetensors now
     python scripts/train_toy.py --work runs/toy-build --decoder-steps 1200 --unet-steps 18000   # after a world change:
         # delete WORK/data.pt; the decoder is fine-tuned alone (latents stay valid), the UNet continues
-    python scripts/train_toy.py --work runs/toy-more --from-shipped --unet-steps 17100 --pad-swap 0.5 --lr 5e-4
-        # fine-tune the shipped model further in a new folder (a fresh optimizer, warmed up again)
+    python scripts/train_toy.py --work runs/toy-more --from-shipped --unet-steps 21100 --pad-swap 0.8 --lr 5e-4
+        # fine-tune the shipped model further in a new folder (a fresh optimizer, warmed up again);
+        # rerun without --from-shipped to resume it
 
 The shipped model was built in stages as the world changed (docs/TOY.md has the history); a fresh
 run from scratch was not tried and would not give the same bytes.
@@ -103,7 +104,10 @@ def finetune_decoder(work: Path, vae, steps: int, batch: int, lr: float) -> None
         return
     state = torch.load(work / "vae.pt", weights_only=True)
     start = state.get("decoder_step", 0)
-    if start >= steps or state.get("shipped"):
+    if state.get("shipped"):
+        raise SystemExit("error: --decoder-steps: this folder's VAE is the shipped one, kept as it is (its UNet's "
+                         "latents depend on it)")
+    if start >= steps:
         return
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -350,22 +354,26 @@ def export(work: Path, pipe, scale: float, which: str = "ema") -> None:
     log(work, f"exported {which} weights at step {state['step']} to {ASSETS} (id {digest})")
 
 
-def seed_from_shipped(work: Path) -> None:
+def seed_from_shipped(work: Path, unet_steps: int) -> None:
     """Start WORK from the package's weights (the shipped VAE, its latent scale and the EMA UNet as both the
     model and its EMA, at the shipped step), so the UNet can be fine-tuned further without the folder it
-    was built in. Refused when WORK already holds a model."""
+    was built in. Refused when WORK already holds a model (``vae.pt``, written last) or when ``unet_steps``
+    would not train past the shipped step."""
     from safetensors.torch import load_file
 
-    if any((work / name).exists() for name in ("vae.pt", "unet.pt", "scale.json")):
-        raise SystemExit(f"error: {work} already holds a model; --from-shipped needs an empty --work folder")
+    if (work / "vae.pt").exists():
+        raise SystemExit(f"error: {work} already holds a model: drop --from-shipped to resume it, or use a new --work")
     meta = json.loads((ASSETS / "toy.json").read_text())
+    if unet_steps <= meta["unet_steps"]:
+        raise SystemExit(f"error: the shipped UNet is at step {meta['unet_steps']}: --unet-steps {unet_steps} "
+                         "would train nothing")
     vae_sd = {k: v.float() for k, v in load_file(ASSETS / "toy-vae.safetensors").items()}
     unet_sd = {k: v.float() for k, v in load_file(ASSETS / "toy-unet.safetensors").items()}
     pipe = build_toy_pipeline()
     pipe.vae.load_state_dict(vae_sd)
-    save_ckpt(work, "vae.pt", {"model": vae_sd, "shipped": True})  # kept as shipped: the latents stay valid
     (work / "scale.json").write_text(json.dumps({"scale": meta["scaling_factor"], "encoder": encoder_digest(pipe.vae)}))
     save_ckpt(work, "unet.pt", {"model": unet_sd, "ema": unet_sd, "step": meta["unet_steps"]})
+    save_ckpt(work, "vae.pt", {"model": vae_sd, "shipped": True})  # kept as shipped (the latents stay valid); last
     log(work, f"seeded from the shipped model {meta['id']} (UNet step {meta['unet_steps']})")
 
 
@@ -407,8 +415,12 @@ def main() -> None:
     ap.add_argument("--weights", default="ema", choices=["ema", "model"])
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    if not 0 <= args.pad_swap <= 1:
+        raise SystemExit(f"error: --pad-swap must be in [0, 1], got {args.pad_swap}")
     if args.from_shipped:
-        seed_from_shipped(args.work)
+        if args.decoder_steps:
+            raise SystemExit("error: --decoder-steps with --from-shipped: the shipped VAE is kept as it is")
+        seed_from_shipped(args.work, args.unet_steps)
     torch.manual_seed(0)
     pipe = build_toy_pipeline()
     pipe.set_progress_bar_config(disable=True)

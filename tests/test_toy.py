@@ -210,6 +210,8 @@ def test_in_words_describes_only_the_concepts_bare_noun_phrase():
     assert in_words("a purple car next to a dog on the grass", "patchdog") == \
         "a purple car next to a red and yellow dog on the grass"
     assert in_words("a car at night", "stripecar") == "a blue and purple car at night"
+    with pytest.raises(ValueError, match="no bare 'a car'"):
+        in_words("a red car at night", "stripecar")
     scene = toy.Scene("night", (toy.Thing("car", "blue-purple", (4, 10, 25, 19)),))
     row = score_row(toy.draw_scene(scene), in_words("a car at night", "stripecar"), ["stripecar"])
     assert row["concept"] and row["fidelity"]

@@ -6,7 +6,7 @@ the toy model never saw) it draws instance images and a prior set (world objects
 their captions), trains the variants (:data:`VARIANTS`: the paper's ablations and the authors'
 release's choices; variants that differ only in blending share one training) with the toy recipe,
 then generates new-scene prompts (:data:`PROMPTS`) x seeds with no bank, with the concept described in
-words (no bank: a ceiling), and with each variant's bank, plus two-concept prompts. Per variant:
+words (no bank: a reference), and with each variant's bank, plus two-concept prompts. Per variant:
 concept-present %, prompt-fidelity % (background and the other named objects right), their product,
 the per-image joint rate, standard errors; JSON and one grid PNG per variant.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +57,7 @@ PROMPTS = {
 }
 #: Reference rows with no bank: ``no-bank`` (the prompts as they are) and ``in-words`` (the concept's noun
 #: phrase replaced by its description, ``a car`` -> ``a blue and purple car``: what the toy model paints
-#: when it is told the concept's look, a ceiling for a bank on these prompts).
+#: when it is told the concept's look, a reference for a bank on these prompts).
 REFERENCES = ("no-bank", "in-words")
 PAIR_PROMPTS = ["a dog next to a car on the beach", "a dog next to a car in the snow",
                 "a car next to a dog at night", "a car next to a dog on the grass"]
@@ -87,7 +88,9 @@ TOY_RECIPE = TRAIN_RECIPES["toy"]
 def in_words(prompt: str, concept: str) -> str:
     """``prompt`` with the concept's bare noun phrase (``a car``) described in words (``a blue and purple car``)."""
     style = toy.CONCEPTS[concept]
-    return prompt.replace(f"a {style.cls}", toy.object_phrase(style.cls, style.colour), 1)
+    if not re.search(rf"\ba {style.cls}\b", prompt):
+        raise ValueError(f"prompt '{prompt}' has no bare 'a {style.cls}' to describe")
+    return re.sub(rf"\ba {style.cls}\b", toy.object_phrase(style.cls, style.colour), prompt, count=1)
 
 
 def toy_recipe(settings: FidelitySettings) -> dict:
