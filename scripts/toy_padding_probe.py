@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 
 import torch
+from train_toy import splice  # scripts/ is on the path when this script runs
 
 from latexblend import toy
 from latexblend.models import load_pipeline
@@ -25,12 +26,6 @@ PROMPTS = ["a red dog on the grass", "a blue car in the snow", "a yellow tree at
            "a yellow and purple dog in the snow", "a red and blue car on the beach",
            "a blue and purple car on the beach", "a red and yellow dog in the snow"]
 COLOUR = re.compile(r"^a ((red|blue|yellow|purple)( and (red|blue|yellow|purple))? )")
-
-
-def splice(head: torch.Tensor, at: int, tail: torch.Tensor, src: int) -> torch.Tensor:
-    """``head``'s rows before ``at``, then ``tail``'s rows from ``src`` on (the last row repeated to 77 rows)."""
-    rows = torch.clamp(torch.arange(src, src + head.shape[1] - at), max=tail.shape[1] - 1)
-    return torch.cat([head[:, :at], tail[:, rows]], 1)
 
 
 def main() -> None:

@@ -217,6 +217,13 @@ def caption_lengths(pipe, captions: list[str]) -> torch.Tensor:
     return torch.tensor([len(ids) for ids in pipe.tokenizer(captions).input_ids])
 
 
+def splice(head: torch.Tensor, at: int, tail: torch.Tensor, src: int) -> torch.Tensor:
+    """Text features [..., 77, D]: ``head``'s rows before ``at``, then ``tail``'s rows from ``src`` on (its
+    last row repeated to fill 77): two captions' features joined at their EOS tokens."""
+    rows = torch.clamp(torch.arange(src, src + head.shape[-2] - at), max=tail.shape[-2] - 1)
+    return torch.cat([head[..., :at, :], tail[..., rows, :]], -2)
+
+
 def swap_padding(emb: torch.Tensor, caps: list[int], data: dict, rng: random.Random, share: float) -> torch.Tensor:
     """With probability ``share`` per sample, the EOS and padding rows of its caption's features become another
     random caption's (aligned at the EOS). Those rows attend to the whole caption, so the model learns to
@@ -227,9 +234,7 @@ def swap_padding(emb: torch.Tensor, caps: list[int], data: dict, rng: random.Ran
         if rng.random() >= share:
             continue
         other = rng.randrange(len(lengths))
-        start, src = int(lengths[c]) - 1, int(lengths[other]) - 1
-        rows = torch.clamp(torch.arange(src, src + emb.shape[1] - start), max=emb.shape[1] - 1)
-        emb[i, start:] = data["emb"][other, rows]
+        emb[i] = splice(emb[i], int(lengths[c]) - 1, data["emb"][other], int(lengths[other]) - 1)
     return emb
 
 
@@ -367,6 +372,7 @@ def seed_from_shipped(work: Path, unet_steps: int) -> None:
     if unet_steps <= meta["unet_steps"]:
         raise SystemExit(f"error: the shipped UNet is at step {meta['unet_steps']}: --unet-steps {unet_steps} "
                          "would train nothing")
+    work.mkdir(parents=True, exist_ok=True)
     vae_sd = {k: v.float() for k, v in load_file(ASSETS / "toy-vae.safetensors").items()}
     unet_sd = {k: v.float() for k, v in load_file(ASSETS / "toy-unet.safetensors").items()}
     pipe = build_toy_pipeline()
@@ -414,13 +420,13 @@ def main() -> None:
     ap.add_argument("--export", action="store_true", help="only export the latest checkpoints")
     ap.add_argument("--weights", default="ema", choices=["ema", "model"])
     args = ap.parse_args()
-    args.work.mkdir(parents=True, exist_ok=True)
     if not 0 <= args.pad_swap <= 1:
         raise SystemExit(f"error: --pad-swap must be in [0, 1], got {args.pad_swap}")
     if args.from_shipped:
         if args.decoder_steps:
             raise SystemExit("error: --decoder-steps with --from-shipped: the shipped VAE is kept as it is")
         seed_from_shipped(args.work, args.unet_steps)
+    args.work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     pipe = build_toy_pipeline()
     pipe.set_progress_bar_config(disable=True)

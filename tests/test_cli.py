@@ -48,7 +48,6 @@ def test_bench_fidelity_help_names_every_variant():
     """The help lists the variants by hand (the CLI does not import the benchmark for --help)."""
     import typer
 
-    from latexblend.cli import app
     from latexblend.fidelity import VARIANTS
 
     bench = typer.main.get_command(app).commands["bench"]

@@ -88,9 +88,10 @@ TOY_RECIPE = TRAIN_RECIPES["toy"]
 def in_words(prompt: str, concept: str) -> str:
     """``prompt`` with the concept's bare noun phrase (``a car``) described in words (``a blue and purple car``)."""
     style = toy.CONCEPTS[concept]
-    if not re.search(rf"\ba {style.cls}\b", prompt):
+    described, found = re.subn(rf"\ba {style.cls}\b", toy.object_phrase(style.cls, style.colour), prompt, count=1)
+    if not found:
         raise ValueError(f"prompt '{prompt}' has no bare 'a {style.cls}' to describe")
-    return re.sub(rf"\ba {style.cls}\b", toy.object_phrase(style.cls, style.colour), prompt, count=1)
+    return described
 
 
 def toy_recipe(settings: FidelitySettings) -> dict:
