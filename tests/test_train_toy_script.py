@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import random
-from pathlib import Path
 
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_toy.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("train_toy", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_script
 
 
 def test_swap_padding_moves_only_eos_and_padding_rows_aligned_at_the_eos():
-    script = _script()
+    script = load_script("train_toy")
     emb = torch.arange(3 * 77, dtype=torch.float32).reshape(3, 77, 1)  # caption i, row r -> 77 i + r
     data = {"emb": emb, "lengths": torch.tensor([5, 9, 3])}  # EOS rows at 4, 8 and 2
     rng = random.Random(0)
