@@ -76,12 +76,14 @@ def run(banks: dict[str, ConceptBank], seeds: int, key_mix: list[float]) -> None
             for prompt in fidelity.PROMPTS[toy.CONCEPTS[concept].cls]:
                 rows += fidelity.generate_rows(pipe, [prompt], seeds, settings, [concept],
                                                [key_mixed(pipe, bank, prompt, mix)])[0]
-        parts = {"all": rows, "one object": [r for r in rows if "next to" not in r["prompt"]],
-                 "two objects": [r for r in rows if "next to" in r["prompt"]]}
-        print(f"key mix {mix:g}: " + "; ".join(
-            f"{name} present {100 * sum(r['concept'] for r in part) / len(part):.0f}% fidelity "
-            f"{100 * sum(r['fidelity'] for r in part) / len(part):.0f}%" for name, part in parts.items())
-            + f" ({len(rows)} images)", flush=True)
+        pair = [len(toy.parse_prompt(r["prompt"])["objects"]) == 2 for r in rows]
+        parts = {"all": rows, "one object": [r for r, p in zip(rows, pair, strict=True) if not p],
+                 "two objects": [r for r, p in zip(rows, pair, strict=True) if p]}
+        lines = []
+        for name, part in parts.items():
+            s = fidelity.summarise(part)
+            lines.append(f"{name} present {s['concept_pct']:.0f}% fidelity {s['fidelity_pct']:.0f}%")
+        print(f"key mix {mix:g}: {'; '.join(lines)} ({len(rows)} images)", flush=True)
 
 
 if __name__ == "__main__":
