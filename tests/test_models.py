@@ -119,3 +119,24 @@ def test_save_tiny_model_refuses_nonempty_folder(tmp_path):
 
 def test_tiny_cache_marker(tiny_dir):
     assert json.loads((tiny_dir / "latexblend_tiny.json").read_text())["version"] == 1
+
+
+def test_model_cache_accepts_a_folder_another_process_built_first(tmp_path, monkeypatch):
+    # Two commands started together (the demo trains two concepts at once) both find no cached model
+    # and build it; the one that finishes second finds the folder complete and uses it.
+    from latexblend import models
+
+    monkeypatch.setattr(models, "cache_home", lambda: tmp_path)
+
+    def built_by_someone_else(path):
+        path.mkdir()
+        (path / "model_index.json").write_text("{}")
+        raise LatexBlendError(f"{path} exists and is not empty; choose a new folder")
+
+    assert models.cached_model_dir("m", built_by_someone_else) == tmp_path / "m"
+
+    def fails(path):
+        raise LatexBlendError("disk full")
+
+    with pytest.raises(LatexBlendError, match="disk full"):
+        models.cached_model_dir("n", fails)

@@ -193,9 +193,10 @@ def cached_model_dir(name: str, save) -> Path:
         shutil.rmtree(path, ignore_errors=True)
         try:
             save(path)
-        except FileExistsError:  # pragma: no cover - another process built it first
-            pass
-        except OSError as err:
+        except LatexBlendError:  # "exists and is not empty": another process may have built it meanwhile
+            if not (path / "model_index.json").exists():
+                raise
+        except OSError as err:  # the same, caught at the final rename
             if not (path / "model_index.json").exists():
                 raise LatexBlendError(f"cannot build the model in {path}: {err}") from err
     return path
