@@ -28,26 +28,28 @@ python -m latexblend.toy "$W" --concept patchdog --num 8 --prior 32
 python -m latexblend.toy "$W" --concept stripecar --num 8 --prior 32
 
 # The toy model is too small to use two cores in one process (one training runs as fast on one thread
-# as on two), so the two concepts train at the same time, each on its share of the cores.
-threads=$(( $(nproc) / 2 )); [ "$threads" -ge 1 ] || threads=1
-train() {
-  OMP_NUM_THREADS=$threads latexblend train --images "$W/data/$1" --class-noun "$2" --name "$1" --model toy \
-    --prior "$W/data/prior-$2" ${steps[@]+"${steps[@]}"} --checkpoint-every 0 --runs-dir "$W/runs" \
-    --bank-dir "$W/concept_bank" --overwrite
+# as on two), so the two concepts train at the same time, each on half the cores.
+cores=$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)
+threads=$(( cores / 2 )); [ "$threads" -ge 1 ] || threads=1
+train() {  # exec: the background job's PID is the training itself, so the trap below can stop it
+  OMP_NUM_THREADS=$threads exec latexblend train --images "$W/data/$1" --class-noun "$2" --name "$1" \
+    --model toy --prior "$W/data/prior-$2" ${steps[@]+"${steps[@]}"} --checkpoint-every 0 \
+    --runs-dir "$W/runs" --bank-dir "$W/concept_bank" --overwrite
 }
 echo "== 2/4 training both concepts at once on the toy model, $threads thread(s) each (each writes its bank;"
 echo "   stripecar's log: $W/train-stripecar.log)"
-mkdir -p "$W"
 train stripecar car > "$W/train-stripecar.log" 2>&1 &
 other=$!
-trap 'kill "$other" 2>/dev/null || true' EXIT
-train patchdog dog
-if ! wait "$other"; then
+trap 'kill "$other" 2>/dev/null || true' EXIT  # patchdog failed: stop stripecar too
+(train patchdog dog)
+rc=0
+wait "$other" || rc=$?
+trap - EXIT
+if [ "$rc" -ne 0 ]; then
   echo "error: training stripecar failed; the end of $W/train-stripecar.log:" >&2
-  tail -n 5 "$W/train-stripecar.log" | tr '\r' '\n' | tail -n 5 >&2
+  tr '\r' '\n' < "$W/train-stripecar.log" | grep -v '^[[:space:]]*$' | tail -n 5 >&2
   exit 1
 fi
-trap - EXIT
 tail -n 1 "$W/train-stripecar.log"
 latexblend bank ls --dir "$W/concept_bank"
 

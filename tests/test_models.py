@@ -121,22 +121,35 @@ def test_tiny_cache_marker(tiny_dir):
     assert json.loads((tiny_dir / "latexblend_tiny.json").read_text())["version"] == 1
 
 
-def test_model_cache_accepts_a_folder_another_process_built_first(tmp_path, monkeypatch):
-    # Two commands started together (the demo trains two concepts at once) both find no cached model
-    # and build it; the one that finishes second finds the folder complete and uses it.
+def test_model_cache_is_built_once_when_two_commands_start_together(tmp_path, monkeypatch):
+    # The demo trains two concepts at once: both find no cached model; one builds it while the other
+    # waits for it (before the lock the second could delete the first one's finished folder).
+    import threading
+    import time
+
     from latexblend import models
 
     monkeypatch.setattr(models, "cache_home", lambda: tmp_path)
+    builds = []
 
-    def built_by_someone_else(path):
+    def save(path):
+        builds.append(path)
+        time.sleep(0.3)
         path.mkdir()
         (path / "model_index.json").write_text("{}")
-        raise LatexBlendError(f"{path} exists and is not empty; choose a new folder")
 
-    assert models.cached_model_dir("m", built_by_someone_else) == tmp_path / "m"
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(models.cached_model_dir("m", save))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == [tmp_path / "m"] * 2
+    assert len(builds) == 1
+    assert (tmp_path / "m" / "model_index.json").exists()
 
     def fails(path):
-        raise LatexBlendError("disk full")
+        raise OSError("No space left on device")
 
-    with pytest.raises(LatexBlendError, match="disk full"):
+    with pytest.raises(LatexBlendError, match="cannot build the model in .*No space left"):
         models.cached_model_dir("n", fails)

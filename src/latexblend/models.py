@@ -187,18 +187,22 @@ def cache_home() -> Path:
 
 
 def cached_model_dir(name: str, save) -> Path:
-    """``cache_home()/name``, written by ``save(path)`` on first use."""
+    """``cache_home()/name``, written by ``save(path)`` on first use. Processes that start together (the
+    demo trains two concepts at once) take turns on a lock file: one builds, the others wait and use it."""
+    import fcntl
+
     path = cache_home() / name
-    if not (path / "model_index.json").exists():
-        shutil.rmtree(path, ignore_errors=True)
-        try:
-            save(path)
-        except LatexBlendError:  # "exists and is not empty": another process may have built it meanwhile
+    if (path / "model_index.json").exists():
+        return path
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.parent / f".{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
             if not (path / "model_index.json").exists():
-                raise
-        except OSError as err:  # the same, caught at the final rename
-            if not (path / "model_index.json").exists():
-                raise LatexBlendError(f"cannot build the model in {path}: {err}") from err
+                shutil.rmtree(path, ignore_errors=True)  # a build that was cut short
+                save(path)
+    except OSError as err:
+        raise LatexBlendError(f"cannot build the model in {path}: {err}") from err
     return path
 
 
