@@ -189,15 +189,18 @@ def cache_home() -> Path:
 def cached_model_dir(name: str, save) -> Path:
     """``cache_home()/name``, written by ``save(path)`` on first use. Processes that start together (the
     demo trains two concepts at once) take turns on a lock file: one builds, the others wait and use it."""
-    import fcntl
-
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no lock (each build is still all or nothing)
+        fcntl = None
     path = cache_home() / name
     if (path / "model_index.json").exists():
         return path
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path.parent / f".{name}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX)
             if not (path / "model_index.json").exists():
                 shutil.rmtree(path, ignore_errors=True)  # a build that was cut short
                 save(path)
