@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from latexblend import fidelity, toy
-from latexblend.attention import project_kv
 from latexblend.bank import ConceptBank, load_bank
 from latexblend.errors import LatexBlendError
+from latexblend.extract import kv_rows
 from latexblend.models import attn2_modules, load_pipeline
 from latexblend.tokens import locate_spans
 
@@ -35,11 +35,9 @@ def key_mixed(pipe, bank: ConceptBank, prompt: str, mix: float) -> ConceptBank:
     rows at the concept's span in ``prompt`` (V rows unchanged)."""
     text, (span,) = locate_spans(pipe.tokenizer, prompt, [(bank.name, bank.class_noun, bank.noun_ids)])
     context = pipe.encode_prompt(text, device=pipe.device, do_classifier_free_guidance=False)[0]
-    keys = {}
-    for layer, attn in attn2_modules(pipe.unet).items():
-        own = project_kv(attn, context)[0][0, span.start : span.stop]
-        keys[layer] = own + mix * (bank.k[layer].to(own) - own)
-    return dataclasses.replace(bank, k=keys)
+    weights = {layer: (attn.to_k.weight, attn.to_v.weight) for layer, attn in attn2_modules(pipe.unet).items()}
+    own = kv_rows(context[0], weights, span)[0]  # the rows extraction takes, from the plain prompt
+    return dataclasses.replace(bank, k={layer: k + mix * (bank.k[layer].to(k) - k) for layer, k in own.items()})
 
 
 def mixes(spec: str) -> list[float]:
