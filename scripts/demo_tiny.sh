@@ -22,8 +22,8 @@ export LATEXBLEND_BANK="$W/concept_bank"
 export HF_HUB_OFFLINE=1
 
 echo "== 1/4 drawing concept images"
-python -m latexblend.synthetic "$W/data/corgi" --style disc --num 5 --seed 0
-python -m latexblend.synthetic "$W/data/castle" --style towers --num 5 --seed 1
+python -m latexblend.toy.synthetic "$W/data/corgi" --style disc --num 5 --seed 0
+python -m latexblend.toy.synthetic "$W/data/castle" --style towers --num 5 --seed 1
 
 echo "== 2/4 prior images from the base model"
 latexblend prior --class-noun dog --num "$PRIOR" --model tiny --out "$W/reg_data/dog" --steps 20

@@ -6,7 +6,7 @@
 #   bash scripts/device_check.sh --model tiny    # the same commands at toy sizes (a CPU rehearsal, ~1-2 min)
 #
 # Results go to $OUT/device_check when $OUT is set (the device tool's output folder), else ./device_check.
-# Needs no installed latexblend: it runs `python -m latexblend` from src/. Python packages missing on the
+# Needs no installed latexblend: it runs `python -m benchmarks` with src/ on the path. Python packages missing on the
 # machine (diffusers on the lent GPU box) are installed from .whl/ when that folder holds wheels
 # (scripts/device_wheels.sh fills it). Each step has its own time limit; a failed or timed-out step is
 # recorded in summary.txt and the next one runs. Steps run in order of importance.
@@ -51,7 +51,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to NAME.log
   local rc=$?
   summary "$name: rc=$rc, $((SECONDS - t0)) s (limit $limit s), at $((SECONDS - START)) s"
 }
-LB=("$PY" -m latexblend)
+BENCH=("$PY" -m benchmarks)
 
 : > "$DEST/summary.txt"
 summary "model=$MODEL, started $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
@@ -60,16 +60,16 @@ import torch, platform; print('python', platform.python_version(), 'torch', torc
 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor())"
 } > "$DEST/env.txt" 2>&1
 
-step train 140 "${LB[@]}" bench train --model "$MODEL" "${TRAIN[@]}" --out "$DEST/bench_train.json"
-step train_profile 90 "$PY" scripts/train_profile.py --model "$MODEL" "${PROFILE[@]}" --out "$DEST/train_profile"
-step modes 150 "${LB[@]}" bench modes --model "$MODEL" "${MODES[@]}" --concepts 2 --profile "$DEST/modes_profile" \
+step train 140 "${BENCH[@]}" train --model "$MODEL" "${TRAIN[@]}" --out "$DEST/bench_train.json"
+step train_profile 90 "$PY" -m benchmarks.train_profile --model "$MODEL" "${PROFILE[@]}" --out "$DEST/train_profile"
+step modes 150 "${BENCH[@]}" modes --model "$MODEL" "${MODES[@]}" --concepts 2 --profile "$DEST/modes_profile" \
   --out "$DEST/bench_modes.json"
-step generate 100 "${LB[@]}" bench generate --model "$MODEL" "${GEN[@]}" --concepts 0,1,8 --out "$DEST/bench_generate.json"
-step extract 60 "${LB[@]}" bench extract --model "$MODEL" --out "$DEST/bench_extract.json"
-step train_batch4 80 "${LB[@]}" bench train --model "$MODEL" "${BIG[@]}" --checkpointing off --out "$DEST/bench_train_batch.json"
+step generate 100 "${BENCH[@]}" generate --model "$MODEL" "${GEN[@]}" --concepts 0,1,8 --out "$DEST/bench_generate.json"
+step extract 60 "${BENCH[@]}" extract --model "$MODEL" --out "$DEST/bench_extract.json"
+step train_batch4 80 "${BENCH[@]}" train --model "$MODEL" "${BIG[@]}" --checkpointing off --out "$DEST/bench_train_batch.json"
 LEFT=$((470 - (SECONDS - START)))  # the compiled run takes what is left of the 8 minutes
 if [ "$LEFT" -gt 60 ]; then
-  step train_compiled "$(( LEFT < LIMIT ? LEFT : LIMIT ))" "${LB[@]}" bench train --model "$MODEL" "${COMPILE[@]}" \
+  step train_compiled "$(( LEFT < LIMIT ? LEFT : LIMIT ))" "${BENCH[@]}" train --model "$MODEL" "${COMPILE[@]}" \
     --compile-unet --checkpointing off --out "$DEST/bench_train_compiled.json"
 else
   summary "train_compiled: skipped, $LEFT s left"

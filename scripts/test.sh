@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/setup_env.sh
 . scripts/setup_env.sh "[test]"
 echo "== ruff"
-ruff check src tests scripts
+ruff check src tests scripts benchmarks
 echo "== pytest"
 export HF_HUB_OFFLINE=1
 python -m pytest "$@"

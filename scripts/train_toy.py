@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from latexblend import toy
-from latexblend.toymodel import ASSETS, build_toy_pipeline, toy_vae_config
+from latexblend.toy import detect
+from latexblend.toy import world as toy
+from latexblend.toy.model import ASSETS, build_toy_pipeline, toy_vae_config
 
 
 def log(work: Path, text: str) -> None:
@@ -137,7 +138,7 @@ def check_vae(work: Path, vae, n: int = 200) -> float:
     rec = to_images(vae.decode(mean).sample)
     world, conc = [], []
     for s, im in zip(scenes, rec, strict=True):
-        d = toy.detect(im)
+        d = detect.detect(im)
         concept = toy.CONCEPT_KEYS.get((s.things[0].cls, s.things[0].colour))
         if concept:
             conc.append(concept in d.concepts(strict=True))
@@ -153,7 +154,7 @@ def check_vae(work: Path, vae, n: int = 200) -> float:
 def all_captions() -> list[str]:
     """Every caption the grammar makes (colour words present or dropped), and every one-object phrase in
     every template of the training pool (:func:`toy.template_caption`)."""
-    from latexblend.data import TEMPLATES
+    from latexblend.train.data import TEMPLATES
 
     singles = [(c, col) for c in toy.CLASSES for col in [None, *toy.OBJECT_COLOURS]]
     phrases = [toy.object_phrase(c, col) for c, col in singles]
@@ -277,10 +278,10 @@ def evaluate(pipe, unet, prompts: list[str], seeds, steps: int = 20, cfg: float 
             g = torch.Generator().manual_seed(seed)
             images = pipe(prompts, num_inference_steps=steps, guidance_scale=cfg, height=toy.SIZE, width=toy.SIZE,
                           generator=g).images
-            rows += [toy.score(im, p) for im, p in zip(images, prompts, strict=True)]
+            rows += [detect.score(im, p) for im, p in zip(images, prompts, strict=True)]
     finally:
         pipe.unet = live
-    keys = ("background", "objects", "all")
+    keys = ("background", "objects", "fidelity")
     return {k: float(np.mean([r[k] for r in rows])) for k in keys}
 
 

@@ -70,7 +70,7 @@ def tokenizer(tiny_pipe):
 
 def random_bank(unet, name="corgi", noun="dog", noun_ids=(1929,), seed=0, with_fingerprint=True):
     """A bank with random rows shaped for ``unet``."""
-    from latexblend.bank import ConceptBank
+    from latexblend.bank.format import ConceptBank
     from latexblend.models import attn2_shapes, fingerprint
 
     g = torch.Generator().manual_seed(seed)

@@ -26,6 +26,7 @@ class Case:
     message: str
     code: int = 2
     absent: tuple[str, ...] = ()  # paths under tmp that must not exist afterwards
+    program: str = "latexblend"  # or "benchmarks" (``python -m benchmarks``)
 
 
 # --------------------------------------------------------------------------- input builders
@@ -262,15 +263,15 @@ _TRACEBACK_CASES = [
     Case("bank-noun-ids-number", 5, "a bank with `noun_token_ids: 5` (`bank inspect`)",
          lambda t, p: ["bank", "inspect", str(write_bank(t / "corgi.safetensors", noun_token_ids="5"))],
          "error: {tmp}/corgi.safetensors: bank metadata noun_token_ids must be a non-empty list of token ids"),
-    Case("bench-steps-0", 5, "`bench generate --steps 0`",
-         lambda t, p: ["bench", "generate", "--steps", "0", "--out", str(t / "b.json")],
-         "error: --steps must be at least 1, got 0", absent=("b.json",)),
-    Case("bench-repeats-0", 5, "`bench generate --repeats 0`",
-         lambda t, p: ["bench", "generate", "--repeats", "0", "--out", str(t / "b.json")],
-         "error: --repeats must be at least 1, got 0", absent=("b.json",)),
-    Case("bench-modes-steps-0", 5, "`bench modes --steps 0`",
-         lambda t, p: ["bench", "modes", "--steps", "0", "--out", str(t / "b.json")],
-         "error: --steps must be at least 1, got 0", absent=("b.json",)),
+    Case("bench-steps-0", 5, "`python -m benchmarks generate --steps 0`",
+         lambda t, p: ["generate", "--steps", "0", "--out", str(t / "b.json")],
+         "error: --steps must be at least 1, got 0", absent=("b.json",), program="benchmarks"),
+    Case("bench-repeats-0", 5, "`python -m benchmarks generate --repeats 0`",
+         lambda t, p: ["generate", "--repeats", "0", "--out", str(t / "b.json")],
+         "error: --repeats must be at least 1, got 0", absent=("b.json",), program="benchmarks"),
+    Case("bench-modes-steps-0", 5, "`python -m benchmarks modes --steps 0`",
+         lambda t, p: ["modes", "--steps", "0", "--out", str(t / "b.json")],
+         "error: --steps must be at least 1, got 0", absent=("b.json",), program="benchmarks"),
     Case("tiny-model-onto-file", 5, "`tiny-model FILE` (an existing file)",
          lambda t, p: (t / "f").write_text("x") and ["tiny-model", str(t / "f")],
          "error: {tmp}/f is a file, not a folder; choose a new folder"),

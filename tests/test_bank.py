@@ -6,17 +6,17 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import random_bank
-from latexblend.bank import (
+from latexblend.bank.format import (
     ConceptBank,
     bank_path,
     load_bank,
     save_bank,
     verify_bank,
 )
+from latexblend.bank.release import import_release_bank
 from latexblend.cli import app
 from latexblend.errors import LatexBlendError
 from latexblend.models import REGISTRY, build_tiny_pipeline, sdxl_unet_config
-from latexblend.release import import_release_bank
 
 runner = CliRunner()
 
@@ -53,7 +53,7 @@ def test_non_finite_rows_are_never_written_or_read(tiny_pipe, tmp_path, value):
     assert not (tmp_path / "bad.safetensors").exists()
     from safetensors.torch import load_file, save_file
 
-    from latexblend.bank import FORMAT
+    from latexblend.bank.format import FORMAT
 
     tensors = load_file(str(good))
     tensors[f"{bank.layers[3]}.v"][1, 2] = value

@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from latexblend import cc101
 from latexblend.cli import app
 from latexblend.errors import LatexBlendError
+from latexblend.evaluate import cc101
 
 runner = CliRunner()
 

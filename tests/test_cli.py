@@ -43,13 +43,3 @@ def test_verify_unknown_bank_is_one_line():
     r = runner.invoke(app, ["bank", "verify", "nobody"])
     assert r.exit_code == 2 and r.output.count("\n") == 1 and "no concept 'nobody'" in r.output
 
-
-def test_bench_fidelity_help_names_every_variant():
-    """The help lists the variants by hand (the CLI does not import the benchmark for --help)."""
-    import typer
-
-    from latexblend.fidelity import VARIANTS
-
-    bench = typer.main.get_command(app).commands["bench"]
-    option = next(p for p in bench.commands["fidelity"].params if p.name == "variants")
-    assert [v for v in VARIANTS if v not in option.help] == []

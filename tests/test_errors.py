@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+from benchmarks.cli import app as benchmarks_app
 from typer.testing import CliRunner
 
 from error_cases import CASES, render
@@ -24,7 +25,7 @@ def pattern(message: str, tmp: Path) -> re.Pattern:
 def test_bad_input_gives_one_line(case, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # anything written by accident lands here
     args = case.make(tmp_path, monkeypatch)
-    result = CliRunner().invoke(app, args)
+    result = CliRunner().invoke(benchmarks_app if case.program == "benchmarks" else app, args)
     assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), \
         f"{type(result.exception).__name__}: {result.exception}"
     assert "Traceback" not in result.output

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from latexblend import evaluate as ev
 from latexblend.cli import app
 from latexblend.errors import LatexBlendError
+from latexblend.evaluate import metrics as ev
 
 runner = CliRunner()
 

@@ -4,7 +4,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import random_bank
-from latexblend.bank import save_bank
+from latexblend.bank.format import save_bank
 from latexblend.cli import app
 
 runner = CliRunner()
@@ -23,7 +23,7 @@ def farm(tmp_path, monkeypatch):
         trained.append(cfg.name)
         return None  # as on a non-main process: the CLI prints nothing more
 
-    monkeypatch.setattr("latexblend.train.train", fake_train)
+    monkeypatch.setattr("latexblend.train.loop.train", fake_train)
     monkeypatch.delenv("SLURM_ARRAY_TASK_ID", raising=False)
     return concepts, trained, tmp_path / "banks"
 

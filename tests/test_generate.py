@@ -9,12 +9,12 @@ from typer.testing import CliRunner
 import latexblend
 from conftest import random_bank
 from latexblend.attention import BlendProcessor, project_kv
-from latexblend.bank import ConceptBank, save_bank
-from latexblend.blend import apply
+from latexblend.bank.format import ConceptBank, save_bank
+from latexblend.blend.blender import apply
+from latexblend.blend.generate import generate
 from latexblend.cli import app
 from latexblend.config import GenerateConfig
 from latexblend.errors import LatexBlendError
-from latexblend.generate import generate
 from latexblend.models import attn2_modules, build_tiny_pipeline, fingerprint
 from latexblend.tokens import locate_spans, token_ids
 
@@ -55,8 +55,8 @@ def test_no_concepts_matches_stock_pipeline(tiny_pipe, tmp_path):
     expected = stock(tiny_pipe, "a photo of a dog on the beach", seed=3, guidance_scale=6.0)
     arrays = []
     cfg = GenerateConfig(prompts=["a photo of a dog on the beach"], steps=STEPS, seed=3, out=str(tmp_path / "o"))
-    from latexblend.blend import Blender
-    from latexblend.generate import run_prompts
+    from latexblend.blend.blender import Blender
+    from latexblend.blend.generate import run_prompts
 
     blender = Blender(tiny_pipe, {})
     try:
@@ -131,7 +131,7 @@ def test_bind_must_be_a_known_mode(tiny_pipe):
 
 @pytest.mark.parametrize("scheduler", ["default", "ddim", "dpmpp_2m"])
 def test_recorded_t_over_T_follows_the_schedule(tiny_pipe, monkeypatch, scheduler):
-    from latexblend.generate import set_scheduler
+    from latexblend.blend.generate import set_scheduler
 
     calls = _record_kv(monkeypatch)
     old = tiny_pipe.scheduler
@@ -389,7 +389,7 @@ def test_two_processes_share_the_images_of_one_folder(tiny_dir, banks_dir, tmp_p
 
 
 def test_distributed_units_cover_everything_once():
-    from latexblend.generate import work_units
+    from latexblend.blend.generate import work_units
 
     cfg = GenerateConfig(prompts=["a", "b", "c"], num_images=5)
     seen = [(p, j) for rank in range(4) for p, js in work_units(cfg, rank, 4).items() for j in js]
@@ -411,7 +411,7 @@ def test_heatmap_file_names_are_checked(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from latexblend import samples
+    from latexblend.blend import samples
 
     pil = Image.new("RGB", (8, 8))
     record = {"file": "p000_s0000000.png"}

@@ -7,16 +7,16 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-import latexblend.guidance as guidance_mod
-import latexblend.steering as steering_mod
+import latexblend.blend.guidance as guidance_mod
+import latexblend.blend.steering as steering_mod
 from conftest import random_bank
-from latexblend.bank import save_bank
-from latexblend.blend import apply
+from latexblend.bank.format import save_bank
+from latexblend.bank.release import release_config
+from latexblend.blend.blender import apply
+from latexblend.blend.guidance import distance, g1, g2, guidance_loss, layer_hw, select_layers, spatial_log_probs
 from latexblend.cli import app
 from latexblend.errors import LatexBlendError
-from latexblend.guidance import distance, g1, g2, guidance_loss, layer_hw, select_layers, spatial_log_probs
 from latexblend.models import attn2_shapes
-from latexblend.release import release_config
 from latexblend.tokens import Span, token_ids
 
 runner = CliRunner()
@@ -352,35 +352,14 @@ def test_release_json_guidance_keys_map_to_options(tmp_path):
     assert cfg["rectify"] is True and cfg["rectify_start"] == 0.7
 
 
-def test_bench_modes_reports_time_and_guidance_memory(tiny_dir, tmp_path):
-    out = tmp_path / "m.json"
-    r = runner.invoke(app, ["bench", "modes", "--model", str(tiny_dir), "--concepts", "2", "--steps", "5",
-                            "--repeats", "1", "--out", str(out), "--profile", str(tmp_path / "prof")])
-    assert r.exit_code == 0, r.output
-    rows = {row["mode"]: row for row in json.loads(out.read_text())["rows"]}
-    assert list(rows) == ["stock (A/A)", "plain", "guidance", "guidance_ckpt", "rectify"]
-    assert rows["guidance"]["guided_steps"] == 1 and rows["rectify"]["rectify_passes"] == 1  # t/T 0.801 only
-    assert 0 < rows["guidance_ckpt"]["guidance_saved_mib"] < rows["guidance"]["guidance_saved_mib"]
-    assert all(row["seconds"] > 0 and row["vs_plain"] > 0 for row in rows.values())
-    # FLOPs: plain blending no more than stock (K/V projected once per prompt, not per step); guidance
-    # adds a pass, checkpointing one more forward on top; rectification a capture pass
-    assert 0 < rows["plain"]["tflop"] < rows["stock (A/A)"]["tflop"]
-    assert 1.0 < rows["guidance"]["flop_vs_plain"] < rows["guidance_ckpt"]["flop_vs_plain"]
-    assert rows["rectify"]["flop_vs_plain"] > 1.0
-    tables = sorted(p.name for p in (tmp_path / "prof").iterdir())
-    assert tables == [f"profile_{m}_2.txt" for m in ("guidance", "guidance_ckpt", "plain", "rectify")]
-    assert "aten::" in (tmp_path / "prof" / "profile_guidance_2.txt").read_text()
-    r = runner.invoke(app, ["bench", "modes", "--concepts", "1", "--out", str(out)])
-    assert r.exit_code == 2 and "between 2 and 6" in r.output
-
-
 def test_guided_calls_leave_no_tensors_behind(tiny_pipe):
     """Guidance measures saved activations with saved-tensor hooks; returning the packed tensor itself made
     each node that saves its own output hold a cycle through C++ that leaked every pass."""
     import gc
 
-    from latexblend.bench import MODES, random_banks
-    from latexblend.blend import apply
+    from benchmarks.speed import MODES, random_banks
+
+    from latexblend.blend.blender import apply
 
     def live():
         gc.collect()
@@ -410,7 +389,7 @@ def test_memory_is_flat_over_many_guided_calls(tiny_pipe, history):
     guidance history is opt-in and reset per call (it used to keep every pass's update for the whole run)."""
     import gc
 
-    from latexblend.bench import random_banks
+    from benchmarks.speed import random_banks
 
     def held():
         gc.collect()

@@ -3,11 +3,11 @@ import pytest
 import torch
 
 from conftest import random_bank
-from latexblend.blend import apply
+from latexblend.blend.blender import apply
+from latexblend.blend.guidance import layer_hw
+from latexblend.blend.rectify import RectifyOptions, coefficients, concept_masks, match_clusters, modulate, resize_masks
 from latexblend.device import OpCounter
 from latexblend.errors import LatexBlendError
-from latexblend.guidance import layer_hw
-from latexblend.rectify import RectifyOptions, coefficients, concept_masks, match_clusters, modulate, resize_masks
 from latexblend.tokens import Span, token_ids
 
 NOUNS = ["dog", "cat", "car", "tree"]
@@ -232,7 +232,7 @@ def _same_partition(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def test_top_eigenvectors_match_eigh_on_a_known_spectrum():
-    from latexblend.rectify import top_eigenvectors
+    from latexblend.blend.rectify import top_eigenvectors
 
     g = torch.Generator().manual_seed(0)
     q = torch.linalg.qr(torch.randn(300, 300, generator=g, dtype=torch.float64)).Q
@@ -250,7 +250,7 @@ def captured_affinity(tiny_dir):
     """A self-attention affinity [1024, 1024] captured by the rectification pass at 512 px. Random attention
     is near uniform (no cluster structure to compare), so the attn1 query/key weights are sharpened x16 and
     the initial latent holds five regions: the affinity then has a few separated eigenvalues, then a bulk."""
-    from latexblend import steering
+    from latexblend.blend import steering
     from latexblend.models import load_pipeline
 
     pipe = load_pipeline(str(tiny_dir), device="cpu", dtype="fp32")
@@ -287,7 +287,7 @@ def captured_affinity(tiny_dir):
 
 @pytest.mark.parametrize("clusters", [4, 8])
 def test_top_k_solver_gives_the_exact_solvers_clusters_on_a_captured_affinity(captured_affinity, clusters):
-    from latexblend.rectify import cluster_pixels
+    from latexblend.blend.rectify import cluster_pixels
 
     assert captured_affinity.shape == (1024, 1024)
     exact = cluster_pixels(captured_affinity, clusters, seed=0, exact=True)

@@ -8,11 +8,11 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "latexblend"
 
 def test_no_function_in_src_is_longer_than_60_lines():
     long = []
-    for path in sorted(SRC.glob("*.py")):
+    for path in sorted(SRC.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 lines = node.end_lineno - node.lineno + 1
                 if lines > 60:
                     long.append(f"{path.name}:{node.name} ({lines} lines)")
-    assert list(SRC.glob("*.py"))
+    assert list(SRC.rglob("*.py"))
     assert not long, long

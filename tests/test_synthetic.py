@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from latexblend.synthetic import draw_concept, main
+from latexblend.toy.synthetic import draw_concept, main
 
 
 def test_draw_concept_is_deterministic_and_styles_differ(tmp_path):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from latexblend import toy
+from latexblend.toy import detect
+from latexblend.toy import world as toy
 
 
 def _scenes(n: int, seed: int = 0, concepts: bool = True) -> list[toy.Scene]:
@@ -25,7 +26,7 @@ def test_detector_is_exact_on_drawn_scenes():
     things = [t for s in scenes for t in s.things]
     assert sum(len(s.things) == 2 for s in scenes) > 150 and sum("-" in t.colour for t in things) > 150
     for scene in scenes:
-        det = toy.detect(toy.draw_scene(scene))
+        det = detect.detect(toy.draw_scene(scene))
         assert det.background == scene.background
         assert [(f.cls, f.colour) for f in det.objects] == [(t.cls, t.colour) for t in scene.things]
         assert [f.concept for f in det.objects] == [toy.CONCEPT_KEYS.get((t.cls, t.colour)) for t in scene.things]
@@ -34,7 +35,7 @@ def test_detector_is_exact_on_drawn_scenes():
 def test_no_concept_found_in_base_scenes():
     rng = random.Random(1)
     scenes = [toy.random_scene(rng, allow=toy.in_training) for _ in range(1500)]
-    found = [toy.detect(toy.draw_scene(s)) for s in scenes]
+    found = [detect.detect(toy.draw_scene(s)) for s in scenes]
     assert all(d.concepts() == [] for d in found)  # not even a concept's two colours on its class
     objects = [(o.cls, o.colour) for d in found for o in d.objects]
     # ...yet the world draws the concepts' colour pairs on other classes and other pairs on their classes
@@ -47,9 +48,9 @@ def test_detector_reads_upscaled_images_and_rejects_plain_background():
     scene = toy.random_scene(random.Random(3), two=True)
     big = toy.draw_scene(scene, size=128)
     assert big.size == (128, 128)
-    det = toy.detect(big)
+    det = detect.detect(big)
     assert det.background == scene.background and len(det.objects) == 2
-    empty = toy.detect(Image.new("RGB", (32, 32), toy.BACKGROUNDS["snow"][1]))
+    empty = detect.detect(Image.new("RGB", (32, 32), toy.BACKGROUNDS["snow"][1]))
     assert empty.background == "snow" and empty.objects == []
 
 
@@ -81,7 +82,7 @@ def test_caption_round_trips_through_the_parser():
 
 
 def test_template_captions_name_the_one_object_in_a_training_template():
-    from latexblend.data import TEMPLATES
+    from latexblend.train.data import TEMPLATES
 
     rng = random.Random(4)
     scene = toy.Scene("beach", (toy.Thing("car", "blue-yellow", (2, 8, 20, 16)),))
@@ -95,21 +96,21 @@ def test_template_captions_name_the_one_object_in_a_training_template():
 def test_score_counts_what_the_prompt_names():
     scene = toy.Scene("beach", (toy.Thing("dog", "red", (2, 8, 14, 20)), toy.Thing("car", "blue", (17, 10, 30, 17))))
     image = toy.draw_scene(scene)
-    assert toy.score(image, "a red dog next to a blue car on the beach") == {
-        "background": True, "objects": True, "all": True}
-    assert toy.score(image, "a red dog next to a blue car in the snow")["background"] is False
-    assert toy.score(image, "a yellow dog on the beach")["objects"] is False
+    assert detect.score(image, "a red dog next to a blue car on the beach") == {
+        "background": True, "objects": True, "fidelity": True}
+    assert detect.score(image, "a red dog next to a blue car in the snow")["background"] is False
+    assert detect.score(image, "a yellow dog on the beach")["objects"] is False
     concept = toy.Scene("grass", (toy.Thing("dog", "red-yellow", (4, 4, 20, 20)),))
-    got = toy.score(toy.draw_scene(concept), "a dog on the grass", concept="patchdog")
-    assert got["concept"] and got["all"]
-    assert toy.score(image, "a dog next to a blue car on the beach", concept="patchdog")["concept"] is False
+    got = detect.score(toy.draw_scene(concept), "a dog on the grass", ["patchdog"])
+    assert got["concept"] and got["fidelity"]
+    assert detect.score(image, "a dog next to a blue car on the beach", ["patchdog"])["concept"] is False
     with pytest.raises(ValueError):
-        toy.score(image, "a photo of a dog")
+        detect.score(image, "a photo of a dog")
 
 
 def test_toy_architecture_matches_its_registry_spec():
     from latexblend.models import REGISTRY, attn2_shapes
-    from latexblend.toymodel import build_toy_pipeline
+    from latexblend.toy.model import build_toy_pipeline
 
     pipe = build_toy_pipeline()
     dims: dict[int, int] = {}
@@ -121,16 +122,16 @@ def test_toy_architecture_matches_its_registry_spec():
 
 
 def test_fidelity_scores_count_concepts_and_the_rest_of_the_prompt():
-    from latexblend.fidelity import score_row, summarise
+    from latexblend.toy.detect import score, summarise
 
     scene = toy.Scene("snow", (toy.Thing("dog", "red-yellow", (1, 8, 14, 21)),
                                toy.Thing("car", "red", (17, 10, 30, 16))))
-    row = score_row(toy.draw_scene(scene), "a dog next to a red car in the snow", ["patchdog"])
+    row = score(toy.draw_scene(scene), "a dog next to a red car in the snow", ["patchdog"])
     assert row["concept"] and row["fidelity"] and row["joint"]
-    miss = score_row(toy.draw_scene(scene), "a dog next to a blue car in the snow", ["patchdog"])
+    miss = score(toy.draw_scene(scene), "a dog next to a blue car in the snow", ["patchdog"])
     assert miss["concept"] and not miss["fidelity"]
     plain = toy.Scene("snow", (toy.Thing("dog", "red", (1, 8, 14, 21)),))
-    assert not score_row(toy.draw_scene(plain), "a dog in the snow", ["patchdog"])["concept"]
+    assert not score(toy.draw_scene(plain), "a dog in the snow", ["patchdog"])["concept"]
     s = summarise([row, miss, row, miss])
     assert s["concept_pct"] == 100 and s["fidelity_pct"] == 50 and s["product_pct"] == 50
     assert abs(s["fidelity_se"] - 100 * (1 / 3) ** 0.5 / 2) < 1e-9
@@ -138,13 +139,13 @@ def test_fidelity_scores_count_concepts_and_the_rest_of_the_prompt():
 
 def test_concept_pattern_survives_mirroring_but_not_flipping_or_recolouring():
     image = toy.draw_scene(toy.Scene("grass", (toy.Thing("dog", "red-yellow", (4, 4, 20, 20)),)))
-    assert toy.detect(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)).concepts(strict=True) == ["patchdog"]
-    assert toy.detect(image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)).concepts(strict=True) == []
-    flipped = toy.detect(image.transpose(Image.Transpose.FLIP_TOP_BOTTOM))
+    assert detect.detect(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)).concepts(strict=True) == ["patchdog"]
+    assert detect.detect(image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)).concepts(strict=True) == []
+    flipped = detect.detect(image.transpose(Image.Transpose.FLIP_TOP_BOTTOM))
     assert flipped.concepts() == ["patchdog"] and flipped.objects[0].colour == "yellow-red"  # colours only
     arr = np.asarray(image).copy()
     arr[(arr == toy.COLOURS["yellow"]).all(-1)] = toy.COLOURS["red"]
-    det = toy.detect(Image.fromarray(arr))
+    det = detect.detect(Image.fromarray(arr))
     assert det.concepts() == [] and [(o.cls, o.colour) for o in det.objects] == [("dog", "red")]
 
 
@@ -164,7 +165,7 @@ def test_evaluate_with_the_toy_detector(tmp_path):
     from typer.testing import CliRunner
 
     from latexblend.cli import app
-    from latexblend.fidelity import score_samples
+    from latexblend.toy.detect import score_samples
 
     things = (toy.Thing("dog", "red-yellow", (2, 8, 15, 21)), toy.Thing("car", "red", (17, 10, 30, 16)))
     concept = toy.Scene("beach", things)
@@ -188,7 +189,7 @@ def test_toy_model_folder_loads_with_stock_diffusers_and_draws_the_prompt(tmp_pa
     import torch
     from diffusers import StableDiffusionXLPipeline
 
-    from latexblend.toymodel import save_toy_model
+    from latexblend.toy.model import save_toy_model
 
     folder = save_toy_model(tmp_path / "toy")
     pipe = StableDiffusionXLPipeline.from_pretrained(folder)
@@ -197,13 +198,15 @@ def test_toy_model_folder_loads_with_stock_diffusers_and_draws_the_prompt(tmp_pa
     images = pipe("a red dog on the beach", num_inference_steps=20, guidance_scale=5.0, num_images_per_prompt=2,
                   generator=gens).images
     assert images[0].size == (toy.SIZE, toy.SIZE)
-    assert any(toy.score(im, "a red dog on the beach")["all"] for im in images)
+    assert any(detect.score(im, "a red dog on the beach")["fidelity"] for im in images)
     with pytest.raises(Exception, match="not empty"):
         save_toy_model(folder)
 
 
 def test_in_words_describes_only_the_concepts_bare_noun_phrase():
-    from latexblend.fidelity import in_words, score_row
+    from benchmarks.fidelity import in_words
+
+    from latexblend.toy.detect import score
 
     assert in_words("a dog next to a red car in the snow", "patchdog") == \
         "a red and yellow dog next to a red car in the snow"
@@ -213,5 +216,5 @@ def test_in_words_describes_only_the_concepts_bare_noun_phrase():
     with pytest.raises(ValueError, match="no bare 'a car'"):
         in_words("a red car at night", "stripecar")
     scene = toy.Scene("night", (toy.Thing("car", "blue-purple", (4, 10, 25, 19)),))
-    row = score_row(toy.draw_scene(scene), in_words("a car at night", "stripecar"), ["stripecar"])
+    row = score(toy.draw_scene(scene), in_words("a car at night", "stripecar"), ["stripecar"])
     assert row["concept"] and row["fidelity"]

@@ -10,9 +10,10 @@ move with the seed and the prompts (docs/TOY.md: 59% for stripecar over the benc
 
 from __future__ import annotations
 
-from latexblend.fidelity import PROMPTS as BENCH_PROMPTS
-from latexblend.fidelity import FidelitySettings, generate_rows, summarise, train_variant
-from latexblend.toy import draw_data
+from benchmarks.fidelity import PROMPTS as BENCH_PROMPTS
+from benchmarks.fidelity import FidelitySettings, generate_rows, summarise, train_variant
+
+from latexblend.toy.world import draw_data
 
 PROMPTS = BENCH_PROMPTS["car"][:4]  # the car alone on each background
 

@@ -11,13 +11,14 @@ from typer.testing import CliRunner
 
 from conftest import launch_two
 from latexblend.attention import project_kv
-from latexblend.bank import load_bank, verify_bank
+from latexblend.bank.format import load_bank, verify_bank
 from latexblend.cli import app
 from latexblend.config import TrainConfig, merge, train_settings
-from latexblend.data import TEMPLATES, augment, list_images, load_prior, open_image
 from latexblend.errors import LatexBlendError
+from latexblend.fileio import list_images, open_image
 from latexblend.models import attn2_modules
-from latexblend.train import build_setup, check_inputs, encode_batch, make_batch, step_generator, train, unet_loss
+from latexblend.train.data import TEMPLATES, augment, load_prior
+from latexblend.train.loop import build_setup, check_inputs, encode_batch, make_batch, step_generator, train, unet_loss
 
 runner = CliRunner()
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -95,7 +96,7 @@ def test_augmentation_is_seeded_and_masks_the_pasted_object(concept_dir):
 
 def test_augmentation_without_enlarging_keeps_the_whole_image(concept_dir):
     """``augment_enlarge`` False (the toy recipe): the image at full size, only flipped, loss everywhere."""
-    from latexblend.data import _square, _to_tensor
+    from latexblend.train.data import _square, _to_tensor
 
     img = open_image(concept_dir / "0.png")
     whole = _to_tensor(_square(img, 64))
@@ -276,7 +277,7 @@ def test_one_step_changes_only_kv_and_the_identifier_rows(tiny_dir, concept_dir,
     emb_before = [e.get_input_embeddings()(all_ids)[0].detach().clone() for e in encs]
     raw_before = [e.get_input_embeddings().weight.detach().clone() for e in encs]
     opt = torch.optim.AdamW(s.parameters(), lr=1e-3, weight_decay=0.5)
-    from latexblend.train import step_loss
+    from latexblend.train.loop import step_loss
 
     loss, _, _ = step_loss(s, 0)
     loss.backward()
@@ -294,7 +295,7 @@ def test_one_step_changes_only_kv_and_the_identifier_rows(tiny_dir, concept_dir,
 
 @pytest.mark.parametrize("rank", [0, 2])
 def test_no_weight_gradients_anywhere_in_the_frozen_model(tiny_dir, concept_dir, prior_dir, rank):
-    from latexblend.train import step_loss
+    from latexblend.train.loop import step_loss
 
     s = setup_for(config(tiny_dir, concept_dir, prior_dir, kv_rank=rank))
     step_loss(s, 0)[0].backward()
@@ -313,7 +314,7 @@ def test_no_weight_gradients_anywhere_in_the_frozen_model(tiny_dir, concept_dir,
 def _train_steps(s, steps):
     """Losses of ``steps`` optimizer steps and the number of forward calls of the VAE encoder and each text
     encoder during them."""
-    from latexblend.train import step_loss
+    from latexblend.train.loop import step_loss
 
     calls = {"vae": 0, "te1": 0, "te2": 0}
     modules = {"vae": s.pipe.vae.encoder, "te1": s.pipe.text_encoder, "te2": s.pipe.text_encoder_2}
@@ -354,7 +355,7 @@ def test_compiled_unet_gives_the_same_losses_with_one_graph_for_all_templates(ti
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from latexblend.train import compile_unet
+    from latexblend.train.loop import compile_unet
 
     steps = 4
     plain, compiled = (setup_for(config(tiny_dir, concept_dir, prior_dir)) for _ in range(2))
@@ -472,7 +473,7 @@ def test_lora_variant_trains_low_rank_and_reextracts(tmp_path, tiny_dir, concept
     kv = load_file(str(run / "kv.safetensors"))
     assert all(k.endswith(("lora_A", "lora_B")) for k in kv)
     assert float(kv[next(k for k in kv if k.endswith("lora_B"))].abs().sum()) > 0
-    from latexblend.extract import extract_run
+    from latexblend.bank.extract import extract_run
 
     bank, _ = extract_run(run, out=tmp_path / "again.safetensors", device="cpu")
     first = load_bank(tmp_path / "b" / "c.safetensors")
@@ -481,7 +482,7 @@ def test_lora_variant_trains_low_rank_and_reextracts(tmp_path, tiny_dir, concept
 
 
 def test_gradients_are_averaged_in_few_flat_buckets_element_for_element():
-    from latexblend.train import average_gradients, grad_buckets
+    from latexblend.train.loop import average_gradients, grad_buckets
 
     g = torch.Generator().manual_seed(0)
     shapes = [(3, 4), (5,), (2, 2, 2), (7, 3), (1,), (6, 2)]
@@ -527,7 +528,7 @@ def test_two_processes_train_identically(tmp_path, tiny_dir, concept_dir, prior_
 TWO_PROCESS_SCRIPT = """
 import hashlib, json, sys
 from latexblend.config import TrainConfig, merge
-from latexblend.train import train
+from latexblend.train.loop import train
 
 cfg, out = merge(TrainConfig, json.loads(sys.argv[1])), sys.argv[2]
 digests = []
@@ -548,7 +549,7 @@ with open(f"{out}.{dist.get_rank()}.json", "w") as f:
 def test_accumulating_two_micro_batches_is_the_average_of_two_processes_gradients(tiny_dir, concept_dir, prior_dir):
     """Micro-batch ``m`` of process ``r`` draws as process ``r * grad_accum + m``; accumulating ``loss / 2``
     twice is bit for bit the mean of the two processes' gradients (halving is exact)."""
-    from latexblend.train import accelerator, make_optimizer, step_loss, train_step
+    from latexblend.train.loop import accelerator, make_optimizer, step_loss, train_step
 
     s = setup_for(config(tiny_dir, concept_dir, prior_dir, grad_accum=2, max_grad_norm=0.0))
     params = s.parameters()
@@ -676,7 +677,7 @@ def test_a_training_step_reads_no_value_back_except_its_cpu_data_draws(tiny_dir,
     device): the only scalar reads are the data draws from the step's CPU generator; the fused
     optimizer reads none (the default per-tensor AdamW read one step counter per tensor)."""
     from latexblend.device import OpCounter
-    from latexblend.train import accelerator, make_optimizer, train_step
+    from latexblend.train.loop import accelerator, make_optimizer, train_step
 
     s = setup_for(config(tiny_dir, concept_dir, prior_dir))
     params = s.parameters()
@@ -694,7 +695,7 @@ def test_settings_added_later_change_the_resume_hash_only_when_set():
     import json
 
     from latexblend.config import to_dict
-    from latexblend.runfolder import NOT_HASHED, config_hash
+    from latexblend.train.runfolder import NOT_HASHED, config_hash
 
     cfg = TrainConfig(name="c")
     added = ("crop_time_ids", "augment_shrink", "augment_enlarge")

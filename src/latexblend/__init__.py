@@ -12,8 +12,8 @@ from latexblend.errors import LatexBlendError  # noqa: E402
 
 __all__ = ["LatexBlendError", "__version__", "apply", "load_bank", "save_bank", "load_pipeline"]
 
-_LAZY = {"apply": "latexblend.blend", "load_bank": "latexblend.bank", "save_bank": "latexblend.bank",
-         "load_pipeline": "latexblend.models"}
+_LAZY = {"apply": "latexblend.blend.blender", "load_bank": "latexblend.bank.format",
+         "save_bank": "latexblend.bank.format", "load_pipeline": "latexblend.models"}
 
 
 def __getattr__(name: str):

@@ -17,7 +17,7 @@ import typer
 
 from latexblend import __version__
 from latexblend.errors import LatexBlendError
-from latexblend.evaluate import DEFAULT_CLIP, DEFAULT_DINO
+from latexblend.evaluate.metrics import DEFAULT_CLIP, DEFAULT_DINO
 
 app = typer.Typer(
     name="latexblend", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -98,7 +98,7 @@ def tiny_model(out_dir: Annotated[Path, typer.Argument(help="Folder to write (mu
 def toy_model(out_dir: Annotated[Path, typer.Argument(help="Folder to write (must not exist or be empty).")]) -> None:
     """Write the embedded trained toy-world model (32 px) as a diffusers folder."""
     _quiet_libraries()
-    from latexblend.toymodel import save_toy_model
+    from latexblend.toy.model import save_toy_model
 
     path = save_toy_model(out_dir)
     typer.echo(f"wrote toy SDXL model to {path}")
@@ -115,7 +115,7 @@ def _size(nbytes: int) -> str:
 @friendly
 def bank_ls(directory: BankDirOpt = None) -> None:
     """List the banks in the bank folder."""
-    from latexblend.bank import bank_dir, list_banks
+    from latexblend.bank.format import bank_dir, list_banks
 
     rows = list_banks(directory)
     if not rows:
@@ -135,7 +135,7 @@ def bank_ls(directory: BankDirOpt = None) -> None:
 def bank_inspect(name: Annotated[str, typer.Argument(help="Bank name or path.")], directory: BankDirOpt = None,
                  as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """Show a bank's metadata, layers and size."""
-    from latexblend.bank import bank_path, describe_bank
+    from latexblend.bank.format import bank_path, describe_bank
 
     info = describe_bank(bank_path(name, directory))
     if as_json:
@@ -150,7 +150,7 @@ def bank_inspect(name: Annotated[str, typer.Argument(help="Bank name or path.")]
 def bank_verify(name: Annotated[str, typer.Argument(help="Bank name or path.")], model: ModelOpt = "tiny",
                 directory: BankDirOpt = None) -> None:
     """Check that a bank fits a model (layer names, shapes, to_k fingerprint, noun tokens). Exit 2 if not."""
-    from latexblend.bank import bank_path, load_bank, verify_bank
+    from latexblend.bank.format import bank_path, load_bank, verify_bank
 
     bank = load_bank(bank_path(name, directory))
     _quiet_libraries()
@@ -175,8 +175,8 @@ def bank_import(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing bank of that name.")] = False,
 ) -> None:
     """Convert a release bank (torch.save dict of attn2 k/v) into a latexblend bank."""
-    from latexblend.bank import bank_file, save_bank, verify_bank
-    from latexblend.release import import_release_bank
+    from latexblend.bank.format import bank_file, save_bank, verify_bank
+    from latexblend.bank.release import import_release_bank
 
     out = bank_file(name or file.stem, directory)
     name = out.stem
@@ -250,8 +250,8 @@ def generate_cmd(
     flags = dict(locals())  # every option is a GenerateConfig field of the same name, except these:
     for key in ("prompt", "prompts_file", "directory", "config"):
         flags.pop(key)
+    from latexblend.bank.release import settings_file
     from latexblend.config import GenerateConfig, merge, read_prompts
-    from latexblend.release import settings_file
 
     flags.update(prompts=prompt or None, bank_dir=str(directory) if directory else None,
                  concepts=[c.strip() for c in concepts.split(",") if c.strip()] if concepts else None)
@@ -260,65 +260,10 @@ def generate_cmd(
     file_settings = settings_file(config, flags["bank_dir"]) if config is not None else {}
     settings = merge(GenerateConfig, file_settings, flags, source="generate setting")
     _quiet_libraries()
-    from latexblend.generate import generate
+    from latexblend.blend.generate import generate
 
     path = generate(settings)
     typer.echo(f"wrote {len(settings.prompts) * settings.num_images} image(s) to {path}/ (metadata.json)")
-
-
-# ---- bench
-
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks against the stock diffusers pipeline.")
-app.add_typer(bench_app, name="bench")
-
-
-def _counts(concepts: str, lo: int, hi: int) -> list[int]:
-    """``--concepts`` of a benchmark: comma-separated integers in ``[lo, hi]``."""
-    try:
-        counts = [int(c) for c in concepts.split(",") if c.strip()]
-    except ValueError as err:
-        raise LatexBlendError(f"--concepts takes comma-separated integers, got '{concepts}'") from err
-    if not counts or min(counts) < lo or max(counts) > hi:
-        raise LatexBlendError(f"--concepts counts must be between {lo} and {hi}")
-    return counts
-
-
-BenchModelOpt = Annotated[
-    str, typer.Option(help="'tiny', 'sdxl-random' (full SDXL, random weights), a folder or hub id.")
-]
-BenchOutOpt = Annotated[Path, typer.Option(help="JSON output (CSV written beside it).")]
-BenchSizeOpt = Annotated[int | None, typer.Option(help="Image side in px (default: the model's).")]
-
-
-def _bench_report(result: dict, out: Path) -> None:
-    """Write a benchmark's JSON and CSV, print its table and what it ran on."""
-    from latexblend.bench import format_table, write_results
-
-    json_path, csv_path = write_results(result, out)
-    typer.echo(format_table(result))
-    units = (("dtype", ""), ("size", " px"), ("steps", " steps"))
-    details = [f"{result[k]}{unit}" for k, unit in units if k in result]
-    typer.echo(f"{', '.join([result['device_name'], *details])}; wrote {json_path} and {csv_path}")
-
-
-@bench_app.command("generate")
-@friendly
-def bench_generate_cmd(
-    model: BenchModelOpt = "tiny",
-    concepts: Annotated[str, typer.Option(help="Comma-separated concept counts.")] = "0,1,4,8",
-    steps: int = 20,
-    repeats: int = 3,
-    size: BenchSizeOpt = None,
-    device: str | None = None, dtype: str = "auto",
-    out: BenchOutOpt = Path("bench_generate.json"),
-) -> None:
-    """Blended generation with N concepts vs the stock pipeline (same prompt, seed, settings)."""
-    counts = _counts(concepts, 0, 8)
-    _quiet_libraries()
-    from latexblend.bench import bench_generate
-
-    _bench_report(bench_generate(model, counts, steps=steps, repeats=repeats, size=size, device=device, dtype=dtype),
-                  out)
 
 
 # ---- evaluate
@@ -354,7 +299,7 @@ def evaluate_cmd(
     ] = "clip",
 ) -> None:
     """CLIP-T (cosine and CLIPScore), CLIP-I and DINO per image and per concept; metrics.json/.csv, report.html."""
-    from latexblend import evaluate as ev
+    from latexblend.evaluate import metrics as ev
 
     if detector not in ("clip", "toy"):
         raise LatexBlendError(f"--detector must be 'clip' or 'toy', not '{detector}'")
@@ -374,8 +319,8 @@ def evaluate_cmd(
 
 
 def _evaluate_toy(samples: Path) -> None:
-    from latexblend.fidelity import score_samples
     from latexblend.fileio import write_text_atomic
+    from latexblend.toy.detect import score_samples
 
     metrics = score_samples(samples)
     path = write_text_atomic(samples / "toy_metrics.json", json.dumps(metrics, indent=2) + "\n")
@@ -394,7 +339,7 @@ def cc101_jobs(
     ] = Path("cc101_samples"),
 ) -> None:
     """Turn a selection of CustomConcept101 concepts and pairs into generate jobs."""
-    from latexblend.cc101 import make_jobs, write_jobs
+    from latexblend.evaluate.cc101 import make_jobs, write_jobs
 
     split = lambda text: [t.strip() for t in text.split(",") if t.strip()]  # noqa: E731
     jobs = make_jobs(root, split(concepts), split(pairs), samples_root)
@@ -419,7 +364,14 @@ def cc101_run(
     device: DeviceOpt = None,
 ) -> None:
     """Run the jobs (resumable: complete outputs and fresh metrics are kept) and write one table."""
-    from latexblend.cc101 import command_runner, job_evaluator, read_jobs, results_table, run_jobs, write_results
+    from latexblend.evaluate.cc101 import (
+        command_runner,
+        job_evaluator,
+        read_jobs,
+        results_table,
+        run_jobs,
+        write_results,
+    )
 
     jobs = read_jobs(jobs_file)
     evaluator = job_evaluator(clip_model, dino_model, device, batch_size, _quiet_libraries) if evaluate else None
@@ -497,7 +449,7 @@ def train_cmd(
         typer.echo(f"skip: concept {farm} '{cfg.name}' already has a complete bank ({bank})")
         return
     _quiet_libraries()
-    from latexblend.train import train
+    from latexblend.train.loop import train
 
     run = train(cfg)
     if run is None:  # not the main process
@@ -519,7 +471,7 @@ def extract_cmd(
 ) -> None:
     """Stage 2: re-extract a trained run into the concept bank (one text-side pass, no UNet)."""
     _quiet_libraries()
-    from latexblend.extract import extract_run
+    from latexblend.bank.extract import extract_run
 
     bank, path = extract_run(run, checkpoint=checkpoint, prompt=prompt, out=out, device=device, dtype=dtype,
                              overwrite=overwrite)
@@ -540,7 +492,7 @@ def prior_cmd(
     device: Annotated[str | None, Opt(help="cpu or cuda [default: cuda if available].")] = None,
 ) -> None:
     """Generate prior-preservation images of a class with the base model (resumable)."""
-    from latexblend.data import check_prior_request, generate_prior, prior_complete, prior_dir
+    from latexblend.train.data import check_prior_request, generate_prior, prior_complete, prior_dir
 
     check_prior_request(class_noun, num, steps, cfg)
     out = out or prior_dir(class_noun)
@@ -553,115 +505,6 @@ def prior_cmd(
     made, _ = generate_prior(load_pipeline(model, device=device), class_noun, num, out, seed=seed, steps=steps,
                              cfg=cfg)
     typer.echo(f"generated {made} prior images of '{class_noun}' in {out}/ ({num} in all)")
-
-
-@bench_app.command("train")
-@friendly
-def bench_train_cmd(
-    model: BenchModelOpt = "tiny",
-    steps: Annotated[int, typer.Option(help="Timed steps per setting.")] = 5,
-    size: Annotated[int | None, typer.Option(help="Training resolution [512, tiny: 64].")] = None,
-    device: str | None = None,
-    no_cache_prior: Annotated[bool, typer.Option("--no-cache-prior", help="Encode prior data every step.")] = False,
-    compile_unet: Annotated[bool, typer.Option("--compile-unet", help="torch.compile the UNet.")] = False,
-    compile_backend: Annotated[str, typer.Option(help="torch.compile backend of --compile-unet.")] = "inductor",
-    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
-    batch_size: Annotated[int, typer.Option(help="Instance (and prior) images per micro-batch.")] = 1,
-    checkpointing: Annotated[str, typer.Option(
-        help="Gradient checkpointing settings to time: off, on or both.")] = "both",
-    peak_tflops: Annotated[float | None, typer.Option(
-        help="The device's peak TFLOP/s for MFU [known GPUs: datasheet bf16; CPU: n/a].")] = None,
-    out: BenchOutOpt = Path("bench_train.json"),
-) -> None:
-    """Training step: steps/s, samples/s, peak memory, FLOPs and utilisation, with/without checkpointing."""
-    settings = {"off": (False,), "on": (True,), "both": (False, True)}
-    if steps < 1 or grad_accum < 1 or batch_size < 1:
-        raise LatexBlendError("--steps, --grad-accum and --batch-size must be at least 1")
-    if checkpointing not in settings:
-        raise LatexBlendError(f"--checkpointing must be off, on or both, got '{checkpointing}'")
-    _quiet_libraries()
-    from latexblend.bench import bench_train
-
-    _bench_report(bench_train(model, steps=steps, size=size, device=device, cache_prior=not no_cache_prior,
-                              compile_unet=compile_unet, compile_backend=compile_backend, grad_accum=grad_accum,
-                              batch_size=batch_size,
-                              checkpointing=settings[checkpointing], peak=peak_tflops), out)
-
-
-@bench_app.command("fidelity")
-@friendly
-def bench_fidelity_cmd(
-    model: Annotated[str, typer.Option(help="Only 'toy' (its exact detectors score the images).")] = "toy",
-    concepts: Annotated[str, typer.Option(help="Comma-separated toy concepts.")] = "patchdog,stripecar",
-    variants: Annotated[str, typer.Option(help="Method variants (no bank and the concept in words always "
-                                               "run): full, no-base-flow, fixed-template, release-loss-weights, "
-                                               "fixed-time-ids, bind-always, no-bind, enlarge.")
-                        ] = "full,no-base-flow,fixed-template",
-    steps: Annotated[int | None, typer.Option(help="Training steps per concept [toy recipe].")] = None,
-    lr: Annotated[float | None, typer.Option(help="Learning rate before batch scaling [toy recipe].")] = None,
-    seeds: Annotated[int, typer.Option(help="Seeds per prompt.")] = 4,
-    seed: Annotated[int, typer.Option(help="Base seed: draws the concept and prior images, seeds training, and "
-                                            "image j uses seed + j.")] = 0,
-    out: Annotated[Path, typer.Option(help="Output folder (fidelity.json, grid-<variant>.png).")
-                   ] = Path("out/fidelity"),
-) -> None:
-    """Concept-present % and prompt fidelity % on new-scene toy prompts, per method variant."""
-    from latexblend import toy
-    from latexblend.fidelity import TOY_RECIPE, VARIANTS, FidelitySettings, run_fidelity, table
-
-    if model != "toy":
-        raise LatexBlendError("bench fidelity needs --model toy (its scenes have exact detectors)")
-    if seeds < 1:
-        raise LatexBlendError(f"--seeds must be at least 1, got {seeds}")
-    names = [c.strip() for c in concepts.split(",") if c.strip()]
-    chosen = [v.strip() for v in variants.split(",") if v.strip()]
-    bad = [c for c in names if c not in toy.CONCEPTS] + [v for v in chosen if v not in VARIANTS]
-    if bad or not names:
-        raise LatexBlendError(f"unknown concept/variant {', '.join(bad) or '(none given)'}; concepts: "
-                              f"{', '.join(toy.CONCEPTS)}; variants: {', '.join(VARIANTS)}")
-    _quiet_libraries()
-    settings = FidelitySettings(concepts=names, variants=chosen, steps=steps or TOY_RECIPE["steps"],
-                                lr=lr if lr is not None else TOY_RECIPE["lr"], seeds=seeds, seed=seed)
-    result = run_fidelity(out, settings, progress=typer.echo)
-    typer.echo(table(result))
-    typer.echo(f"wrote {out / 'fidelity.json'} and grids in {out}/ ({result['wall_s']:.0f} s)")
-
-
-@bench_app.command("extract")
-@friendly
-def bench_extract_cmd(
-    model: BenchModelOpt = "tiny",
-    device: str | None = None,
-    repeats: int = 3,
-    out: BenchOutOpt = Path("bench_extract.json"),
-) -> None:
-    """Stage 2: wall time of one extraction (text side only) and the bank file's size."""
-    _quiet_libraries()
-    from latexblend.bench import bench_extract
-
-    _bench_report(bench_extract(model, device=device, repeats=repeats), out)
-
-
-@bench_app.command("modes")
-@friendly
-def bench_modes_cmd(
-    model: BenchModelOpt = "tiny",
-    concepts: Annotated[str, typer.Option(help="Comma-separated concept counts (2-6).")] = "2,4",
-    steps: int = 20,
-    repeats: int = 3,
-    size: BenchSizeOpt = None,
-    device: str | None = None, dtype: str = "auto",
-    out: BenchOutOpt = Path("bench_modes.json"),
-    profile: Annotated[Path | None, typer.Option(
-        help="Also write a torch.profiler operator table per mode (profile_<mode>_<n>.txt) into this folder.")] = None,
-) -> None:
-    """Plain blending, blending guidance and rectification vs the stock pipeline (time, peak memory, FLOPs)."""
-    counts = _counts(concepts, 2, 6)
-    _quiet_libraries()
-    from latexblend.bench import bench_modes
-
-    _bench_report(bench_modes(model, counts, steps=steps, repeats=repeats, size=size, device=device, dtype=dtype,
-                              profile_dir=profile), out)
 
 
 def main() -> None:

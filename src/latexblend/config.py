@@ -12,8 +12,8 @@ import math
 from pathlib import Path
 from typing import Any, TypeVar
 
-from latexblend.data import SHRINK
 from latexblend.errors import LatexBlendError
+from latexblend.train.data import SHRINK
 
 T = TypeVar("T")
 
@@ -258,7 +258,7 @@ class TrainConfig:
     overwrite: bool = False
 
     def validate(self) -> None:
-        from latexblend.bank import check_name
+        from latexblend.bank.format import check_name
 
         for key in ("name", "images", "class_noun"):
             if not getattr(self, key):
@@ -332,7 +332,7 @@ def farm_index(index: int | None, concept: str | None, images: str | None) -> in
 
 def finished_bank(cfg: TrainConfig) -> Path | None:
     """The concept's bank when it already loads and checks (a farm re-run skips it), else ``None``."""
-    from latexblend.bank import bank_complete, bank_file
+    from latexblend.bank.format import bank_complete, bank_file
 
     path = bank_file(cfg.name, cfg.bank_dir)
     return path if bank_complete(path) else None

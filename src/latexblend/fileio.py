@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader sees the old file or the complete new one, never half of one."""
+"""Files: atomic writes (a reader sees the old file or the complete new one, never half of one), safe names,
+folders held by one run (lock files), and reading user images."""
 
 from __future__ import annotations
 
@@ -7,8 +8,12 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from latexblend.errors import LatexBlendError
 
@@ -166,3 +171,64 @@ def _release(lock: Path) -> None:
             lock.unlink()
     except (OSError, ValueError, IndexError):
         pass
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+#: Text files allowed beside images (prior captions, the release's list files).
+SIDE_FILES = ("captions.txt", "caption.txt", "images.txt")
+
+
+# --------------------------------------------------------------------------- reading images
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """An RGB image with its EXIF orientation applied; a corrupt file, or one too large to decode safely
+    (a decompression bomb: over ``PIL.Image.MAX_IMAGE_PIXELS``), is one clear error naming it. 16-bit and
+    32-bit greyscale images are scaled to 8 bits (PIL's plain ``convert`` would clip them to white)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                return _to_8bit(img).convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise LatexBlendError(f"{path} is refused: too many pixels to decode safely (a decompression bomb?); "
+                              f"{Image.MAX_IMAGE_PIXELS:,} pixels at most") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise LatexBlendError(f"{path} is not a readable image ({type(err).__name__}): remove or replace it") from err
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """Greyscale images of more than 8 bits (modes ``I;16*``, ``I``, ``F``) as mode ``L``: 16-bit values
+    are divided by 257 (65535 -> 255); ``I``/``F`` images holding only 0..255 are kept as they are."""
+    if not (img.mode.startswith("I") or img.mode == "F"):
+        return img
+    arr = np.asarray(img, dtype=np.float64)
+    if img.mode.startswith("I;16") or arr.max(initial=0) > 255:
+        arr = arr / 257.0
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+
+
+def list_images(folder: str | Path, what: str = "image", strict: bool = True) -> list[Path]:
+    """The image files of ``folder`` (by suffix, hidden files left out) in sorted order.
+
+    Refused with one line: a missing folder, a folder without images. ``strict`` (training data): also
+    an image that does not decode and a file that is not an image (other than the caption/list files in
+    :data:`SIDE_FILES`). Not strict (evaluation references): other files are ignored and images are not
+    opened, so that the caller can report or skip each unreadable one.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LatexBlendError(f"{what} folder {folder} does not exist")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    for path in files if strict else ():
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            open_image(path)
+        elif path.name not in SIDE_FILES:
+            raise LatexBlendError(f"{path} is not an image (expected {', '.join(IMAGE_SUFFIXES)}); move it out of "
+                                  f"the {what} folder")
+    if not images:
+        raise LatexBlendError(f"{what} folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return images

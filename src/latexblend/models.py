@@ -222,7 +222,7 @@ def resolve_model(model: str) -> str:
     if model == "tiny":
         return str(tiny_model_dir())
     if model == "toy":
-        from latexblend.toymodel import toy_model_dir
+        from latexblend.toy.model import toy_model_dir
 
         return str(toy_model_dir())
     if model == "sdxl-random":

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from latexblend.bank import ConceptBank
+from latexblend.bank.format import ConceptBank
 from latexblend.device import (
     count_tflop,
     device_name,
@@ -82,7 +82,7 @@ def rounds(repeats: int, runs: Callable[[bool], list[tuple[str, Callable[[], tup
 def bench_generate(model: str = "tiny", counts: Sequence[int] = (0, 1, 4, 8), steps: int = 20, repeats: int = 3,
                    size: int | None = None, device: str | None = None, dtype: str = "auto", cfg: float = 6.0) -> dict:
     """Time blended generation with N concepts against the stock pipeline on the same prompt and seed."""
-    from latexblend.blend import apply
+    from latexblend.blend.blender import apply
 
     check_counts(steps=steps, repeats=repeats)
     pipe = bench_pipeline(model, device, dtype)
@@ -186,7 +186,7 @@ def bench_modes(model: str = "tiny", counts: Sequence[int] = (2, 4), steps: int 
     autograd keeps for the guidance pass's backward (weights excluded; any device), the part of its
     memory that checkpointing reduces. ``profile_dir``: also write one profiler table per mode there.
     """
-    from latexblend.blend import apply
+    from latexblend.blend.blender import apply
 
     check_counts(steps=steps, repeats=repeats)
     if profile_dir is not None and Path(profile_dir).exists() and not Path(profile_dir).is_dir():
@@ -261,9 +261,9 @@ def _train_setup(model: str, size: int | None, tmp: Path, device: str | None = N
     """``(Setup, Accelerator)`` of a training run on procedural images (instance: disc, prior: towers), the
     device and precision as ``latexblend train`` picks them."""
     from latexblend.config import TrainConfig
-    from latexblend.data import load_prior
-    from latexblend.synthetic import draw_concept
-    from latexblend.train import accelerator, build_setup, check_inputs
+    from latexblend.toy.synthetic import draw_concept
+    from latexblend.train.data import load_prior
+    from latexblend.train.loop import accelerator, build_setup, check_inputs
 
     draw_concept(tmp / "inst", "disc", num=4, size=256)
     draw_concept(tmp / "prior", "towers", num=4, size=256, seed=1)
@@ -280,7 +280,7 @@ def _train_rows(setup, acc, steps: int, checkpointing: Sequence[bool], peak: flo
     ``latexblend train``) in the steady state of a long run: the prior cache filled first. FLOPs are
     counted once, on step 0 (uncompiled: with ``compile_unet`` the UNet is compiled after it);
     ``warmup_s`` is each setting's untimed first step (with ``compile_unet``, the compilation)."""
-    from latexblend.train import compile_unet, fill_prior_cache, make_optimizer, step_tflop, train_step
+    from latexblend.train.loop import compile_unet, fill_prior_cache, make_optimizer, step_tflop, train_step
 
     params = setup.parameters()
     optimizer = acc.prepare(make_optimizer(setup.cfg, params, setup.cfg.lr))
@@ -334,8 +334,8 @@ def bench_extract(model: str = "tiny", device: str | None = None, repeats: int =
     """Wall time of Stage 2 (one text-side pass: encode, project, keep the span) and the bank's size."""
     import tempfile
 
-    from latexblend.bank import save_bank
-    from latexblend.extract import extract_bank
+    from latexblend.bank.extract import extract_bank
+    from latexblend.bank.format import save_bank
     from latexblend.text import pipeline_text_side
 
     check_counts(repeats=repeats)

@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 
 from latexblend.attention import BlendProcessor, BlendState, install_processors
-from latexblend.bank import ConceptBank, bank_path, load_bank, verify_bank
+from latexblend.bank.format import ConceptBank, bank_path, load_bank, verify_bank
+from latexblend.blend.guidance import GuidanceOptions
+from latexblend.blend.rectify import RectifyOptions
 from latexblend.config import check_range
 from latexblend.errors import LatexBlendError
-from latexblend.guidance import GuidanceOptions
 from latexblend.models import fingerprint
-from latexblend.rectify import RectifyOptions
 from latexblend.tokens import Span, locate_spans, placeholder_names
 
 
@@ -86,9 +86,9 @@ class Blender:
         self._signature = inspect.signature(self._encode)
         pipe.encode_prompt = self._encode_prompt
         pipe._latexblend = self
-        self.steering = None  # guidance / rectification / map saving (latexblend.steering)
+        self.steering = None  # guidance / rectification / map saving (latexblend.blend.steering)
         if guidance or rectify or save_maps:
-            from latexblend.steering import Steering
+            from latexblend.blend.steering import Steering
 
             try:
                 self.steering = Steering(self, guidance, rectify, save_maps)

@@ -22,18 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from latexblend.attention import SpliceProcessor, SpliceState, install_processors, project_kv
+from latexblend.bank.extract import bank_dtype, extract_bank
 from latexblend.config import TrainConfig
-from latexblend.data import (
-    augment,
-    draw,
-    draw_flip,
-    list_images,
-    load_prior,
-    open_image,
-    prior_dir,
-    prior_sample,
-    template_pool,
-)
 from latexblend.device import (
     device_name,
     environment,
@@ -44,8 +34,20 @@ from latexblend.device import (
     resolve_mixed_precision,
 )
 from latexblend.errors import LatexBlendError
-from latexblend.extract import bank_dtype, extract_bank
-from latexblend.runfolder import (
+from latexblend.text import ENCODERS, concept_span, encode_prompts, pipeline_text_side
+from latexblend.tokens import Span, token_ids
+from latexblend.train.data import (
+    augment,
+    draw,
+    draw_flip,
+    list_images,
+    load_prior,
+    open_image,
+    prior_dir,
+    prior_sample,
+    template_pool,
+)
+from latexblend.train.runfolder import (
     check_run_folder,
     config_hash,
     merge_lora,
@@ -56,8 +58,6 @@ from latexblend.runfolder import (
     write_run_info,
     write_weights,
 )
-from latexblend.text import ENCODERS, concept_span, encode_prompts, pipeline_text_side
-from latexblend.tokens import Span, token_ids
 
 # --------------------------------------------------------------------------- trainable pieces
 
@@ -675,7 +675,7 @@ def load_checkpoint(setup: Setup, optimizer, folder: Path) -> int:
 
 def _finish(setup: Setup, run: Path, start: int, wall: float, loss: float, meter: Meter) -> None:
     """Final weights, run.json, and the bank (Stage 2, no separate step)."""
-    from latexblend.bank import SUFFIX, bank_dir, save_bank
+    from latexblend.bank.format import SUFFIX, bank_dir, save_bank
 
     cfg, pipe, steps = setup.cfg, setup.pipe, setup.extra["steps"]
     save_trainables(setup, run)

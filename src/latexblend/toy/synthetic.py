@@ -3,7 +3,7 @@
 Each style draws one recognisable "subject" (a fixed arrangement of shapes and colours) at a random
 place, size and background, so a concept can be trained on the tiny model in a few minutes.
 
-    python -m latexblend.synthetic OUT_DIR [--style disc] [--num 5] [--size 96] [--seed 0]
+    python -m latexblend.toy.synthetic OUT_DIR [--style disc] [--num 5] [--size 96] [--seed 0]
 """
 
 from __future__ import annotations

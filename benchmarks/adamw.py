@@ -3,7 +3,7 @@ parameters, random gradients) for torch's three implementations: the per-tensor 
 ``fused``; seconds per step (median of 3 after one warm-up) and aten ops dispatched per step. Needs
 about 7 GB of memory on the CPU.
 
-    OMP_NUM_THREADS=1 python scripts/adamw_bench.py [--device cuda]
+    OMP_NUM_THREADS=1 python -m benchmarks.adamw [--device cuda]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The ``toy`` base model: a small SDXL-format text-to-image model trained on the toy world.
 
 Text encoders and tokenizers are the embedded ``tiny`` model's (seeded, frozen); the UNet and the
-AutoencoderKL were trained by ``scripts/train_toy.py`` on :mod:`latexblend.toy` scenes and ship with
+AutoencoderKL were trained by ``scripts/train_toy.py`` on :mod:`latexblend.toy.world` scenes and ship with
 the package in fp16 (``assets/toy-unet.safetensors``, ``assets/toy-vae.safetensors``,
 ``assets/toy.json``). :func:`save_toy_model` assembles an ordinary diffusers folder that
 ``StableDiffusionXLPipeline.from_pretrained`` loads.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from latexblend.errors import LatexBlendError
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).parents[1] / "assets"
 TOY_SIZE = 32
 
 

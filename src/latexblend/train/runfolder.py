@@ -55,7 +55,7 @@ def check_run_folder(cfg: TrainConfig) -> tuple[Path, Path | None]:
     """``(run folder, checkpoint to resume from)``; refuses to clobber a run or a bank by accident. A run
     folder without weights (stopped before its first checkpoint) holds nothing to keep or resume: it is
     started again from step 0, also under ``--resume latest``."""
-    from latexblend.bank import SUFFIX, bank_dir
+    from latexblend.bank.format import SUFFIX, bank_dir
 
     run = Path(cfg.runs_dir) / cfg.name
     kept = _has_weights(run)

@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from latexblend.errors import LatexBlendError
-from latexblend.runfolder import KV_FILE, TOKENS_FILE, checkpoint_folder, kv_metadata, kv_weights, read_config
 from latexblend.text import concept_span, encode_prompts, load_text_side, set_identifier_rows
 from latexblend.tokens import Span, token_ids
+from latexblend.train.runfolder import KV_FILE, TOKENS_FILE, checkpoint_folder, kv_metadata, kv_weights, read_config
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from latexblend.bank import ConceptBank
+    from latexblend.bank.format import ConceptBank
 
 def kv_rows(context: torch.Tensor, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], span: Span,
             dtype=None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -44,7 +44,7 @@ def extract_bank(tokenizers: Sequence, encoders: Sequence, weights: dict, *, nam
     must already carry the learned identifier rows; ``weights`` are the fine-tuned ``(W_k, W_v)``."""
     import torch
 
-    from latexblend.bank import ConceptBank
+    from latexblend.bank.format import ConceptBank
 
     noun_ids = token_ids(tokenizers[0], class_noun)
     span = concept_span(tokenizers[0], prompt, token_id, noun_ids)
@@ -64,7 +64,7 @@ def extract_run(run: str | Path, checkpoint: int | None = None, prompt: str | No
                 overwrite: bool = False) -> tuple:
     """Re-extract a trained run (``runs/<name>``) into the bank. Returns ``(bank, path)``. An existing bank
     file is replaced only with ``overwrite``."""
-    from latexblend.bank import SUFFIX, bank_dir, save_bank
+    from latexblend.bank.format import SUFFIX, bank_dir, save_bank
     from latexblend.device import resolve_device
     from latexblend.models import load_unet_and_tokenizer
 

@@ -17,9 +17,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from latexblend.blend.samples import metadata_path, samples_complete
 from latexblend.errors import LatexBlendError
 from latexblend.fileio import safe_name, write_text_atomic
-from latexblend.samples import metadata_path, samples_complete
 
 SINGLE_FILE = "dataset.json"
 PAIR_FILE = "dataset_multiconcept.json"
@@ -269,7 +269,7 @@ def job_evaluator(clip_model: str, dino_model: str, device: str | None, batch_si
     loaded = {}
 
     def evaluate(job: dict) -> dict:
-        from latexblend import evaluate as ev
+        from latexblend.evaluate import metrics as ev
 
         if not loaded:
             if before_load is not None:

@@ -6,7 +6,7 @@ size. A scalar read (``aten::_local_scalar_dense``: ``.item()``, ``float()``, ``
 tensor makes the host wait for the device; reads of CPU tensors (the data draws, the optimizer's
 step counters outside the fused kernel) cost no sync on a GPU: each read is listed with its caller.
 
-    python scripts/train_profile.py --model sdxl-random --size 128 --steps 2 --out prof/
+    python -m benchmarks.train_profile --model sdxl-random --size 128 --steps 2 --out prof/
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from latexblend.bench import _train_setup
+from benchmarks.speed import _train_setup
 from latexblend.device import OpCounter
-from latexblend.train import fill_prior_cache, make_optimizer, step_tflop, train_step
+from latexblend.train.loop import fill_prior_cache, make_optimizer, step_tflop, train_step
 
 
 def main() -> None:

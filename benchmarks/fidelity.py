@@ -1,5 +1,5 @@
 """Fidelity benchmark on the toy world: does a trained concept appear in new scenes, and does the
-rest of the prompt survive? Scored by the exact detectors of :mod:`latexblend.toy`.
+rest of the prompt survive? Scored by the exact detectors of :mod:`latexblend.toy.world`.
 
 For each concept of :data:`latexblend.toy.CONCEPTS` (a two-toned object of one class, in a colour pair
 the toy model never saw) it draws instance images and a prior set (world objects of the class with
@@ -14,16 +14,17 @@ the per-image joint rate, standard errors; JSON and one grid PNG per variant.
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from latexblend import toy
 from latexblend.config import TRAIN_RECIPES
 from latexblend.fileio import write_text_atomic
-from latexblend.toy import draw_data
+from latexblend.toy import detect
+from latexblend.toy import world as toy
+from latexblend.toy.detect import summarise
+from latexblend.toy.world import draw_data
 
 
 @dataclass(frozen=True)
@@ -103,9 +104,9 @@ def train_variant(root: Path, concept: str, name: str, settings: FidelitySetting
                   train: tuple = ()):
     """Train ``concept`` on ``toy`` with the toy recipe, ``settings``' steps and lr, and the ``TrainConfig``
     overrides ``train`` (``((key, value), ...)``) as run ``<concept>-<name>``; its bank (a :class:`ConceptBank`)."""
-    from latexblend.bank import bank_path, load_bank
+    from latexblend.bank.format import bank_path, load_bank
     from latexblend.config import TrainConfig, merge
-    from latexblend.train import train as run_training
+    from latexblend.train.loop import train as run_training
 
     name = f"{concept}-{name}"
     fixed = dict(name=name, images=str(data[0]), prior=str(data[1]), class_noun=toy.CONCEPTS[concept].cls,
@@ -117,50 +118,13 @@ def train_variant(root: Path, concept: str, name: str, settings: FidelitySetting
     return load_bank(bank_path(name, root / "bank"))
 
 
-def parse_overrides(spec: str, allowed) -> dict:
-    """``"lr=3e-4,steps=1500"`` -> ``{"lr": 0.0003, "steps": 1500}`` (values read as YAML, as ``--set``);
-    a key not in ``allowed`` or an item without ``=`` is one :class:`LatexBlendError` line."""
-    from latexblend.config import key_value
-    from latexblend.errors import LatexBlendError
-
-    out = dict(key_value(item, f"'{spec}':") for item in filter(None, spec.split(",")))
-    unknown = sorted(set(out) - set(allowed))
-    if unknown:
-        raise LatexBlendError(f"'{spec}': unknown key {unknown[0]} (known: {', '.join(sorted(allowed))})")
-    return out
-
-
-def _sem(values: list[float]) -> float:
-    n = len(values)
-    if n < 2:
-        return 0.0
-    mean = sum(values) / n
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
-
-
-def summarise(rows: list[dict]) -> dict:
-    """Rates in % with standard errors over images: concept (an object of its class in its two tones,
-    top over bottom), concept colours (both its colours on an object of its class, either order),
-    fidelity, product (concept x fidelity), joint (both in one image)."""
-    out = {}
-    for key in ("concept", "concept_colours", "fidelity", "joint"):
-        vals = [float(r[key]) for r in rows if key in r]
-        if vals:
-            out[f"{key}_pct"] = 100 * sum(vals) / len(vals)
-            out[f"{key}_se"] = 100 * _sem(vals)
-    if "concept_pct" in out:
-        out["product_pct"] = out["concept_pct"] * out["fidelity_pct"] / 100
-    out["images"] = len(rows)
-    return out
-
-
 def generate_rows(pipe, prompts: list[str], seeds: int, settings: FidelitySettings, concepts: list[str],
                   banks: list | None, blend: tuple = ()) -> tuple[list[dict], list]:
     """Generate prompts x seeds (blending ``banks`` with ``apply`` options ``blend`` if given) and score
     each image for ``concepts``."""
     import torch
 
-    from latexblend.blend import apply
+    from latexblend.blend.blender import apply
 
     blender = apply(pipe, banks, **dict(blend)) if banks else None
     rows, images = [], []
@@ -170,28 +134,12 @@ def generate_rows(pipe, prompts: list[str], seeds: int, settings: FidelitySettin
             out = pipe(prompt=prompt, num_inference_steps=settings.sample_steps, guidance_scale=settings.cfg,
                        height=toy.SIZE, width=toy.SIZE, num_images_per_prompt=seeds, generator=gens).images
             for j, image in enumerate(out):
-                rows.append(score_row(image, prompt, concepts) | {"seed": settings.seed + j})
+                rows.append({"prompt": prompt, "seed": settings.seed + j} | detect.score(image, prompt, concepts))
                 images.append(image)
     finally:
         if blender is not None:
             blender.remove()
     return rows, images
-
-
-def score_row(image, prompt: str, concepts: list[str]) -> dict:
-    """One image's scores: the rest of the prompt right, and for ``concepts`` (if any) every concept
-    present, its colours, and both in one image."""
-    det = toy.detect(image)
-    classes = {toy.CONCEPTS[c].cls for c in concepts}
-    spec = toy.parse_prompt(prompt)
-    others = [(c, col) for c, col in spec["objects"] if c not in classes]
-    fidelity = det.background == spec["background"] and all(det.has(c, col) for c, col in others)
-    if not concepts:  # nothing to find: rates over a folder count only images that name a concept
-        return {"prompt": prompt, "fidelity": fidelity}
-    present = all(c in det.concepts(strict=True) for c in concepts)
-    colours = all(c in det.concepts() for c in concepts)
-    return {"prompt": prompt, "concept": present, "concept_colours": colours, "fidelity": fidelity,
-            "joint": present and fidelity}
 
 
 def held_out_quality(pipe, seeds: int = 4, steps: int = 20, cfg: float = 5.0) -> dict:
@@ -206,7 +154,7 @@ def held_out_quality(pipe, seeds: int = 4, steps: int = 20, cfg: float = 5.0) ->
         images = pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=cfg, height=toy.SIZE,
                       width=toy.SIZE, num_images_per_prompt=seeds, generator=gens).images
         for image in images:
-            det = toy.detect(image)
+            det = detect.detect(image)
             backs.append(det.background == spec["background"])
             (pair if len(spec["objects"]) == 2 else single).append(all(det.has(c, col) for c, col in spec["objects"]))
     rate = lambda v: round(100 * sum(v) / len(v), 1)  # noqa: E731
@@ -217,8 +165,8 @@ def held_out_quality(pipe, seeds: int = 4, steps: int = 20, cfg: float = 5.0) ->
 def save_grid(images: list, path: Path, cols: int, scale: int = 3) -> None:
     from PIL import Image
 
+    from latexblend.blend.samples import make_grid
     from latexblend.fileio import atomic_path
-    from latexblend.samples import make_grid
 
     grid = make_grid([im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in images], cols=cols)
     with atomic_path(path) as tmp:
@@ -294,29 +242,3 @@ def table(result: dict) -> str:
                      f"{s['fidelity_pct']:.0f} ± {s['fidelity_se']:.0f} | {s['product_pct']:.0f} | "
                      f"{s['joint_pct']:.0f} | {s['images']} |")
     return "\n".join(lines)
-
-
-def score_samples(folder: str | Path) -> dict:
-    """Toy-detector metrics of a ``generate`` output folder made with ``--model toy``: per image
-    (background and the other named objects right, each toy concept's pattern present) and overall
-    rates in %. Concepts whose bank name is a :data:`latexblend.toy.CONCEPTS` name are scored."""
-    from PIL import Image
-
-    from latexblend.errors import LatexBlendError
-    from latexblend.evaluate import read_samples
-
-    samples = read_samples(folder)
-    rows = []
-    for img in samples.images:
-        if toy.parse_prompt(img.expanded_prompt) is None:
-            raise LatexBlendError(f"{img.file}: prompt '{img.expanded_prompt}' is not in the toy grammar "
-                                  "(--detector toy scores toy-world prompts only)")
-        if not img.path.is_file():
-            raise LatexBlendError(f"image {img.path} listed in metadata.json does not exist")
-        concepts = [c for c in img.concepts if c in toy.CONCEPTS]
-        with Image.open(img.path) as im:
-            row = score_row(im.convert("RGB"), img.expanded_prompt, concepts)
-        rows.append({"file": img.file, "seed": img.seed, "concepts": concepts} | row)
-    overall = summarise(rows)
-    return {"format": "latexblend-toy-metrics", "format_version": 1, "samples": str(samples.folder),
-            "detector": "latexblend.toy.detect", "overall": overall, "images": rows}

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 
-from latexblend import samples
-from latexblend.blend import Blender, load_banks
+from latexblend.blend import samples
+from latexblend.blend.blender import Blender, load_banks
+from latexblend.blend.guidance import GuidanceOptions
+from latexblend.blend.rectify import RectifyOptions
 from latexblend.config import GenerateConfig, to_dict
 from latexblend.errors import LatexBlendError
-from latexblend.guidance import GuidanceOptions
-from latexblend.rectify import RectifyOptions
 from latexblend.tokens import placeholder_names
 
 SCHEDULERS = {

@@ -8,7 +8,7 @@ from all 70 attn2 layers. FLOPs from ``torch.utils.flop_counter`` (matmuls, conv
 forward and backward). ``predicted`` = the generation's cost relative to plain blending if every FLOP
 took equal time, with guidance on the first ``window`` share of steps (the release: 20 of 100).
 
-    python scripts/sdxl_guidance_flops.py --size 1024
+    python -m benchmarks.guidance_flops --size 1024
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import json
 
 import torch
 
-from latexblend import guidance
 from latexblend.attention import BlendState, MapProcessor, MapState, install_processors
+from latexblend.blend import guidance
 from latexblend.device import count_tflop
 from latexblend.models import attn2_shapes, build_sdxl_random
 from latexblend.tokens import Span

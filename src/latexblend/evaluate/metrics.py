@@ -25,10 +25,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from latexblend.data import list_images, open_image
+from latexblend.blend.samples import SampleImage, Samples, read_samples
 from latexblend.errors import LatexBlendError
-from latexblend.fileio import atomic_path, write_text_atomic
-from latexblend.samples import SampleImage, Samples, read_samples
+from latexblend.fileio import atomic_path, list_images, open_image, write_text_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

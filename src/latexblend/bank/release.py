@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from latexblend.bank import ConceptBank, bank_dir, check_name, checked_file, load_bank, validate_bank
+from latexblend.bank.format import ConceptBank, bank_dir, check_name, checked_file, load_bank, validate_bank
 from latexblend.errors import LatexBlendError
 
 if TYPE_CHECKING:  # pragma: no cover

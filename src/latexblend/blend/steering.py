@@ -43,8 +43,7 @@ from dataclasses import dataclass, field
 import torch
 
 from latexblend.attention import MapProcessor, MapState, SelfMapProcessor, install_processors
-from latexblend.errors import LatexBlendError
-from latexblend.guidance import (
+from latexblend.blend.guidance import (
     GuidanceOptions,
     collector,
     guidance_pass,
@@ -54,7 +53,8 @@ from latexblend.guidance import (
     select_layers,
     token_maps,
 )
-from latexblend.rectify import RectifyOptions, coefficients, concept_masks, modulate, resize_masks
+from latexblend.blend.rectify import RectifyOptions, coefficients, concept_masks, modulate, resize_masks
+from latexblend.errors import LatexBlendError
 
 
 def _cut(value, batch: int, offset: int):
