@@ -14,7 +14,8 @@ import time
 
 import torch
 
-from latexblend.device import OpCounter, synchronize
+from benchmarks.counters import OpCounter
+from latexblend.device import synchronize
 from latexblend.models import attn2_shapes, build_sdxl_random
 
 

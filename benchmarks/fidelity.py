@@ -19,12 +19,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from latexblend.config import TRAIN_RECIPES
 from latexblend.fileio import write_text_atomic
 from latexblend.toy import detect
 from latexblend.toy import world as toy
 from latexblend.toy.detect import summarise
 from latexblend.toy.world import draw_data
+from latexblend.train.options import RECIPES
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,8 @@ class FidelitySettings:
 
     concepts: list[str] = field(default_factory=lambda: list(toy.CONCEPTS))
     variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))
-    steps: int = TRAIN_RECIPES["toy"]["steps"]
-    lr: float = TRAIN_RECIPES["toy"]["lr"]
+    steps: int = RECIPES["toy"]["steps"]
+    lr: float = RECIPES["toy"]["lr"]
     seeds: int = 4
     sample_steps: int = 20
     cfg: float = 5.0
@@ -83,7 +83,7 @@ class FidelitySettings:
 
 
 #: Training recipe that learns on the toy model (measured with this benchmark; see docs/TOY.md).
-TOY_RECIPE = TRAIN_RECIPES["toy"]
+TOY_RECIPE = RECIPES["toy"]
 
 
 def in_words(prompt: str, concept: str) -> str:
@@ -97,7 +97,7 @@ def in_words(prompt: str, concept: str) -> str:
 
 def toy_recipe(settings: FidelitySettings) -> dict:
     """The toy recipe with ``settings``' steps and lr."""
-    return TRAIN_RECIPES["toy"] | {"steps": settings.steps, "lr": settings.lr}
+    return RECIPES["toy"] | {"steps": settings.steps, "lr": settings.lr}
 
 
 def train_variant(root: Path, concept: str, name: str, settings: FidelitySettings, data: tuple[Path, Path],
@@ -105,8 +105,9 @@ def train_variant(root: Path, concept: str, name: str, settings: FidelitySetting
     """Train ``concept`` on ``toy`` with the toy recipe, ``settings``' steps and lr, and the ``TrainConfig``
     overrides ``train`` (``((key, value), ...)``) as run ``<concept>-<name>``; its bank (a :class:`ConceptBank`)."""
     from latexblend.bank.format import bank_path, load_bank
-    from latexblend.config import TrainConfig, merge
+    from latexblend.settings import merge
     from latexblend.train.loop import train as run_training
+    from latexblend.train.options import TrainConfig
 
     name = f"{concept}-{name}"
     fixed = dict(name=name, images=str(data[0]), prior=str(data[1]), class_noun=toy.CONCEPTS[concept].cls,

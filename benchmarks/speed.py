@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.counters import SavedBytes
 from latexblend.bank.format import ConceptBank
 from latexblend.device import (
     count_tflop,
@@ -207,9 +208,9 @@ def bench_modes(model: str = "tiny", counts: Sequence[int] = (2, 4), steps: int 
         with apply(pipe, banks[:n], **MODES[mode]) as blender:
             if not warm_up:
                 return timed(lambda: call(prompt), device)
-            if blender.steering is not None:  # the warm-up counts (untimed: the counting costs time)
-                blender.steering.count_saved = True
-            stats[f"{mode}@{n}"] = {"tflop": count_tflop(lambda: call(prompt)),
+            with SavedBytes(pipe.unet) as saved:  # the warm-up counts (untimed: the counting costs time)
+                tflop = count_tflop(lambda: call(prompt))
+            stats[f"{mode}@{n}"] = {"tflop": tflop, "guidance_saved_bytes": saved.nbytes,
                                     **(blender.steering.stats if blender.steering is not None else {})}
             if profile_dir is not None:
                 _profiled(lambda: call(prompt), device, Path(profile_dir) / f"profile_{mode}_{n}.txt")
@@ -260,16 +261,16 @@ def _mode_rows(counts, modes, times, peaks, stats) -> list[dict]:
 def _train_setup(model: str, size: int | None, tmp: Path, device: str | None = None, **overrides):
     """``(Setup, Accelerator)`` of a training run on procedural images (instance: disc, prior: towers), the
     device and precision as ``latexblend train`` picks them."""
-    from latexblend.config import TrainConfig
     from latexblend.toy.synthetic import draw_concept
     from latexblend.train.data import load_prior
-    from latexblend.train.loop import accelerator, build_setup, check_inputs
+    from latexblend.train.loop import accelerator
+    from latexblend.train.options import TrainConfig
+    from latexblend.train.setup import build_setup, check_inputs
 
     draw_concept(tmp / "inst", "disc", num=4, size=256)
     draw_concept(tmp / "prior", "towers", num=4, size=256, seed=1)
     cfg = TrainConfig(name="bench", images=str(tmp / "inst"), class_noun="dog", prior=str(tmp / "prior"),
                       model=model, resolution=size, **overrides)
-    cfg.validate()
     acc, dtype = accelerator(cfg.mixed_precision, device)
     images, _ = check_inputs(cfg)
     return build_setup(cfg, images, load_prior(tmp / "prior", "dog"), acc.device, dtype), acc
@@ -280,9 +281,11 @@ def _train_rows(setup, acc, steps: int, checkpointing: Sequence[bool], peak: flo
     ``latexblend train``) in the steady state of a long run: the prior cache filled first. FLOPs are
     counted once, on step 0 (uncompiled: with ``compile_unet`` the UNet is compiled after it);
     ``warmup_s`` is each setting's untimed first step (with ``compile_unet``, the compilation)."""
-    from latexblend.train.loop import compile_unet, fill_prior_cache, make_optimizer, step_tflop, train_step
+    from latexblend.train.loop import make_optimizer
+    from latexblend.train.setup import compile_unet
+    from latexblend.train.step import fill_prior_cache, step_tflop, train_step
 
-    params = setup.parameters()
+    params = setup.flow.trainable()
     optimizer = acc.prepare(make_optimizer(setup.cfg, params, setup.cfg.lr))
     with acc.autocast():
         fill_prior_cache(setup)
@@ -327,7 +330,7 @@ def bench_train(model: str = "tiny", steps: int = 5, size: int | None = None, de
             "dtype": str(setup.dtype).replace("torch.", ""), "size": setup.size, "steps": steps,
             "batch": f"{cfg.batch_size} instance + {cfg.batch_size} prior", "grad_accum": cfg.grad_accum,
             "cache_prior": cfg.cache_prior, "compile_unet": cfg.compile_unet, "peak_tflops": peak,
-            "trainable_params": sum(p.numel() for p in setup.parameters()), "rows": rows, "env": environment()}
+            "trainable_params": sum(p.numel() for p in setup.flow.trainable()), "rows": rows, "env": environment()}
 
 
 def bench_extract(model: str = "tiny", device: str | None = None, repeats: int = 3) -> dict:
@@ -344,10 +347,10 @@ def bench_extract(model: str = "tiny", device: str | None = None, repeats: int =
         setup, _ = _train_setup(model, None, Path(tmp), device)
         device = str(setup.device)
         toks, encs = pipeline_text_side(setup.pipe)
-        weights = setup.weights()
+        weights = setup.flow.weights()
 
         def extract():
-            return extract_bank(toks, encs, weights, name="bench", class_noun="dog", token_id=setup.rows.token_id,
+            return extract_bank(toks, encs, weights, name="bench", class_noun="dog", token_id=setup.flow.token_id,
                                 prompt="photo of <new1> dog", base_model=model, fingerprint=setup.fingerprint,
                                 training={}, dtype=torch.float16)
 

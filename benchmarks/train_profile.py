@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.counters import OpCounter
 from benchmarks.speed import _train_setup
-from latexblend.device import OpCounter
-from latexblend.train.loop import fill_prior_cache, make_optimizer, step_tflop, train_step
+from latexblend.train.loop import make_optimizer
+from latexblend.train.step import fill_prior_cache, step_tflop, train_step
 
 
 def main() -> None:
@@ -33,7 +34,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         setup, acc = _train_setup(args.model, args.size, Path(tmp), grad_accum=args.grad_accum)
-        params = setup.parameters()
+        params = setup.flow.trainable()
         optimizer = acc.prepare(make_optimizer(setup.cfg, params, setup.cfg.lr))
         with acc.autocast():
             fill_prior_cache(setup)

@@ -16,7 +16,7 @@ def test_bench_generate_times_stock_and_blended_calls_in_alternation(tiny_dir, t
     warm-up round is untimed; the rows and the CSV hold one row per count."""
     from diffusers import StableDiffusionXLPipeline
 
-    from latexblend.attention import BlendProcessor
+    from latexblend.blend.processor import BlendProcessor
 
     calls = []
     stock_call = StableDiffusionXLPipeline.__call__

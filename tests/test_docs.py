@@ -23,11 +23,14 @@ def test_the_demo_bank_folder_is_spelled_out_where_banks_are_used():
     assert re.search(r"latexblend generate .*--dir \$W/concept_bank", printed)
 
 
-def test_the_readme_layout_names_every_module():
+def test_the_readme_layout_names_every_stage_and_module():
+    """The README's layout names every package folder and every top-level module, so the folder list is the map."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     layout = readme[readme.index("## Layout"):]
-    layout = layout[:layout.index("\n## ", 1)]
-    modules = sorted(p.name for p in (ROOT / "src" / "latexblend").glob("*.py") if not p.name.startswith("__"))
-    assert modules
-    missing = [m for m in modules if f"`{m}`" not in layout]
+    layout = layout[:layout.index("\n## ", 1)] if "\n## " in layout[1:] else layout
+    src = ROOT / "src" / "latexblend"
+    names = [p.name for p in src.glob("*.py") if not p.name.startswith("__")]
+    names += [f"{p.name}/" for p in src.iterdir() if p.is_dir() and (p / "__init__.py").is_file()]
+    assert len(names) > 10
+    missing = [n for n in sorted(names) if f"`{n}`" not in layout]
     assert not missing, missing

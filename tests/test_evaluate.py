@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from latexblend.cli import app
 from latexblend.errors import LatexBlendError
 from latexblend.evaluate import metrics as ev
+from latexblend.evaluate import report
 
 runner = CliRunner()
 
@@ -154,7 +155,7 @@ def test_two_concept_images_are_scored_per_concept(tmp_path, models):
     assert m["overall"]["clip_i"] == pytest.approx(sum(all_pairs) / 5) and m["overall"]["n_pairs"] == 5
     assert m["overall"]["clip_t"] == pytest.approx(sum(r["clip_t"] for r in m["images"]) / 3)
     assert m["per_prompt"]["1"]["n_images"] == 2 and m["per_prompt"]["1"]["n_pairs"] == 3
-    assert [(r["file"], r["concept"]) for r in ev.csv_rows(m)] == [
+    assert [(r["file"], r["concept"]) for r in report.csv_rows(m)] == [
         (m["images"][0]["file"], "a"), (m["images"][0]["file"], "b"), (m["images"][1]["file"], "a"),
         (m["images"][1]["file"], "b"), (m["images"][2]["file"], "a")]
 
@@ -207,7 +208,7 @@ def test_outputs_and_self_contained_report(tmp_path, models):
     samples = make_samples(tmp_path / "s", [image_entry(1, ["a"], prompt="<a> & <b>ig </div>", expanded="x<y")],
                            {"a": {"class_noun": "dog", "references": str(refs)}})
     m = ev.evaluate_samples(samples, models)
-    written = ev.write_outputs(m, samples)
+    written = report.write_outputs(m, samples)
     assert {p.name for p in written} == {"metrics.json", "metrics.csv", "report.html"}
     assert json.loads((samples / "metrics.json").read_text())["overall"] == m["overall"]
     rows = list(csv.DictReader((samples / "metrics.csv").open()))
@@ -225,8 +226,8 @@ def test_outputs_and_self_contained_report(tmp_path, models):
         assert "://" not in url and not url.startswith(("/", "data:"))
         target = (root / url).resolve()
         assert target.is_relative_to(root) and target.is_file()
-    thumbs = sorted((samples / ev.ASSETS).iterdir())
-    assert len(thumbs) == 2 and max(Image.open(thumbs[0]).size) <= ev.THUMB_PX
+    thumbs = sorted((samples / report.ASSETS).iterdir())
+    assert len(thumbs) == 2 and max(Image.open(thumbs[0]).size) <= report.THUMB_PX
     assert "<style>" in page and "http" not in page
 
 
@@ -235,7 +236,7 @@ def test_printed_table_lists_overall_concepts_and_skips(tmp_path, models):
                            {"a": {"class_noun": "dog", "references": str(ref_folder(tmp_path / "r", [1]))},
                             "b": {"class_noun": "cat", "references": None}})
     m = ev.evaluate_samples(samples, models)
-    lines = ev.table_lines(m)
+    lines = report.table_lines(m)
     assert lines[1].startswith("overall") and lines[2].startswith("a ") and lines[3].startswith("b ")
     assert "n/a" in lines[3] and lines[-1].startswith("skipped concept b")
 

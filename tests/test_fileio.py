@@ -3,7 +3,8 @@ import os
 import pytest
 
 from latexblend.errors import LatexBlendError
-from latexblend.fileio import LOCK_FILE, atomic_path, claim_folder, safe_name, save_safetensors, write_text_atomic
+from latexblend.fileio import LOCK_FILE, atomic_path, claim_folder, save_safetensors, write_text_atomic
+from latexblend.settings import safe_name
 
 
 def test_atomic_write_has_umask_permissions(tmp_path):

@@ -8,12 +8,13 @@ from typer.testing import CliRunner
 
 import latexblend
 from conftest import random_bank
-from latexblend.attention import BlendProcessor, project_kv
+from latexblend.attention import project_kv
 from latexblend.bank.format import ConceptBank, save_bank
 from latexblend.blend.blender import apply
 from latexblend.blend.generate import generate
+from latexblend.blend.options import GenerateConfig
+from latexblend.blend.processor import BlendProcessor
 from latexblend.cli import app
-from latexblend.config import GenerateConfig
 from latexblend.errors import LatexBlendError
 from latexblend.models import attn2_modules, build_tiny_pipeline, fingerprint
 from latexblend.tokens import locate_spans, token_ids
@@ -399,7 +400,7 @@ def test_distributed_units_cover_everything_once():
 
 def test_a_single_string_is_a_one_element_list_in_settings_files():
     """YAML ``prompts: "a dog"`` used to be read one character at a time ('a', ' ', 'd', ...)."""
-    from latexblend.config import merge
+    from latexblend.settings import merge
 
     cfg = merge(GenerateConfig, {"prompts": "a dog on the grass", "concepts": "corgi", "cfg": "7", "steps": 3.0})
     assert cfg.prompts == ["a dog on the grass"] and cfg.concepts == ["corgi"]
@@ -424,8 +425,10 @@ def test_heatmap_file_names_are_checked(tmp_path):
 
 @pytest.mark.parametrize("field, value", [("cfg", float("nan")), ("cfg", float("inf")), ("blend_start", float("nan"))])
 def test_python_api_refuses_non_finite_settings_too(tmp_path, field, value):
-    """Configs built in Python skip config.merge: generate validates them itself (no NaN in metadata.json)."""
-    cfg = GenerateConfig(prompts=["a dog"], steps=2, out=str(tmp_path / "o"), **{field: value})
+    """Configs built in Python skip settings.merge: they validate themselves when built (no NaN in metadata.json)."""
+    from latexblend.blend.options import BlendOptions
+
     with pytest.raises(LatexBlendError, match=f"{field} must be in .*, got {value}"):
-        generate(cfg)
+        given = {"blend": BlendOptions(start=value)} if field == "blend_start" else {field: value}
+        generate(GenerateConfig(prompts=["a dog"], steps=2, out=str(tmp_path / "o"), **given))
     assert not (tmp_path / "o").exists()

@@ -7,7 +7,6 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-import latexblend.blend.guidance as guidance_mod
 import latexblend.blend.steering as steering_mod
 from conftest import random_bank
 from latexblend.bank.format import save_bank
@@ -126,18 +125,21 @@ def test_layer_sets(tiny_pipe):
 
 @pytest.fixture()
 def recorded_passes(monkeypatch):
-    """Every guidance pass, with the loss re-measured at the updated latent, same step and conditioning."""
+    """Every guidance pass, with the loss re-measured at the updated latent, same step and conditioning, and
+    the activations it kept for backward (benchmarks.counters.SavedBytes)."""
+    from benchmarks.counters import SavedBytes
+
     passes = []
     original = steering_mod.guidance_pass
 
-    def spy(unet, z, scale, call, maps, layers, row_spans, latent_hw, checkpointing=False, count_saved=False):
-        grad, loss, nbytes = original(unet, z, scale, call, maps, layers, row_spans, latent_hw, checkpointing,
-                                      count_saved=True)
+    def spy(unet, z, scale, call, state, layers, row_spans, latent_hw, checkpointing=False):
+        with SavedBytes(unet) as saved:
+            grad, loss = original(unet, z, scale, call, state, layers, row_spans, latent_hw, checkpointing)
         step = spy.step_size
-        _, again, _ = original(unet, z - step * grad, scale, call, maps, layers, row_spans, latent_hw, checkpointing)
-        passes.append({"loss": loss, "again": again, "grad": grad, "nbytes": nbytes, "layers": list(layers),
+        _, again = original(unet, z - step * grad, scale, call, state, layers, row_spans, latent_hw, checkpointing)
+        passes.append({"loss": loss, "again": again, "grad": grad, "nbytes": saved.nbytes, "layers": list(layers),
                        "requires_grad": [p.requires_grad for p in unet.parameters()]})
-        return grad, loss, nbytes
+        return grad, loss
 
     spy.step_size = 1.0
     monkeypatch.setattr(steering_mod, "guidance_pass", spy)
@@ -172,13 +174,13 @@ def test_update_reaches_unet_input_and_scheduler_step_alike(tiny_pipe):
                 seen.setdefault("unet", args[0].clone())
 
         hook = tiny_pipe.unet.register_forward_pre_hook(main_call)
-        original = b.steering._step
+        original = b._step
 
         def step(out, t, sample, *a, **k):
             seen.setdefault("step", sample.clone())
             return original(out, t, sample, *a, **k)
 
-        b.steering._step = step
+        b._step = step
         try:
             run(tiny_pipe, "a dog and a cat", steps=2)
         finally:
@@ -218,10 +220,6 @@ def test_gradient_checkpointing_same_update_less_saved_memory(tiny_pipe, recorde
     assert not tiny_pipe.unet.is_gradient_checkpointing
 
 
-def _full_pass_sink(store, layers):  # the sink before early stopping: records, never ends the pass
-    return store.__setitem__
-
-
 def _one_step(pipe, read, **steering):
     """``read(blender)`` after a 1-step generation with two concepts, and the batch sizes conv_out saw."""
     calls = []
@@ -235,25 +233,21 @@ def _one_step(pipe, read, **steering):
 
 
 @pytest.mark.parametrize("ckpt", [False, True])
-def test_guidance_pass_stops_after_its_last_layer_same_update(tiny_pipe, monkeypatch, ckpt):
-    """With layers "down" the pass ends inside the down blocks (conv_out sees only the main step's CFG
-    batch of 2) and the update equals the one of a pass run to the end."""
-    options = {"guidance": {"window": 0.0, "layers": "down", "checkpointing": ckpt, "history": True}}
-    early, calls = _one_step(tiny_pipe, lambda b: b.steering.history[0]["delta"], **options)
-    assert calls == [2]
-    monkeypatch.setattr(guidance_mod, "collector", _full_pass_sink)
-    full, calls = _one_step(tiny_pipe, lambda b: b.steering.history[0]["delta"], **options)
-    assert calls == [1, 2]
-    assert early.abs().max() > 0 and torch.equal(early, full)
+def test_guidance_pass_is_one_whole_unet_call_before_the_step(tiny_pipe, ckpt):
+    """The guidance pass (the conditional batch of 1) runs the whole UNet before the step's own CFG batch of 2:
+    no exception ends it early. With checkpointing, the update is the same as without."""
+    updates = []
+    for checkpointing in (False, ckpt):
+        options = {"guidance": {"window": 0.0, "layers": "down", "checkpointing": checkpointing, "history": True}}
+        delta, calls = _one_step(tiny_pipe, lambda b: b.steering.history[0]["delta"], **options)
+        assert calls == [1, 2]
+        updates.append(delta)
+    assert updates[0].abs().max() > 0 and torch.allclose(updates[0], updates[1], rtol=1e-4, atol=1e-9)
 
 
-def test_rectify_capture_stops_after_the_last_cross_attention_same_masks(tiny_pipe, monkeypatch):
-    options = {"rectify": {"start": 1.0, "clusters": 3}}
-    early, calls = _one_step(tiny_pipe, lambda b: b.steering.masks(0), **options)
-    assert calls == [2]
-    monkeypatch.setattr(steering_mod, "collector", _full_pass_sink)
-    full, calls = _one_step(tiny_pipe, lambda b: b.steering.masks(0), **options)
-    assert calls == [1, 2] and torch.equal(early, full)
+def test_rectify_capture_is_one_whole_unet_call_before_the_step(tiny_pipe):
+    masks, calls = _one_step(tiny_pipe, lambda b: b.steering.masks(0), **{"rectify": {"start": 1.0, "clusters": 3}})
+    assert calls == [1, 2] and masks.shape[0] == 2 and masks.any()
 
 
 def test_steering_that_changes_nothing_is_bit_identical_to_plain_blending(tiny_pipe):

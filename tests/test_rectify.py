@@ -1,12 +1,13 @@
 import numpy as np
 import pytest
 import torch
+from benchmarks.counters import OpCounter
 
 from conftest import random_bank
 from latexblend.blend.blender import apply
 from latexblend.blend.guidance import layer_hw
-from latexblend.blend.rectify import RectifyOptions, coefficients, concept_masks, match_clusters, modulate, resize_masks
-from latexblend.device import OpCounter
+from latexblend.blend.options import RectifyOptions
+from latexblend.blend.rectify import coefficients, concept_masks, match_clusters, modulate, resize_masks
 from latexblend.errors import LatexBlendError
 from latexblend.tokens import Span, token_ids
 

@@ -1,7 +1,7 @@
 """A regression test of the method on the trained toy model: a concept the toy model has never drawn
 (stripecar: a car, blue over purple) appears in new scenes only through its bank.
 
-Training seed 0 with the toy recipe (config.TRAIN_RECIPES["toy"]): on these 16 images the concept is
+Training seed 0 with the toy recipe (train.options.RECIPES["toy"]): on these 16 images the concept is
 present in 100% with its bank (its two colours on a car: 100%) and 0% without (colours: 12%).
 The thresholds sit well below the measured rate with the bank and well above the rate without one, so
 a break anywhere in train / extract / blend on a trained model fails this test; the rates themselves

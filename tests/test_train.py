@@ -13,12 +13,16 @@ from conftest import launch_two
 from latexblend.attention import project_kv
 from latexblend.bank.format import load_bank, verify_bank
 from latexblend.cli import app
-from latexblend.config import TrainConfig, merge, train_settings
+from latexblend.config import train_settings
 from latexblend.errors import LatexBlendError
 from latexblend.fileio import list_images, open_image
 from latexblend.models import attn2_modules
+from latexblend.settings import merge
 from latexblend.train.data import TEMPLATES, augment, load_prior
-from latexblend.train.loop import build_setup, check_inputs, encode_batch, make_batch, step_generator, train, unet_loss
+from latexblend.train.loop import train
+from latexblend.train.options import TrainConfig
+from latexblend.train.setup import build_setup, check_inputs
+from latexblend.train.step import encode_batch, make_batch, step_generator, unet_loss
 
 runner = CliRunner()
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -205,13 +209,13 @@ def test_time_ids_carry_the_crop_unless_fixed(setup, tiny_dir, concept_dir, prio
 
 def test_instance_kv_is_base_flow_with_concept_rows_at_the_span(setup):
     batch, context, pooled = _step(setup, 1)
-    setup.state.record = {}
+    setup.splice.record = {}
     try:
         with torch.no_grad():
             unet_loss(setup, batch, context, pooled)
-        record = setup.state.record
+        record = setup.splice.record
     finally:
-        setup.state.record = None
+        setup.splice.record = None
     template = batch.replace[0]
     cs = next(t.concept_span for t in setup.templates if t.instance == batch.prompts[0])
     rs = template.replace_span
@@ -259,13 +263,13 @@ def test_no_base_flow_and_fixed_template(tiny_dir, concept_dir):
     assert [t.instance for t in s.templates] == ["photo of <new1> dog"]
     batch, context, pooled = _step(s)
     assert batch.prompts == ["photo of <new1> dog"] and batch.latents.shape[0] == 1
-    s.state.record = {}
+    s.splice.record = {}
     with torch.no_grad():
         unet_loss(s, batch, context, pooled)
     for layer, attn in attn2_modules(s.pipe.unet).items():
         with torch.no_grad():
             k, _ = project_kv(attn, context)
-        assert torch.equal(s.state.record[layer][0], k)  # plain Custom-Diffusion K/V
+        assert torch.equal(s.splice.record[layer][0], k)  # plain Custom-Diffusion K/V
 
 
 def test_one_step_changes_only_kv_and_the_identifier_rows(tiny_dir, concept_dir, prior_dir):
@@ -276,8 +280,8 @@ def test_one_step_changes_only_kv_and_the_identifier_rows(tiny_dir, concept_dir,
     all_ids = torch.arange(len(s.pipe.tokenizer)).unsqueeze(0)
     emb_before = [e.get_input_embeddings()(all_ids)[0].detach().clone() for e in encs]
     raw_before = [e.get_input_embeddings().weight.detach().clone() for e in encs]
-    opt = torch.optim.AdamW(s.parameters(), lr=1e-3, weight_decay=0.5)
-    from latexblend.train.loop import step_loss
+    opt = torch.optim.AdamW(s.flow.trainable(), lr=1e-3, weight_decay=0.5)
+    from latexblend.train.step import step_loss
 
     loss, _, _ = step_loss(s, 0)
     loss.backward()
@@ -285,7 +289,7 @@ def test_one_step_changes_only_kv_and_the_identifier_rows(tiny_dir, concept_dir,
     changed = {n for n, p in unet.named_parameters() if not torch.equal(p, before[n])}
     expected = {f"{layer}.{proj}.weight" for layer in attn2_modules(unet) for proj in ("to_k", "to_v")}
     assert changed == expected
-    token_id = s.rows.token_id
+    token_id = s.flow.token_id
     for enc, eb, rb in zip(encs, emb_before, raw_before, strict=True):
         after = enc.get_input_embeddings()(all_ids)[0]
         rows = torch.nonzero((after != eb).any(-1)).flatten().tolist()
@@ -295,13 +299,13 @@ def test_one_step_changes_only_kv_and_the_identifier_rows(tiny_dir, concept_dir,
 
 @pytest.mark.parametrize("rank", [0, 2])
 def test_no_weight_gradients_anywhere_in_the_frozen_model(tiny_dir, concept_dir, prior_dir, rank):
-    from latexblend.train.loop import step_loss
+    from latexblend.train.step import step_loss
 
     s = setup_for(config(tiny_dir, concept_dir, prior_dir, kv_rank=rank))
     step_loss(s, 0)[0].backward()
-    trainable = {id(p) for p in s.parameters()}
+    trainable = {id(p) for p in s.flow.trainable()}
     assert len(trainable) == 2 * len(attn2_modules(s.pipe.unet)) * (2 if rank else 1) + 2  # K/V (+ LoRA pairs), rows
-    assert all(p.grad is not None and p.requires_grad for p in s.parameters())
+    assert all(p.grad is not None and p.requires_grad for p in s.flow.trainable())
     frozen = 0
     for model in (s.pipe.unet, s.pipe.text_encoder, s.pipe.text_encoder_2, s.pipe.vae):
         for name, p in model.named_parameters():
@@ -314,13 +318,13 @@ def test_no_weight_gradients_anywhere_in_the_frozen_model(tiny_dir, concept_dir,
 def _train_steps(s, steps):
     """Losses of ``steps`` optimizer steps and the number of forward calls of the VAE encoder and each text
     encoder during them."""
-    from latexblend.train.loop import step_loss
+    from latexblend.train.step import step_loss
 
     calls = {"vae": 0, "te1": 0, "te2": 0}
     modules = {"vae": s.pipe.vae.encoder, "te1": s.pipe.text_encoder, "te2": s.pipe.text_encoder_2}
     handles = [m.register_forward_hook(lambda *a, key=key: calls.__setitem__(key, calls[key] + 1))
                for key, m in modules.items()]
-    opt = torch.optim.AdamW(s.parameters(), lr=1e-2)
+    opt = torch.optim.AdamW(s.flow.trainable(), lr=1e-2)
     losses = []
     try:
         for step in range(steps):
@@ -341,9 +345,8 @@ def test_prior_cache_is_exact_and_skips_the_vae_and_text_encoders(tiny_dir, conc
     losses_c, calls_c = _train_steps(cached, steps)
     losses_u, calls_u = _train_steps(uncached, steps)
     assert all(torch.equal(a, b) for a, b in zip(losses_c, losses_u, strict=True))  # bit for bit
-    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(cached.named_parameters(), uncached.named_parameters(),
-                                                           strict=True))
-    assert not torch.equal(cached.rows.rows[0], setup_for(config(tiny_dir, concept_dir)).rows.rows[0])  # rows trained
+    assert all(torch.equal(a, b) for a, b in zip(cached.flow.trainable(), uncached.flow.trainable(), strict=True))
+    assert not torch.equal(cached.flow.rows[0], setup_for(config(tiny_dir, concept_dir)).flow.rows[0])  # rows trained
     latents = [k for k in cached.prior_cache.store if k[0] == "latent"]
     captions = [k for k in cached.prior_cache.store if k[0] == "text"]
     assert calls_u == {"vae": 2 * steps, "te1": 2 * steps, "te2": 2 * steps}  # instance + prior, every step
@@ -355,7 +358,7 @@ def test_compiled_unet_gives_the_same_losses_with_one_graph_for_all_templates(ti
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from latexblend.train.loop import compile_unet
+    from latexblend.train.setup import compile_unet
 
     steps = 4
     plain, compiled = (setup_for(config(tiny_dir, concept_dir, prior_dir)) for _ in range(2))
@@ -473,7 +476,7 @@ def test_lora_variant_trains_low_rank_and_reextracts(tmp_path, tiny_dir, concept
     kv = load_file(str(run / "kv.safetensors"))
     assert all(k.endswith(("lora_A", "lora_B")) for k in kv)
     assert float(kv[next(k for k in kv if k.endswith("lora_B"))].abs().sum()) > 0
-    from latexblend.bank.extract import extract_run
+    from latexblend.train.runfolder import extract_run
 
     bank, _ = extract_run(run, out=tmp_path / "again.safetensors", device="cpu")
     first = load_bank(tmp_path / "b" / "c.safetensors")
@@ -482,7 +485,7 @@ def test_lora_variant_trains_low_rank_and_reextracts(tmp_path, tiny_dir, concept
 
 
 def test_gradients_are_averaged_in_few_flat_buckets_element_for_element():
-    from latexblend.train.loop import average_gradients, grad_buckets
+    from latexblend.train.step import average_gradients, grad_buckets
 
     g = torch.Generator().manual_seed(0)
     shapes = [(3, 4), (5,), (2, 2, 2), (7, 3), (1,), (6, 2)]
@@ -527,7 +530,8 @@ def test_two_processes_train_identically(tmp_path, tiny_dir, concept_dir, prior_
 
 TWO_PROCESS_SCRIPT = """
 import hashlib, json, sys
-from latexblend.config import TrainConfig, merge
+from latexblend.settings import merge
+from latexblend.train.options import TrainConfig
 from latexblend.train.loop import train
 
 cfg, out = merge(TrainConfig, json.loads(sys.argv[1])), sys.argv[2]
@@ -535,7 +539,7 @@ digests = []
 
 def on_step(step, losses, setup):
     h = hashlib.sha256()
-    for _, p in setup.named_parameters():
+    for p in setup.flow.trainable():
         h.update(p.detach().cpu().contiguous().numpy().tobytes())
     digests.append({"step": step, "sha256": h.hexdigest()})
 
@@ -549,10 +553,11 @@ with open(f"{out}.{dist.get_rank()}.json", "w") as f:
 def test_accumulating_two_micro_batches_is_the_average_of_two_processes_gradients(tiny_dir, concept_dir, prior_dir):
     """Micro-batch ``m`` of process ``r`` draws as process ``r * grad_accum + m``; accumulating ``loss / 2``
     twice is bit for bit the mean of the two processes' gradients (halving is exact)."""
-    from latexblend.train.loop import accelerator, make_optimizer, step_loss, train_step
+    from latexblend.train.loop import accelerator, make_optimizer
+    from latexblend.train.step import step_loss, train_step
 
     s = setup_for(config(tiny_dir, concept_dir, prior_dir, grad_accum=2, max_grad_norm=0.0))
-    params = s.parameters()
+    params = s.flow.trainable()
     per_rank = []
     for rank in (0, 1):
         step_loss(s, 5, rank)[0].backward()
@@ -676,11 +681,13 @@ def test_a_training_step_reads_no_value_back_except_its_cpu_data_draws(tiny_dir,
     """No ``.item()`` / ``float()`` on the step's tensors (on a GPU each would make the host wait for the
     device): the only scalar reads are the data draws from the step's CPU generator; the fused
     optimizer reads none (the default per-tensor AdamW read one step counter per tensor)."""
-    from latexblend.device import OpCounter
-    from latexblend.train.loop import accelerator, make_optimizer, train_step
+    from benchmarks.counters import OpCounter
+
+    from latexblend.train.loop import accelerator, make_optimizer
+    from latexblend.train.step import train_step
 
     s = setup_for(config(tiny_dir, concept_dir, prior_dir))
-    params = s.parameters()
+    params = s.flow.trainable()
     acc, _ = accelerator("no", "cpu")
     optimizer = make_optimizer(s.cfg, params, 1e-5)
     train_step(s, optimizer, acc, 0, params)
@@ -694,14 +701,14 @@ def test_settings_added_later_change_the_resume_hash_only_when_set():
     import hashlib
     import json
 
-    from latexblend.config import to_dict
+    from latexblend.settings import to_dict
     from latexblend.train.runfolder import NOT_HASHED, config_hash
 
-    cfg = TrainConfig(name="c")
+    cfg = TrainConfig(name="c", images="i", class_noun="dog")
     added = ("crop_time_ids", "augment_shrink", "augment_enlarge")
     older = {k: v for k, v in to_dict(cfg).items() if k not in NOT_HASHED and k not in added}
     # a run started before these settings existed kept this digest: it must still resume
     assert config_hash(cfg) == hashlib.sha256(json.dumps(older, sort_keys=True).encode()).hexdigest()[:16]
-    assert config_hash(TrainConfig(name="c", augment_shrink=0.0)) != config_hash(cfg)
-    assert config_hash(TrainConfig(name="c", crop_time_ids=False)) != config_hash(cfg)
-    assert config_hash(TrainConfig(name="c", augment_enlarge=False)) != config_hash(cfg)
+    assert config_hash(TrainConfig(name="c", images="i", class_noun="dog", augment_shrink=0.0)) != config_hash(cfg)
+    assert config_hash(TrainConfig(name="c", images="i", class_noun="dog", crop_time_ids=False)) != config_hash(cfg)
+    assert config_hash(TrainConfig(name="c", images="i", class_noun="dog", augment_enlarge=False)) != config_hash(cfg)

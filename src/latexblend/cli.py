@@ -16,8 +16,10 @@ from typing import Annotated
 import typer
 
 from latexblend import __version__
+from latexblend.blend.options import BlendOptions, GenerateConfig, GuidanceOptions, RectifyOptions
 from latexblend.errors import LatexBlendError
-from latexblend.evaluate.metrics import DEFAULT_CLIP, DEFAULT_DINO
+from latexblend.evaluate import DEFAULT_CLIP, DEFAULT_DINO
+from latexblend.train.options import RECIPES, TrainConfig
 
 app = typer.Typer(
     name="latexblend", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -198,6 +200,7 @@ def bank_import(
 # ---- generate
 
 
+G, B, GO, RO = GenerateConfig, BlendOptions, GuidanceOptions, RectifyOptions  # help defaults come from these
 PromptOpt = Annotated[list[str] | None,
     typer.Option("--prompt", "-p", help="Prompt (repeatable). <name> places a concept.")]
 ConceptsOpt = Annotated[str | None, typer.Option(help="Comma-separated bank names or paths, each in every prompt.")]
@@ -205,12 +208,17 @@ ConfigOpt = Annotated[Path | None, typer.Option(help="Settings file (YAML/JSON),
 GuidanceOpt = Annotated[bool | None,
     typer.Option("--guidance/--no-guidance", help="Blending guidance (METHOD 5) [off].")]
 GuidanceLayersOpt = Annotated[str | None,
-    typer.Option(help="all, down/mid/up, inner dims, block prefixes (comma-separated) [all].")]
+    typer.Option(help=f"all, down/mid/up, inner dims, block prefixes (comma-separated) [{GO.layers}].")]
 GuidanceCheckpointingOpt = Annotated[bool | None,
     typer.Option("--guidance-checkpointing", help="Gradient checkpointing in the guidance pass.")]
 RectifyOpt = Annotated[bool | None,
     typer.Option("--rectify/--no-rectify", help="Self-attention rectification (METHOD 6) [off].")]
 SaveMapsOpt = Annotated[bool | None, typer.Option("--save-maps", help="Write per-concept cross-attention heatmaps.")]
+
+
+def _names(text: str | None) -> list[str] | None:
+    """``"a, b,"`` -> ``["a", "b"]`` (``None`` stays ``None``: the option was not given)."""
+    return None if text is None else [c.strip() for c in text.split(",") if c.strip()]
 
 
 @app.command("generate")
@@ -220,45 +228,46 @@ def generate_cmd(
     prompts_file: Annotated[Path | None, typer.Option(help="One prompt per line ('#' lines skipped).")] = None,
     concepts: ConceptsOpt = None,
     negative_prompt: Annotated[str | None, typer.Option(help="Negative prompt.")] = None,
-    num_images: Annotated[int | None, typer.Option(help="Images per prompt [1].")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Images per pipeline call [4].")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of image 0; image j uses seed+j [0].")] = None,
-    steps: Annotated[int | None, typer.Option(help="Denoising steps [100].")] = None,
-    cfg: Annotated[float | None, typer.Option("--cfg", help="Classifier-free guidance scale [6.0].")] = None,
+    num_images: Annotated[int | None, typer.Option(help=f"Images per prompt [{G.num_images}].")] = None,
+    batch_size: Annotated[int | None, typer.Option(help=f"Images per pipeline call [{G.batch_size}].")] = None,
+    seed: Annotated[int | None, typer.Option(help=f"Seed of image 0; image j uses seed+j [{G.seed}].")] = None,
+    steps: Annotated[int | None, typer.Option(help=f"Denoising steps [{G.steps}].")] = None,
+    cfg: Annotated[float | None, typer.Option("--cfg", help=f"Classifier-free guidance scale [{G.cfg}].")] = None,
     height: Annotated[int | None, typer.Option(help="Image height [model default].")] = None,
     width: Annotated[int | None, typer.Option(help="Image width [model default].")] = None,
     scheduler: Annotated[str | None, typer.Option(help="default, euler, euler_a, ddim, dpmpp_2m, unipc.")] = None,
-    blend_start: Annotated[float | None, typer.Option(help="Replace rows while t/T < this [0.9].")] = None,
+    blend_start: Annotated[float | None, typer.Option(help=f"Replace rows while t/T < this [{B.start}].")] = None,
     bind: Annotated[bool | None, typer.Option("--bind/--no-bind", help="Slot K row := noun K row [on].")] = None,
-    model: Annotated[str | None, typer.Option(help="'tiny', 'sdxl', a diffusers folder, or a hub id [tiny].")] = None,
+    model: Annotated[str | None, typer.Option(help=f"'tiny', 'toy', 'sdxl', a diffusers folder, or a hub id "
+                                                   f"[{G.model}].")] = None,
     device: Annotated[str | None, typer.Option(help="cuda, cpu, ... [cuda if available].")] = None,
-    dtype: Annotated[str | None, typer.Option(help="auto, fp32, fp16, bf16 [auto].")] = None,
+    dtype: Annotated[str | None, typer.Option(help=f"auto, fp32, fp16, bf16 [{G.dtype}].")] = None,
     out: Annotated[str | None, typer.Option(help="Output folder [out/generate-<time>].")] = None,
     directory: BankDirOpt = None,
     config: ConfigOpt = None,
     guidance: GuidanceOpt = None,
-    guidance_window: Annotated[float | None, typer.Option(help="Guide while t/T >= this [0.8].")] = None,
-    guidance_step_size: Annotated[float | None, typer.Option(help="Latent update scale [1.0].")] = None,
+    guidance_window: Annotated[float | None, typer.Option(help=f"Guide while t/T >= this [{GO.window}].")] = None,
+    guidance_step_size: Annotated[float | None, typer.Option(help=f"Latent update scale [{GO.step_size}].")] = None,
     guidance_layers: GuidanceLayersOpt = None,
     guidance_checkpointing: GuidanceCheckpointingOpt = None,
     rectify: RectifyOpt = None,
-    rectify_start: Annotated[float | None, typer.Option(help="Capture masks once t/T < this [0.8].")] = None,
-    rectify_clusters: Annotated[int | None, typer.Option(help="Spectral clusters [8].")] = None,
+    rectify_start: Annotated[float | None, typer.Option(help=f"Capture masks once t/T < this [{RO.start}].")] = None,
+    rectify_clusters: Annotated[int | None, typer.Option(help=f"Spectral clusters [{RO.clusters}].")] = None,
     save_maps: SaveMapsOpt = None,
 ) -> None:
     """Generate images with any combination of banked concepts blended in."""
-    flags = dict(locals())  # every option is a GenerateConfig field of the same name, except these:
-    for key in ("prompt", "prompts_file", "directory", "config"):
-        flags.pop(key)
-    from latexblend.bank.release import settings_file
-    from latexblend.config import GenerateConfig, merge, read_prompts
+    flags = {  # option -> setting (GenerateConfig.FLAT_KEYS); None: not given, the file or default holds
+        "prompts": prompt or None, "concepts": _names(concepts), "negative_prompt": negative_prompt,
+        "num_images": num_images, "batch_size": batch_size, "seed": seed, "steps": steps, "cfg": cfg,
+        "height": height, "width": width, "scheduler": scheduler, "blend_start": blend_start, "bind": bind,
+        "model": model, "device": device, "dtype": dtype, "out": out,
+        "bank_dir": str(directory) if directory else None, "guidance": guidance, "guidance_window": guidance_window,
+        "guidance_step_size": guidance_step_size, "guidance_layers": guidance_layers,
+        "guidance_checkpointing": guidance_checkpointing, "rectify": rectify, "rectify_start": rectify_start,
+        "rectify_clusters": rectify_clusters, "save_maps": save_maps}
+    from latexblend.config import generate_settings
 
-    flags.update(prompts=prompt or None, bank_dir=str(directory) if directory else None,
-                 concepts=[c.strip() for c in concepts.split(",") if c.strip()] if concepts else None)
-    if prompts_file is not None:
-        flags["prompts"] = (flags["prompts"] or []) + read_prompts(prompts_file)
-    file_settings = settings_file(config, flags["bank_dir"]) if config is not None else {}
-    settings = merge(GenerateConfig, file_settings, flags, source="generate setting")
+    settings = generate_settings(config, flags, prompts_file)
     _quiet_libraries()
     from latexblend.blend.generate import generate
 
@@ -300,6 +309,7 @@ def evaluate_cmd(
 ) -> None:
     """CLIP-T (cosine and CLIPScore), CLIP-I and DINO per image and per concept; metrics.json/.csv, report.html."""
     from latexblend.evaluate import metrics as ev
+    from latexblend.evaluate import report as outputs
 
     if detector not in ("clip", "toy"):
         raise LatexBlendError(f"--detector must be 'clip' or 'toy', not '{detector}'")
@@ -313,8 +323,8 @@ def evaluate_cmd(
     _quiet_libraries()
     models = ev.load_models(clip_model, dino_model, device)
     metrics = ev.evaluate_samples(samples, models, overrides, text_policy, skip_bad, batch_size)
-    written = ev.write_outputs(metrics, samples, report=report)
-    typer.echo("\n".join(ev.table_lines(metrics)))
+    written = outputs.write_outputs(metrics, samples, report=report)
+    typer.echo("\n".join(outputs.table_lines(metrics)))
     typer.echo("wrote " + ", ".join(str(p) for p in written))
 
 
@@ -394,51 +404,65 @@ def _num(value: float | None) -> str:
 Opt = typer.Option
 
 
+T, TOY = TrainConfig, RECIPES["toy"]  # help defaults come from these
+IndexOpt = Annotated[int | None, Opt(help="Farm: train the INDEX-th concept of --concepts-dir (sorted; default "
+                                          "$SLURM_ARRAY_TASK_ID); a complete bank is skipped.")]
+TrainModelOpt = Annotated[str | None, Opt(help=f"'tiny', 'toy', 'sdxl', a diffusers folder, or a hub id [default: "
+                                               f"{T.model}].")]
+StepsOpt = Annotated[int | None, Opt(help=f"Optimizer steps [default: 3000 / processes; toy: {TOY['steps']}].")]
+LrOpt = Annotated[float | None, Opt(help=f"Base learning rate [default: {T.lr:g}; toy: {TOY['lr']:g}].")]
+ScaleLrOpt = Annotated[bool | None, Opt("--scale-lr/--no-scale-lr", help="Scale lr by the effective batch [on].")]
+BatchOpt = Annotated[int | None, Opt(help=f"Instance (and prior) images per process [default: {T.batch_size}].")]
+AccumOpt = Annotated[int | None, Opt(help=f"Micro-batches per optimizer step [default: {T.grad_accum}].")]
+ResolutionOpt = Annotated[int | None, Opt(help="Training resolution [default: 512, or the model's size if smaller].")]
+BaseFlowOpt = Annotated[bool | None, Opt("--base-flow/--no-base-flow",
+                                         help="Dual flow [on]; off: plain Custom-Diffusion training.")]
+FixedOpt = Annotated[bool | None, Opt("--fixed-template", help="Ablation: 'photo of {}' for both flows.")]
+RankOpt = Annotated[int | None, Opt(help=f"LoRA rank on to_k/to_v (0: full weights) [default: {T.kv_rank}].")]
+CompileOpt = Annotated[bool | None, Opt("--compile-unet", help="torch.compile the UNet (first step compiles).")]
+AdamOpt = Annotated[bool | None, Opt("--use-8bit-adam", help="8-bit AdamW (needs bitsandbytes).")]
+PrecisionOpt = Annotated[str | None, Opt(help=f"auto, no, bf16 or fp16 [default: {T.mixed_precision}].")]
+CkptEveryOpt = Annotated[int | None, Opt(help=f"Checkpoint period in steps, 0: off [default: {T.checkpoint_every}].")]
+KeepOpt = Annotated[int | None, Opt(help=f"Keep the newest K checkpoints, 0: all [default: {T.keep_checkpoints}].")]
+ResumeOpt = Annotated[str | None, Opt(help="'latest' or a checkpoint folder (none yet: start from step 0).")]
+OverwriteOpt = Annotated[bool | None, Opt("--overwrite", help="Replace an existing run and bank of this name.")]
+SetOpt = Annotated[list[str] | None, Opt("--set", help="Any training setting, KEY=VALUE (repeatable).")]
+
+
 @app.command("train")
 @friendly
 def train_cmd(
     concept: Annotated[str | None, Opt(help="Concept name: reads <concepts-dir>/<name>.yaml.")] = None,
     concepts_dir: Annotated[Path, Opt(help="Folder of concept YAML files.")] = Path("configs/concepts"),
-    index: Annotated[int | None, Opt(help="Farm: train the INDEX-th concept of --concepts-dir (sorted; default "
-                                          "$SLURM_ARRAY_TASK_ID); a complete bank is skipped.")] = None,
+    index: IndexOpt = None,
     images: Annotated[str | None, Opt(help="Folder of instance images.")] = None,
     class_noun: Annotated[str | None, Opt(help="The concept's class noun, e.g. dog.")] = None,
     name: Annotated[str | None, Opt(help="Concept (bank and run) name.")] = None,
-    model: Annotated[str | None, Opt(help="'tiny', 'toy', 'sdxl', a diffusers folder, or a hub id [default: tiny].")
-                     ] = None,
+    model: TrainModelOpt = None,
     prior: Annotated[str | None, Opt(help="Prior images folder [default: reg_data/<class noun>].")] = None,
     use_prior: Annotated[bool | None, Opt("--use-prior/--no-prior", help="Prior preservation [on].")] = None,
-    steps: Annotated[int | None, Opt(help="Optimizer steps [default: 3000 / processes; toy: 600].")] = None,
-    lr: Annotated[float | None, Opt(help="Base learning rate [default: 1e-5; toy: 1e-4].")] = None,
-    scale_lr: Annotated[bool | None, Opt("--scale-lr/--no-scale-lr", help="Scale lr by the effective batch [on].")
-                        ] = None,
-    batch_size: Annotated[int | None, Opt(help="Instance (and prior) images per process [default: 1].")] = None,
-    grad_accum: Annotated[int | None, Opt(help="Micro-batches per optimizer step [default: 1].")] = None,
-    resolution: Annotated[int | None, Opt(help="Training resolution [default: 512, tiny: 64].")] = None,
-    seed: Annotated[int | None, Opt(help="Seed [default: 42].")] = None,
-    base_flow: Annotated[bool | None, Opt("--base-flow/--no-base-flow",
-                                          help="Dual flow [on]; off: plain Custom-Diffusion training.")] = None,
-    fixed_template: Annotated[bool | None, Opt("--fixed-template", help="Ablation: 'photo of {}' for both flows.")
-                              ] = None,
-    kv_rank: Annotated[int | None, Opt(help="LoRA rank on to_k/to_v (0: full weights).")] = None,
+    steps: StepsOpt = None, lr: LrOpt = None, scale_lr: ScaleLrOpt = None, batch_size: BatchOpt = None,
+    grad_accum: AccumOpt = None, resolution: ResolutionOpt = None,
+    seed: Annotated[int | None, Opt(help=f"Seed [default: {T.seed}].")] = None,
+    base_flow: BaseFlowOpt = None, fixed_template: FixedOpt = None, kv_rank: RankOpt = None,
     gradient_checkpointing: Annotated[bool | None, Opt("--gradient-checkpointing")] = None,
-    compile_unet: Annotated[bool | None, Opt("--compile-unet", help="torch.compile the UNet (first step compiles).")
-                            ] = None,
-    use_8bit_adam: Annotated[bool | None, Opt("--use-8bit-adam", help="8-bit AdamW (needs bitsandbytes).")] = None,
-    mixed_precision: Annotated[str | None, Opt(help="auto, no, bf16 or fp16 [default: auto].")] = None,
-    checkpoint_every: Annotated[int | None, Opt(help="Checkpoint period in steps, 0: off [default: 500].")] = None,
-    keep_checkpoints: Annotated[int | None, Opt(help="Keep the newest K checkpoints, 0: all [default: 2].")] = None,
-    resume: Annotated[str | None, Opt(help="'latest' or a checkpoint folder (none yet: start from step 0).")] = None,
+    compile_unet: CompileOpt = None, use_8bit_adam: AdamOpt = None, mixed_precision: PrecisionOpt = None,
+    checkpoint_every: CkptEveryOpt = None, keep_checkpoints: KeepOpt = None, resume: ResumeOpt = None,
     log_tensorboard: Annotated[bool | None, Opt("--log-tensorboard", help="Write tensorboard logs.")] = None,
-    runs_dir: Annotated[str | None, Opt(help="Folder of run folders [default: runs].")] = None,
+    runs_dir: Annotated[str | None, Opt(help=f"Folder of run folders [default: {T.runs_dir}].")] = None,
     bank_dir: Annotated[str | None, Opt(help="Bank folder [default: $LATEXBLEND_BANK or ./concept_bank].")] = None,
-    overwrite: Annotated[bool | None, Opt("--overwrite", help="Replace an existing run and bank of this name.")
-                         ] = None,
-    sets: Annotated[list[str] | None, Opt("--set", help="Any training setting, KEY=VALUE (repeatable).")] = None,
+    overwrite: OverwriteOpt = None,
+    sets: SetOpt = None,
 ) -> None:
     """Stage 1: train one concept (dual flow), then write its bank (Stage 2)."""
-    # every option is a TrainConfig field of the same name, except these:
-    flags = {k: v for k, v in locals().items() if k not in ("concept", "concepts_dir", "index", "sets")}
+    flags = {  # option -> TrainConfig field; None: not given, the YAML, --set or default holds
+        "images": images, "class_noun": class_noun, "name": name, "model": model, "prior": prior,
+        "use_prior": use_prior, "steps": steps, "lr": lr, "scale_lr": scale_lr, "batch_size": batch_size,
+        "grad_accum": grad_accum, "resolution": resolution, "seed": seed, "base_flow": base_flow,
+        "fixed_template": fixed_template, "kv_rank": kv_rank, "gradient_checkpointing": gradient_checkpointing,
+        "compile_unet": compile_unet, "use_8bit_adam": use_8bit_adam, "mixed_precision": mixed_precision,
+        "checkpoint_every": checkpoint_every, "keep_checkpoints": keep_checkpoints, "resume": resume,
+        "log_tensorboard": log_tensorboard, "runs_dir": runs_dir, "bank_dir": bank_dir, "overwrite": overwrite}
     from latexblend.config import farm_concept, farm_index, finished_bank, train_settings
 
     farm = farm_index(index, concept, images)
@@ -471,7 +495,7 @@ def extract_cmd(
 ) -> None:
     """Stage 2: re-extract a trained run into the concept bank (one text-side pass, no UNet)."""
     _quiet_libraries()
-    from latexblend.bank.extract import extract_run
+    from latexblend.train.runfolder import extract_run
 
     bank, path = extract_run(run, checkpoint=checkpoint, prompt=prompt, out=out, device=device, dtype=dtype,
                              overwrite=overwrite)

@@ -4,17 +4,18 @@ counts, and the FLOP utilisation (MFU) of a measured rate against the device's d
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import platform
 import time
-import traceback
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
+import accelerate
+import diffusers
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+import transformers
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from latexblend import __version__
 from latexblend.errors import LatexBlendError
 
 #: Dense bf16 datasheet peak per device name (substring match), TFLOP/s, for MFU.
@@ -98,7 +99,7 @@ def peak_memory(device: str | torch.device | None = None) -> int:
     device = torch.device(device or default_device())
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    import resource
+    import resource  # POSIX only: imported where it is needed, the CUDA path above works without it
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
@@ -121,11 +122,6 @@ def timed(fn: Callable[[], object], device: str | torch.device) -> tuple[float, 
 
 def environment() -> dict:
     """Versions of Python and the libraries a result depends on, and torch's thread count."""
-    import accelerate
-    import diffusers
-    import transformers
-
-    from latexblend import __version__
 
     return {"latexblend": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "diffusers": diffusers.__version__, "transformers": transformers.__version__,
@@ -138,7 +134,6 @@ def environment() -> dict:
 def _cpu_attention_formulas() -> dict:
     """FLOP formulas for the CPU's fused attention kernels, which ``torch.utils.flop_counter`` leaves
     uncounted: the same counts as for the CUDA kernels (``QK^T`` and ``PV`` forward, four matmuls back)."""
-    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
 
     aten = torch.ops.aten
 
@@ -166,7 +161,6 @@ class FlopCount:
 def flop_counter() -> Iterator[FlopCount]:
     """Count the FLOPs of the block (``torch.utils.flop_counter``: matmuls, convolutions and attention,
     forward and backward, on any device). It changes no result: the counted work runs the same kernels."""
-    from torch.utils.flop_counter import FlopCounterMode
 
     mode = FlopCounterMode(display=False, custom_mapping=_cpu_attention_formulas())
     with mode:
@@ -178,24 +172,3 @@ def count_tflop(fn: Callable[[], object]) -> float:
     with flop_counter() as counter:
         fn()
     return counter.tflop()
-
-
-class OpCounter(TorchDispatchMode):
-    """Inside ``with OpCounter() as ops``: ``ops.count``, the aten ops dispatched (on a GPU, about the kernels
-    launched), and ``ops.reads``, each scalar read (``aten::_local_scalar_dense``: ``.item()``, ``float()``,
-    ``.tolist()``; a device sync when the tensor is on a GPU) counted by the latexblend or torch.optim
-    function that asked for it and the tensor's device type."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-        self.reads: collections.Counter = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        if func is torch.ops.aten._local_scalar_dense.default:
-            frames = [f for f in traceback.extract_stack()[:-1] if f.filename != __file__
-                      and ("latexblend" in f.filename or "optim" in f.filename)]
-            where = f"{Path(frames[-1].filename).name}:{frames[-1].name}" if frames else "other"
-            self.reads[f"{where} ({args[0].device.type})"] += 1
-        return func(*args, **(kwargs or {}))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from safetensors.torch import save_file
 
 from latexblend.errors import LatexBlendError
 
@@ -47,29 +47,6 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 # --------------------------------------------------------------------------- names that become file names
 
-_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
-_SAFE_WITH_SPACES = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\- ]*")
-MAX_NAME = 100
-
-
-def safe_name(name: object, what: str = "concept name", spaces: bool = False) -> str:
-    """``name`` if it is safe as one file or folder name, else one clear error.
-
-    Every name that becomes part of a path (concept and bank names, also when read from a bank's metadata
-    or a YAML file; class nouns used as prior folders with ``spaces=True``) goes through here: letters,
-    digits, ``_``, ``-``, ``.`` (and spaces when allowed), starting with a letter or digit, at most
-    :data:`MAX_NAME` characters. So no name can hold a separator, ``..`` as a whole, or start a hidden file.
-    """
-    pattern = _SAFE_WITH_SPACES if spaces else _SAFE_NAME
-    text = name if isinstance(name, str) else ""
-    if not pattern.fullmatch(text) or len(text) > MAX_NAME or text != text.strip():
-        allowed = "letters, digits, spaces, '_', '-' and '.'" if spaces else "letters, digits, '_', '-' and '.'"
-        shown = repr(name) if len(repr(name)) <= 60 else repr(name)[:57] + "..."
-        raise LatexBlendError(f"{what} {shown} is not allowed: use {allowed}, starting with a letter or digit "
-                              f"(at most {MAX_NAME} characters)")
-    return text
-
-
 # --------------------------------------------------------------------------- reproducible safetensors
 
 
@@ -79,7 +56,6 @@ def save_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str] |
     safetensors writes its metadata map in hash order, which changes from one call to the next; the
     header is rewritten sorted (same length, so in place) so that identical inputs give identical bytes.
     """
-    from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)

@@ -8,19 +8,21 @@ the package builds offline, saves as an ordinary diffusers folder, and loads lik
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import torch
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from latexblend.device import resolve_device
 from latexblend.errors import LatexBlendError
-
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+from latexblend.tokens import BOS_ID, EOS_ID, build_clip_tokenizer
 
 TINY_VERSION = 1
 SDXL_HUB_ID = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -31,10 +33,11 @@ class ModelSpec:
     """What the toolkit needs to know about a base model family."""
 
     name: str
-    source: str  # hub id, or "builtin" for the embedded tiny model
+    source: str  # hub id; "builtin": built by ``builder``; "memory": random weights built in memory, no folder
     attn2_dims: dict[int, int] = field(default_factory=dict)  # inner dim -> number of attn2 layers
     context_dim: int = 2048
     resolution: int = 1024
+    builder: str | None = None  # "module:function" returning the built-in model's folder (built on first use)
 
     @property
     def num_attn2(self) -> int:
@@ -48,9 +51,9 @@ class ModelSpec:
 
 REGISTRY: dict[str, ModelSpec] = {
     "sdxl": ModelSpec("sdxl", SDXL_HUB_ID, {640: 10, 1280: 60}, 2048, 1024),
-    "tiny": ModelSpec("tiny", "builtin", {48: 3, 64: 8}, 64, 64),
-    "toy": ModelSpec("toy", "builtin", {64: 3, 96: 4}, 64, 32),
-    "sdxl-random": ModelSpec("sdxl-random", "builtin", {640: 10, 1280: 60}, 2048, 1024),
+    "tiny": ModelSpec("tiny", "builtin", {48: 3, 64: 8}, 64, 64, builder="latexblend.models:tiny_model_dir"),
+    "toy": ModelSpec("toy", "builtin", {64: 3, 96: 4}, 64, 32, builder="latexblend.toy.model:toy_model_dir"),
+    "sdxl-random": ModelSpec("sdxl-random", "memory", {640: 10, 1280: 60}, 2048, 1024),
 }
 
 
@@ -85,7 +88,6 @@ def sdxl_unet_config() -> dict:
 
 def tiny_components() -> dict:
     """The tiny model's UNet, VAE and the two text encoders' configurations."""
-    from latexblend.tokens import BOS_ID, EOS_ID
 
     text = dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=3,
                 max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5, bos_token_id=BOS_ID,
@@ -98,7 +100,6 @@ def tiny_components() -> dict:
 
 def sdxl_components() -> dict:
     """SDXL-base 1.0's UNet, VAE, CLIP ViT-L and OpenCLIP bigG configurations."""
-    from latexblend.tokens import BOS_ID, EOS_ID
 
     common = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
                   pad_token_id=1, layer_norm_eps=1e-5)
@@ -116,11 +117,6 @@ def build_random_pipeline(components: dict, seed: int = 0, device: str = "cpu") 
     """An SDXL pipeline of ``components`` (:func:`tiny_components`, :func:`sdxl_components`) with seeded
     random weights built on ``device`` (component ``i`` of UNet, VAE, text encoders seeded ``seed + i``),
     the real CLIP tokenizers and SDXL's Euler scheduler."""
-    import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from latexblend.tokens import build_clip_tokenizer
 
     builders = ((UNet2DConditionModel, components["unet"]), (AutoencoderKL, components["vae"]),
                 (CLIPTextModel, CLIPTextConfig(**components["text"])),
@@ -219,17 +215,15 @@ def tiny_model_dir() -> Path:
 
 def resolve_model(model: str) -> str:
     """A registry name, local folder or hub id -> what ``from_pretrained`` takes."""
-    if model == "tiny":
-        return str(tiny_model_dir())
-    if model == "toy":
-        from latexblend.toy.model import toy_model_dir
-
-        return str(toy_model_dir())
-    if model == "sdxl-random":
-        raise LatexBlendError("'sdxl-random' has no files (random weights built in memory): it works with "
-                              "train, generate and bench, not with commands that read a model folder")
-    if model in REGISTRY:
-        return REGISTRY[model].source
+    spec = REGISTRY.get(model)
+    if spec is not None and spec.builder:  # "module:function", imported here: the registry names its builder
+        module, _, function = spec.builder.partition(":")
+        return str(getattr(importlib.import_module(module), function)())
+    if spec is not None and spec.source == "memory":
+        raise LatexBlendError(f"'{model}' has no files (random weights built in memory): it works with "
+                              "train, generate and the benchmarks, not with commands that read a model folder")
+    if spec is not None:
+        return spec.source
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir() or not (path / "model_index.json").exists():
@@ -242,7 +236,6 @@ def resolve_model(model: str) -> str:
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     """``auto`` is bf16 on CUDA when supported (else fp16) and fp32 on CPU."""
-    import torch
 
     names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
              "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -263,9 +256,6 @@ def load_pipeline(model: str = "tiny", device: str | None = None, dtype: str = "
     A hub id that is not in the local cache (offline machine, typo, gated repo) is one clear error
     naming the model and how to provide it as a local folder.
     """
-    from diffusers import StableDiffusionXLPipeline
-
-    from latexblend.device import resolve_device
 
     device = resolve_device(device)
     if model == "sdxl-random":
@@ -291,8 +281,6 @@ def load_error(model: str, source: str, err: Exception, flag: str = "--model") -
 
 def load_unet_and_tokenizer(model: str, device: str = "cpu", dtype: str = "fp32"):
     """Only the UNet and the first tokenizer of ``model`` (what bank verification needs)."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTokenizer
 
     source = resolve_model(model)
     try:
@@ -305,7 +293,6 @@ def load_unet_and_tokenizer(model: str, device: str = "cpu", dtype: str = "fp32"
 
 def shipped_tokenizer():
     """SDXL's first tokenizer, built from the vocabulary shipped with the package (no model needed)."""
-    from latexblend.tokens import build_clip_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         return build_clip_tokenizer(tmp)
@@ -358,7 +345,6 @@ class Fingerprint:
 
 def fingerprint(unet: UNet2DConditionModel) -> Fingerprint:
     """:class:`Fingerprint` of ``unet``'s attn2 ``to_k`` weights."""
-    import torch
 
     with torch.no_grad():
         norms = tuple(float(m.to_k.weight.detach().double().norm()) for m in attn2_modules(unet).values())

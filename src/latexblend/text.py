@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import load_file
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from latexblend.errors import LatexBlendError
-from latexblend.tokens import MAX_TOKENS, Span, find_sublist, prompt_ids, token_ids
-
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
+from latexblend.models import load_error, resolve_dtype, resolve_model
+from latexblend.tokens import MAX_TOKENS, Span, add_identifier_token, find_sublist, prompt_ids, token_ids
 
 #: The pipeline's attribute names of the two text encoders (also the keys of ``tokens.safetensors``).
 ENCODERS = ("text_encoder", "text_encoder_2")
@@ -28,7 +29,6 @@ def encode_prompts(tokenizers: Sequence, encoders: Sequence, prompts: Sequence[s
                    device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(context [B, 77, D1 + D2], pooled [B, P])``: SDXL's prompt embedding (penultimate hidden states of
     both encoders, concatenated; the pooled projection of the second). Prompts over 77 tokens are refused."""
-    import torch
 
     for prompt in prompts:
         prompt_ids(tokenizers[0], prompt)
@@ -58,9 +58,6 @@ def concept_span(tokenizer, prompt: str, slot: str | int, noun_ids: Sequence[int
 
 def load_text_side(model: str, device: str = "cpu", dtype: str = "fp32"):
     """The two tokenizers and text encoders of ``model`` (no UNet, no VAE)."""
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    from latexblend.models import load_error, resolve_dtype, resolve_model
 
     source = resolve_model(model)
     torch_dtype = resolve_dtype(dtype, device)
@@ -74,10 +71,6 @@ def load_text_side(model: str, device: str = "cpu", dtype: str = "fp32"):
 
 def set_identifier_rows(tokenizers, encoders, rows_file: Path, token: str, init_token: str) -> int:
     """Add the identifier token and write its learned rows (``tokens.safetensors``) into both embeddings."""
-    import torch
-    from safetensors.torch import load_file
-
-    from latexblend.tokens import add_identifier_token
 
     rows = load_file(str(rows_file))
     token_id = add_identifier_token(tokenizers, encoders, token, init_token=init_token)

@@ -14,12 +14,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+import torch
+from transformers import CLIPTokenizer
 
 from latexblend.errors import LatexBlendError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from transformers import CLIPTokenizer
 
 MAX_TOKENS = 77
 BOS_ID = 49406
@@ -57,7 +56,6 @@ def write_clip_tokenizer_files(folder: str | Path) -> Path:
 
 def build_clip_tokenizer(folder: str | Path, pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
     """A CLIP tokenizer built offline from the shipped vocabulary (SDXL's second one pads with ``!``)."""
-    from transformers import CLIPTokenizer
 
     write_clip_tokenizer_files(folder)
     return CLIPTokenizer.from_pretrained(str(folder), pad_token=pad_token, model_max_length=MAX_TOKENS)
@@ -111,8 +109,6 @@ def add_identifier_token(tokenizers: Sequence, text_encoders: Sequence, token: s
 
 
 def _no_grad():
-    import torch
-
     return torch.no_grad()
 
 

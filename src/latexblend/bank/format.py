@@ -12,14 +12,15 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+import torch
+from safetensors import safe_open
 
 from latexblend import __version__
 from latexblend.errors import LatexBlendError
-from latexblend.fileio import safe_name, save_safetensors
-
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
+from latexblend.fileio import save_safetensors
+from latexblend.models import Fingerprint, attn2_shapes, fingerprint
+from latexblend.settings import safe_name
 
 FORMAT = "latexblend-bank"
 FORMAT_VERSION = 1
@@ -66,7 +67,6 @@ class ConceptBank:
     def fingerprint_digest(self) -> str:
         if not self.fingerprint:
             return "unknown"
-        from latexblend.models import Fingerprint
 
         return Fingerprint.from_json(self.fingerprint).digest
 
@@ -82,13 +82,12 @@ class ConceptBank:
 
 
 def check_name(name: str, what: str = "concept name") -> str:
-    """A concept/bank name, checked to be safe as a file name (:func:`latexblend.fileio.safe_name`)."""
+    """A concept/bank name, checked to be safe as a file name (:func:`latexblend.settings.safe_name`)."""
     return safe_name(name, what)
 
 
 def validate_bank(bank: ConceptBank) -> None:
     """Layers, shapes and values: every row finite (a NaN or Inf row would turn images black)."""
-    import torch
 
     if set(bank.k) != set(bank.v) or not bank.k:
         raise LatexBlendError(f"bank '{bank.name}': k and v must cover the same, non-empty set of layers")
@@ -131,7 +130,6 @@ def checked_file(path: Path) -> Path:
 
 def load_bank(path: str | Path) -> ConceptBank:
     """Read a bank file, with one clear error for a missing, corrupt, truncated or foreign file."""
-    from safetensors import safe_open
 
     path = checked_file(Path(path))
     try:
@@ -243,7 +241,6 @@ def verify_bank(bank: ConceptBank, unet, tokenizer=None, model_fingerprint=None)
     """Refuse a bank that does not fit ``unet`` (layer names, shapes, ``to_k`` fingerprint) or whose
     noun tokenizes differently under ``tokenizer``. Raises :class:`LatexBlendError`; returns nothing.
     ``model_fingerprint`` saves recomputing ``fingerprint(unet)`` when verifying several banks."""
-    from latexblend.models import Fingerprint, attn2_shapes, fingerprint
 
     shapes = attn2_shapes(unet)
     missing, extra = sorted(set(shapes) - set(bank.k)), sorted(set(bank.k) - set(shapes))

@@ -6,20 +6,19 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+import torch
 
 from latexblend.bank.format import ConceptBank, bank_dir, check_name, checked_file, load_bank, validate_bank
 from latexblend.errors import LatexBlendError
-
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
+from latexblend.settings import load_mapping
 
 
 def settings_file(path: str | Path, directory: str | Path | None = None) -> dict:
     """The settings in a ``generate --config`` file: ours (a YAML/JSON mapping) or, sniffed by its
     ``[`` start, the authors' inference JSON (banks looked up in ``directory``)."""
-    from latexblend.config import load_mapping
 
     path = Path(path)
     if path.suffix == ".json" and path.is_file() and path.read_bytes().lstrip().startswith(b"["):
@@ -92,9 +91,6 @@ def _number(path: Path, entry: dict, key: str, default: int) -> int:
 def _load_pt(path: Path):
     """``torch.load`` with ``weights_only=True``; each failure is one line (a file that would need arbitrary
     code to load is refused as unsafe instead of torch's advice to turn the protection off)."""
-    import pickle
-
-    import torch
 
     if path.stat().st_size == 0:
         raise LatexBlendError(f"{path} is empty; not a release concept bank")
@@ -112,7 +108,6 @@ def _load_pt(path: Path):
 
 def _rows(path: Path, key, part: str, tensor) -> torch.Tensor:
     """A release entry's ``k`` or ``v`` as its own contiguous ``[L, C]`` copy (leading unit dims dropped)."""
-    import torch
 
     if not isinstance(tensor, torch.Tensor):
         raise LatexBlendError(f"{path}: entry {key!r}: {part} is a {type(tensor).__name__}, not a tensor")

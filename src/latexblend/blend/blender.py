@@ -1,8 +1,9 @@
 """Stage 3's method: concept banks blended into the stock ``StableDiffusionXLPipeline`` (METHOD section 4).
 
-The pipeline is extended, never forked: :func:`apply` installs :class:`~latexblend.attention.BlendProcessor`
-on every ``attn2`` layer, a UNet pre-forward hook that records ``t / T``, and a wrapper around
-``pipe.encode_prompt`` that expands ``<name>`` placeholders and locates each concept's span.
+The pipeline is extended, never forked: :func:`apply` makes a :class:`Blender`, which installs
+:class:`~latexblend.blend.processor.BlendProcessor` on every ``attn2`` layer, a UNet pre-forward hook that
+records ``t / T`` (and runs guidance and rectification, :mod:`latexblend.blend.steering`), and a wrapper
+around ``pipe.encode_prompt`` that expands ``<name>`` placeholders and locates each concept's span.
 """
 
 from __future__ import annotations
@@ -14,13 +15,12 @@ from pathlib import Path
 
 import torch
 
-from latexblend.attention import BlendProcessor, BlendState, install_processors
 from latexblend.bank.format import ConceptBank, bank_path, load_bank, verify_bank
-from latexblend.blend.guidance import GuidanceOptions
-from latexblend.blend.rectify import RectifyOptions
-from latexblend.config import check_range
+from latexblend.blend.options import BlendOptions, GuidanceOptions, RectifyOptions
+from latexblend.blend.processor import BlendProcessor, BlendState, SelfMapProcessor
+from latexblend.blend.steering import Steering
 from latexblend.errors import LatexBlendError
-from latexblend.models import fingerprint
+from latexblend.models import attn2_modules, fingerprint
 from latexblend.tokens import Span, locate_spans, placeholder_names
 
 
@@ -52,54 +52,91 @@ class Blender:
     """Concept banks applied to a pipeline; use :func:`apply` to make one, :meth:`remove` to undo.
 
     ``required`` concepts must appear in every prompt (by noun or placeholder); any other loaded
-    concept is blended where a prompt names it as ``<name>``.
+    concept is blended where a prompt names it as ``<name>``. The Blender is the one owner of what it
+    changes in the pipeline (:meth:`_install`, undone by :meth:`remove`): the ``attn2`` processors (and the
+    ``attn1`` ones while rectification is on), one UNet pre-forward hook, ``pipe.encode_prompt`` and, with
+    guidance, ``scheduler.step``.
     """
 
     def __init__(self, pipe, banks: dict[str, ConceptBank], required: Sequence[str] = (),
-                 blend_start: float = 0.9, bind: bool | str = True, guidance=None, rectify=None,
-                 save_maps: bool = False):
-        check_range("blend_start", blend_start, 0, 1)
-        if bind not in (True, False, "always"):
-            raise LatexBlendError(f"bind must be True, False or 'always', got {bind!r}")
-        guidance, rectify = _options(GuidanceOptions, guidance), _options(RectifyOptions, rectify)
+                 options: BlendOptions | None = None, guidance: GuidanceOptions | None = None,
+                 rectify: RectifyOptions | None = None, save_maps: bool = False):
         if getattr(pipe, "_latexblend", None) is not None:
             raise LatexBlendError("latexblend is already applied to this pipeline; remove() it first")
         self.pipe, self.banks, self.required = pipe, dict(banks), list(required)
         for name in self.required:
             if name not in self.banks:
                 raise LatexBlendError(f"concept '{name}' is required but was not loaded")
+        attn2_modules(pipe.unet)  # a clear error for a UNet without cross-attention
         device, dtype = pipe.unet.device, pipe.unet.dtype
         model_fp = fingerprint(pipe.unet) if self.banks else None
         for bank in self.banks.values():
             verify_bank(bank, pipe.unet, pipe.tokenizer, model_fingerprint=model_fp)
-        self.state = BlendState(blend_start=blend_start, bind=bind)
-        self.state.rows = {
-            name: ({k: t.to(device, dtype) for k, t in b.k.items()}, {k: t.to(device, dtype) for k, t in b.v.items()})
-            for name, b in self.banks.items()
-        }
+        rows = {name: ({k: t.to(device, dtype) for k, t in b.k.items()},
+                       {k: t.to(device, dtype) for k, t in b.v.items()}) for name, b in self.banks.items()}
+        self.state = BlendState(rows=rows, options=options or BlendOptions())
+        self.steering = Steering(pipe.unet, self.state, guidance, rectify, save_maps) \
+            if guidance or rectify or save_maps else None
         self.call: Call | None = None  # the current (or last) pipeline call
-        num_train = int(pipe.scheduler.config.num_train_timesteps)
-        self._restore = install_processors(pipe.unet, lambda layer: BlendProcessor(layer, self.state))
-        self._hook = pipe.unet.register_forward_pre_hook(self._on_unet, with_kwargs=True)
-        self._num_train = num_train
+        self._num_train = int(pipe.scheduler.config.num_train_timesteps)
+        self._install()
+
+    def _install(self) -> None:
+        """Every change to the pipeline, in one place. ``scheduler.step`` is wrapped only with guidance: its
+        latent update must reach the same step's ``scheduler.step``, and neither a UNet hook (it cannot
+        rebind the pipeline's ``latents``) nor diffusers' ``callback_on_step_end`` (it runs after the step,
+        and is an argument of each call, which ``apply()`` leaves to the caller) can do that."""
+        pipe, unet = self.pipe, self.pipe.unet
+        self._processors = dict(unet.attn_processors)
+        capture = self.steering is not None and self.steering.rectify is not None
+        unet.set_attn_processor({key: self._processor(key.removesuffix(".processor"), proc, capture)
+                                 for key, proc in self._processors.items()})
+        self._hook = unet.register_forward_pre_hook(self._on_unet, with_kwargs=True)
         self._encode = pipe.encode_prompt
         self._signature = inspect.signature(self._encode)
         pipe.encode_prompt = self._encode_prompt
+        self._scheduler = pipe.scheduler
+        self._step = self._scheduler.step
+        if self.steering is not None and self.steering.guidance:
+            self._scheduler.step = self._scheduler_step
         pipe._latexblend = self
-        self.steering = None  # guidance / rectification / map saving (latexblend.blend.steering)
-        if guidance or rectify or save_maps:
-            from latexblend.blend.steering import Steering
 
-            try:
-                self.steering = Steering(self, guidance, rectify, save_maps)
-            except Exception:
-                self.remove()
-                raise
+    def _processor(self, layer: str, old, capture: bool):
+        if layer.endswith("attn2"):
+            return BlendProcessor(layer, self.state)
+        return SelfMapProcessor(layer, self.state, old) if capture and layer.endswith("attn1") else old
+
+    def remove(self) -> None:
+        """Undo everything :meth:`_install` changed."""
+        self.pipe.unet.set_attn_processor(self._processors)
+        self._hook.remove()
+        self._scheduler.__dict__.pop("step", None)
+        self.pipe.__dict__.pop("encode_prompt", None)
+        self.pipe.__dict__.pop("_latexblend", None)
+
+    def __enter__(self) -> Blender:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    # ---- the hooks
 
     def _on_unet(self, module, args, kwargs):
-        """Record ``t / T`` before every UNet call, without a device sync where the scheduler allows."""
+        """Before every UNet call: record ``t / T`` (without a device sync where the scheduler allows), then let
+        steering run this step's extra passes (not for its own passes' UNet calls)."""
         t = args[1] if len(args) > 1 else kwargs["timestep"]
         self.state.t_frac = self._host_timestep(t) / self._num_train
+        if self.steering is None or self.steering.busy:
+            return None
+        if self.steering.guidance and self.pipe.scheduler is not self._scheduler:
+            raise LatexBlendError("the pipeline's scheduler was replaced after apply(); apply latexblend again")
+        args, kwargs = list(args), dict(kwargs)
+        self.steering.before_unet(module, self._scheduler, args, kwargs)
+        return tuple(args), kwargs
+
+    def _scheduler_step(self, model_output, timestep, sample, *args, **kwargs):
+        return self._step(model_output, timestep, self.steering.step_sample(sample), *args, **kwargs)
 
     def _host_timestep(self, t) -> float:
         if not isinstance(t, torch.Tensor):
@@ -151,22 +188,6 @@ class Blender:
         if self.steering is not None:
             self.steering.begin(call)
 
-    def remove(self) -> None:
-        """Restore the pipeline's processors and ``encode_prompt``."""
-        if self.steering is not None:
-            self.steering.remove()
-            self.steering = None
-        self._restore()
-        self._hook.remove()
-        self.pipe.__dict__.pop("encode_prompt", None)
-        self.pipe.__dict__.pop("_latexblend", None)
-
-    def __enter__(self) -> Blender:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
 
 def load_banks(names: Sequence[str | Path | ConceptBank],
                directory: str | Path | None = None) -> dict[str, ConceptBank]:
@@ -198,7 +219,9 @@ def apply(pipe, concepts: Sequence[str | Path | ConceptBank], blend_start: float
     :class:`~latexblend.guidance.GuidanceOptions` / :class:`~latexblend.rectify.RectifyOptions` fields,
     or an instance; ``save_maps`` keeps per-concept cross-attention maps (``blender.steering``).
     """
+    options = BlendOptions(blend_start, bind)
+    guidance, rectify = _options(GuidanceOptions, guidance), _options(RectifyOptions, rectify)
     required = load_banks(concepts, bank_dir)
     extra = load_banks(optional, bank_dir)
-    return Blender(pipe, {**extra, **required}, required=list(required), blend_start=blend_start, bind=bind,
-                   guidance=guidance, rectify=rectify, save_maps=save_maps)
+    return Blender(pipe, {**extra, **required}, required=list(required), options=options, guidance=guidance,
+                   rectify=rectify, save_maps=save_maps)

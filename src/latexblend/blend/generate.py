@@ -7,17 +7,23 @@ The method itself (:class:`~latexblend.blend.Blender`, :func:`~latexblend.blend.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from pathlib import Path
 
+import diffusers
+import numpy as np
 import torch
+from accelerate import PartialState
 
 from latexblend.blend import samples
 from latexblend.blend.blender import Blender, load_banks
-from latexblend.blend.guidance import GuidanceOptions
-from latexblend.blend.rectify import RectifyOptions
-from latexblend.config import GenerateConfig, to_dict
+from latexblend.blend.options import GenerateConfig
+from latexblend.console import Progress
+from latexblend.device import resolve_device
 from latexblend.errors import LatexBlendError
+from latexblend.models import load_pipeline
+from latexblend.settings import flat
 from latexblend.tokens import placeholder_names
 
 SCHEDULERS = {
@@ -34,7 +40,6 @@ def set_scheduler(pipe, name: str) -> None:
         return
     if name not in SCHEDULERS:
         raise LatexBlendError(f"unknown scheduler '{name}'; choose default, {', '.join(SCHEDULERS)}")
-    import diffusers
 
     pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
 
@@ -58,13 +63,11 @@ def run_prompts(pipe, cfg: GenerateConfig, blender: Blender | None, on_image=Non
     ``[H, W, 3]`` output in [0, 1]; ``maps`` its ``{concept: [h, w] array}`` cross-attention maps when the
     blender saves maps, else ``None``). Returns one record per image.
     """
-    import numpy as np
-    from tqdm.auto import tqdm
 
     units = work_units(cfg) if units is None else units
     records = []
     total = sum(len(js) for js in units.values())
-    with tqdm(total=total, desc="generate", unit="img", disable=total < 2) as bar:
+    with Progress(total, "generate", "img", enabled=total > 1) as bar:
         for p, js in units.items():
             prompt = cfg.prompts[p]
             for first in range(0, len(js), cfg.batch_size):
@@ -96,24 +99,13 @@ def _call_maps(blender: Blender | None, n: int) -> list:
     return steering.image_maps() if steering is not None and steering.save_maps else [None] * n
 
 
-def steering_options(cfg: GenerateConfig) -> dict:
-    """``guidance`` / ``rectify`` / ``save_maps`` keyword arguments of :class:`Blender` from ``cfg``."""
-    guidance = GuidanceOptions(cfg.guidance_window, cfg.guidance_step_size, cfg.guidance_layers,
-                               cfg.guidance_checkpointing) if cfg.guidance else None
-    rectify = RectifyOptions(cfg.rectify_start, cfg.rectify_clusters, cfg.seed) if cfg.rectify else None
-    return {"guidance": guidance, "rectify": rectify, "save_maps": cfg.save_maps}
-
-
 class Processes:
     """This process's place among ``accelerate launch`` / ``torchrun`` workers (one process: rank 0 of 1)."""
 
     def __init__(self):
-        import os
-
         self.state = None
         self.rank, self.world, self.device = 0, 1, None
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            from accelerate import PartialState
 
             self.state = PartialState(cpu=not torch.cuda.is_available())
             self.rank, self.world, self.device = self.state.process_index, self.state.num_processes, self.state.device
@@ -138,9 +130,7 @@ def generate(cfg: GenerateConfig, pipe=None) -> Path:
     one run at a time (:func:`~latexblend.samples.claim_out`) and removed again if a check fails in it
     while it is still empty.
     """
-    from latexblend.device import resolve_device
 
-    cfg.validate()  # also when called from Python with a config not built by config.merge
     start = time.perf_counter()
     procs = Processes()
     banks = load_banks(cfg.concepts, cfg.bank_dir)
@@ -155,8 +145,6 @@ def generate(cfg: GenerateConfig, pipe=None) -> Path:
 
 
 def _load(cfg: GenerateConfig, device: str):
-    from latexblend.models import load_pipeline
-
     return load_pipeline(cfg.model, device=device, dtype=cfg.dtype)
 
 
@@ -166,15 +154,16 @@ def _generate_into(out: Path, cfg: GenerateConfig, pipe, procs: Processes, banks
     set_scheduler(pipe, cfg.scheduler)
     default_size = pipe.default_sample_size * pipe.vae_scale_factor
     cfg = dataclasses.replace(cfg, height=cfg.height or default_size, width=cfg.width or default_size)
-    blender = Blender(pipe, banks, required=required, blend_start=cfg.blend_start, bind=cfg.bind,
-                      **steering_options(cfg))
+    rectify = dataclasses.replace(cfg.rectify, seed=cfg.seed) if cfg.rectify else None  # clustering: the run's seed
+    blender = Blender(pipe, banks, required=required, options=cfg.blend, guidance=cfg.guidance, rectify=rectify,
+                      save_maps=cfg.save_maps)
     try:
         for prompt in cfg.prompts:  # every process checks every prompt: all fail together, before sampling
             blender.prepare(prompt)
     except LatexBlendError:
         blender.remove()
         raise
-    settings = {k: v for k, v in to_dict(cfg).items() if k not in ("prompts", "concepts", "out", "bank_dir")}
+    settings = {k: v for k, v in flat(cfg).items() if k not in ("prompts", "concepts", "out", "bank_dir")}
     settings.update(dtype=str(pipe.unet.dtype).replace("torch.", ""), device=str(pipe.unet.device),
                     num_processes=procs.world)
 

@@ -2,7 +2,7 @@
 and one latent update ``z <- z - step_size * grad_z (g1 + g2)``.
 
 A *map* here is a head-averaged cross-attention probability map ``[B, N, 77]`` recorded by
-:class:`~latexblend.attention.MapProcessor`; several layers are combined into ``[B, 77, h, w]`` at the
+:class:`~latexblend.blend.processor.BlendProcessor`; several layers are combined into ``[B, 77, h, w]`` at the
 finest recorded resolution (bilinear resize, mean over layers). Each token's map becomes a spatial
 distribution ``softmax(pool(A) / tau)`` (4x4 average pooling, tau = 0.01).
 
@@ -17,37 +17,17 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from latexblend.attention import MapState
-from latexblend.config import check_guidance
+from latexblend.blend.options import BLOCKS
+from latexblend.blend.processor import BlendState
 from latexblend.errors import LatexBlendError
 from latexblend.tokens import Span
 
 TAU = 0.01
 POOL = 4
-BLOCKS = {"down": "down_blocks.", "mid": "mid_block.", "up": "up_blocks."}
-
-
-@dataclass
-class GuidanceOptions:
-    """``window``: guide while ``t/T >= window`` (the unit of ``blend_start``; 0.8 = the release's first
-    20 of 100 steps); ``step_size``: the update's scale; ``layers``: see :func:`select_layers`;
-    ``checkpointing``: gradient checkpointing in the guidance pass (less memory, one more forward);
-    ``history``: keep each pass's ``t_frac``, loss and latent update of the last pipeline call in
-    ``Steering.history`` (off: nothing is kept, so memory stays flat over many calls)."""
-
-    window: float = 0.8
-    step_size: float = 1.0
-    layers: str = "all"
-    checkpointing: bool = False
-    history: bool = False
-
-    def __post_init__(self) -> None:
-        check_guidance(self.window, self.step_size, self.layers)
 
 
 def select_layers(shapes: Mapping[str, int], spec: str) -> list[str]:
@@ -146,14 +126,15 @@ def guidance_loss(maps: torch.Tensor, row_spans: Sequence[Sequence[Span]], tau: 
 
 
 @contextlib.contextmanager
-def recording(maps: MapState, layers, sink=None, edit=None, plain: bool = False) -> Iterator[MapState]:
-    """Temporarily set what the map processors record/edit; restores the previous settings."""
-    old = (maps.layers, maps.sink, maps.edit, maps.plain)
-    maps.layers, maps.sink, maps.edit, maps.plain = frozenset(layers), sink, edit, plain
+def recording(state: BlendState, layers, sink=None, edit=None, plain: bool = False) -> Iterator[BlendState]:
+    """Within the block, the processors send the maps of ``layers`` to ``sink``, edit logits with ``edit`` and
+    (``plain``) use the prompt's own K/V; the previous settings come back afterwards."""
+    old = (state.record, state.sink, state.edit, state.plain)
+    state.record, state.sink, state.edit, state.plain = frozenset(layers), sink, edit, plain
     try:
-        yield maps
+        yield state
     finally:
-        maps.layers, maps.sink, maps.edit, maps.plain = old
+        state.record, state.sink, state.edit, state.plain = old
 
 
 @contextlib.contextmanager
@@ -173,70 +154,28 @@ def frozen_unet(unet, checkpointing: bool = False) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-class SavedBytes(torch.autograd.graph.saved_tensors_hooks):
-    """Counts the bytes of activations autograd keeps for backward (weights excluded), while active."""
-
-    def __init__(self, unet):
-        params = {p.untyped_storage().data_ptr() for p in unet.parameters()}
-        seen: set[int] = set()
-        self.nbytes = 0
-
-        def pack(t: torch.Tensor):
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in params and ptr not in seen:
-                seen.add(ptr)
-                self.nbytes += t.untyped_storage().nbytes()
-            # detach: a node that saves its own output would otherwise hold a tensor pointing back at
-            # the node (grad_fn), a cycle through C++ that Python's GC never frees (leaked every pass)
-            return t.detach()
-
-        super().__init__(pack, lambda t: t)
-
-
-class _Complete(Exception):
-    """Raised by a :func:`collector` sink once its last layer reported: nothing later in the UNet can
-    change what was recorded, so the pass stops there."""
-
-
-def collector(store: dict, layers) -> Callable[[str, torch.Tensor], None]:
-    """A map sink filling ``store`` that ends the UNet pass (see :func:`run_until_recorded`) once every
-    layer in ``layers`` has reported. Calls after that (a checkpointed block recomputed during
-    backward) are ignored."""
-    remaining = set(layers)
+def collector(store: dict) -> Callable[[str, torch.Tensor], None]:
+    """A map sink keeping each layer's first map in ``store``: a checkpointed block recomputed during
+    backward reports again, and its second report is not the one the loss was built from."""
 
     def sink(layer: str, probs: torch.Tensor) -> None:
-        if not remaining:
-            return
-        store[layer] = probs
-        remaining.discard(layer)
-        if not remaining:
-            raise _Complete
+        store.setdefault(layer, probs)
 
     return sink
 
 
-def run_until_recorded(call, x: torch.Tensor) -> None:
-    """``call(x)``, stopped early by a :func:`collector` sink (the UNet's output is not needed)."""
-    with contextlib.suppress(_Complete):
-        call(x)
-
-
-def guidance_pass(unet, z: torch.Tensor, scale: torch.Tensor, call, maps: MapState, layers: Sequence[str],
+def guidance_pass(unet, z: torch.Tensor, scale: torch.Tensor, call, state: BlendState, layers: Sequence[str],
                   row_spans: Sequence[Sequence[Span]], latent_hw: tuple[int, int],
-                  checkpointing: bool = False, count_saved: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
+                  checkpointing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss and its gradient with respect to the scheduler-space latent ``z`` [B, 4, h, w] (conditional
-    samples only). The UNet sees ``scale * z`` (``scale`` = the scheduler's ``scale_model_input``
-    factor); ``call(x)`` runs the UNet on the conditional branch, which stops after the last layer of
-    ``layers`` (the blocks after it cannot change the loss; module forward hooks after that point do
-    not fire for this pass). Returns ``(grad [B, 4, h, w], loss [B], activation bytes saved for
-    backward)``; the bytes are counted only with ``count_saved`` (a Python hook on every saved tensor:
-    measurement, not for every pass), else 0."""
+    samples only). ``call(x)`` runs the UNet on the conditional branch at ``x = scale * z`` (``scale`` = the
+    scheduler's ``scale_model_input`` factor) while the maps of ``layers`` are recorded; its output is not
+    used, and autograd goes back only through the recorded layers. Returns ``(grad [B, 4, h, w], loss [B])``."""
     recorded: dict[str, torch.Tensor] = {}
     z = z.detach().float().requires_grad_(True)
-    saved = SavedBytes(unet) if count_saved else None
-    with torch.enable_grad(), frozen_unet(unet, checkpointing), recording(
-            maps, layers, sink=collector(recorded, layers), edit=maps.edit), saved or contextlib.nullcontext():
-        run_until_recorded(call, (scale * z).to(unet.dtype))
+    with torch.enable_grad(), frozen_unet(unet, checkpointing), recording(state, layers, collector(recorded),
+                                                                          edit=state.edit):
+        call((scale * z).to(unet.dtype))
         loss = guidance_loss(token_maps(recorded, latent_hw), row_spans)
         grad = torch.autograd.grad(loss.sum(), z)[0] if loss.requires_grad else torch.zeros_like(z)
-    return grad.detach(), loss.detach(), saved.nbytes if saved else 0
+    return grad.detach(), loss.detach()

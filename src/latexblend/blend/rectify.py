@@ -11,29 +11,14 @@ assignment, so they are disjoint for any number of concepts.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from latexblend.config import check_rectify
 from latexblend.errors import LatexBlendError
 from latexblend.tokens import Span
 
 STRENGTH = 2.0  # c in the modulation rule
-
-
-@dataclass
-class RectifyOptions:
-    """``start``: capture at the first step with ``t/T < start`` and rectify from then on (unit of
-    ``blend_start``; the release's 0.8); ``clusters``: spectral clusters; ``seed``: k-means seed."""
-
-    start: float = 0.8
-    clusters: int = 8
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        check_rectify(self.start, self.clusters)
 
 
 #: Up to this many pixels (1024: SDXL at 512 px) the eigenvectors come from a full float64 eigendecomposition;

@@ -18,9 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import numpy as np
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
 from latexblend import __version__
 from latexblend.errors import LatexBlendError
-from latexblend.fileio import atomic_path, claim_folder, safe_name, write_text_atomic
+from latexblend.fileio import atomic_path, claim_folder, write_text_atomic
+from latexblend.settings import safe_name
 
 FORMAT = "latexblend-samples"
 FORMAT_VERSION = 1
@@ -62,7 +67,6 @@ def image_file(prompt_index: int, seed: int) -> str:
 
 def make_grid(images: Sequence, cols: int | None = None):
     """PIL images of one size -> one PIL grid image."""
-    from PIL import Image
 
     cols = cols or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)
@@ -75,7 +79,6 @@ def make_grid(images: Sequence, cols: int | None = None):
 
 def save_png(image, path: Path, text: dict[str, str]) -> None:
     """Write a PIL image as PNG atomically, with ``text`` as its text chunks."""
-    from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     for key, value in text.items():
@@ -93,8 +96,6 @@ def save_image(out: Path, record: dict, pil, settings: dict) -> None:
 def heatmap(values, size: tuple[int, int], under=None):
     """A ``[h, w]`` map as an RGB heatmap (black-red-yellow-white) of ``size`` (w, h), min-max scaled,
     laid half-transparent over ``under`` (a PIL image) when given."""
-    import numpy as np
-    from PIL import Image
 
     v = np.asarray(values, dtype=np.float64)
     v = (v - v.min()) / max(v.max() - v.min(), 1e-12)
@@ -120,7 +121,6 @@ def write_records(out: Path, rank: int, records: list[dict]) -> None:
 def finish(out: Path, *, model: str, prompts: Sequence[str], settings: dict, concepts: dict, grid: bool,
            world: int, elapsed: float) -> None:
     """Merge the processes' records into ``metadata.json`` and draw one grid per prompt from the PNGs."""
-    from PIL import Image
 
     images = []
     for rank in range(world):

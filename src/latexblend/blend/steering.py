@@ -1,39 +1,25 @@
-"""Blending guidance, self-attention rectification and attention-map saving, hooked into the stock
-SDXL loop (METHOD sections 5 and 6) without forking it.
+"""Blending guidance, self-attention rectification and attention-map saving (METHOD.md sections 5 and 6):
+what the :class:`~latexblend.blend.blender.Blender`'s UNet pre-forward hook runs before a step's own UNet
+call. :class:`Steering` changes nothing in the pipeline itself; the Blender owns every hook.
 
-:class:`Steering` replaces the blend processors by :class:`~latexblend.attention.MapProcessor` (the same
-K/V, SDPA unless a map is read or a logit edited) and adds a UNet pre-forward hook that runs, before
-the step's own UNet call:
-
-- **guidance** (while ``t/T >= window``): one extra UNet pass on the conditional branch with grad to
-  the latent only, stopped after the last chosen layer. The pipeline hands the UNet
-  ``x = scale_model_input(cat([z, z]), t) = s * z``; the hook recovers the scheduler-space latent
-  ``z = x / s`` (``s`` from ``scheduler.scale_model_input`` on ones: a linear factor), differentiates
-  ``g1 + g2`` at ``s * z`` with respect to ``z``, and updates ``z' = z - step_size * grad``. A pre-hook
-  cannot rebind the pipeline's ``latents``, so it (a) feeds the UNet ``s * z'`` for both CFG halves
-  and (b) hands the same update to ``scheduler.step``, which is wrapped to receive ``z'`` instead of
-  ``z``: the step is exactly the stock step taken from ``z'``.
+- **guidance** (while ``t/T >= window``): one extra UNet pass on the conditional branch with grad to the
+  latent only. The pipeline hands the UNet ``x = scale_model_input(cat([z, z]), t) = s * z``; the pass
+  recovers the scheduler-space latent ``z = x / s`` (``s`` from ``scheduler.scale_model_input`` on ones: a
+  linear factor), differentiates ``g1 + g2`` at ``s * z`` with respect to ``z``, and updates
+  ``z' = z - step_size * grad``. It returns ``s * z'`` as the UNet input of both CFG halves, and keeps the
+  update for the same step's ``scheduler.step`` (:meth:`Steering.step_sample`): the step is exactly the
+  stock step taken from ``z'``.
 - **rectification** (at the first step with ``t/T < start``): one extra pass on the conditional branch
-  without concept rows and without grad (stopped after the last attn2 layer), capturing
-  cross-attention maps (all attn2 layers) and self-attention at the highest-resolution attn1 layers;
-  the masks it yields then edit every attn2 layer's logits on the conditional branch for the rest of
-  the call (explicit attention there; the edit is a fixed number of tensor ops per layer, from
-  coefficient maps built once per resolution: :func:`~latexblend.rectify.coefficients`).
+  without concept rows and without grad, capturing cross-attention maps (all attn2 layers) and
+  self-attention at the highest-resolution attn1 layers; the masks it yields then edit every attn2 layer's
+  logits on the conditional branch for the rest of the call (a fixed number of tensor ops per layer, from
+  coefficient maps built once per resolution: :func:`~latexblend.blend.rectify.coefficients`).
 - **map saving**: the main pass records every attn2 layer's conditional maps, averaged over steps;
   :meth:`Steering.image_maps` gives them per image of the last call.
 
 Everything that belongs to one pipeline call lives in a :class:`SteeredCall`, made anew by
-:meth:`Steering.begin` when the blender's ``encode_prompt`` wrapper starts the call.
-
-Why hooks and not diffusers' ``callback_on_step_end``: that callback runs after the step's
-``scheduler.step`` (it can replace the latents only for the *next* step), so nothing runs through it
-before step 0's UNet call, where the guidance window starts; and it is an argument of each pipeline
-call, which ``apply()`` leaves to the caller. Guidance must change the latent before the step's UNet
-call and the same step's ``scheduler.step``: the pre-hook does the first, the wrapped ``step`` (installed
-only with guidance) the second.
-
-The two extra passes end by an exception once their last layer has reported, so forward hooks on the
-UNet and on the modules after that layer fire for the main pass only.
+:meth:`Steering.begin` when the Blender's ``encode_prompt`` wrapper starts the call. The extra passes run
+the whole UNet; their outputs are not used.
 """
 
 from __future__ import annotations
@@ -41,20 +27,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
-from latexblend.attention import MapProcessor, MapState, SelfMapProcessor, install_processors
-from latexblend.blend.guidance import (
-    GuidanceOptions,
-    collector,
-    guidance_pass,
-    layer_hw,
-    recording,
-    run_until_recorded,
-    select_layers,
-    token_maps,
-)
-from latexblend.blend.rectify import RectifyOptions, coefficients, concept_masks, modulate, resize_masks
-from latexblend.errors import LatexBlendError
+from latexblend.blend.guidance import collector, guidance_pass, layer_hw, recording, select_layers, token_maps
+from latexblend.blend.options import GuidanceOptions, RectifyOptions
+from latexblend.blend.processor import BlendState
+from latexblend.blend.rectify import coefficients, concept_masks, modulate, resize_masks
+from latexblend.models import attn2_shapes
 
 
 def _cut(value, batch: int, offset: int):
@@ -80,48 +59,28 @@ class SteeredCall:
 
 
 class Steering:
-    """Guidance / rectification / map saving for a :class:`~latexblend.blend.Blender` (see module doc)."""
+    """Guidance / rectification / map saving for one Blender (see the module doc). ``busy`` is set while an
+    extra pass runs, so the Blender's hook leaves that UNet call alone."""
 
-    def __init__(self, blender, guidance: GuidanceOptions | None = None, rectify: RectifyOptions | None = None,
-                 save_maps: bool = False):
-        from latexblend.models import attn2_shapes
-
-        self.pipe, self.state = blender.pipe, blender.state
-        self.guidance, self.rectify, self.save_maps = guidance, rectify, save_maps
-        shapes = attn2_shapes(self.pipe.unet)
+    def __init__(self, unet, state: BlendState, guidance: GuidanceOptions | None = None,
+                 rectify: RectifyOptions | None = None, save_maps: bool = False):
+        self.state, self.guidance, self.rectify, self.save_maps = state, guidance, rectify, save_maps
+        shapes = attn2_shapes(unet)
         self.layers = list(shapes)
         self.guide_layers = select_layers(shapes, guidance.layers) if guidance else []
-        self.maps = MapState()
-        self.stats = {"guidance_passes": 0, "guidance_saved_bytes": None, "rectify_passes": 0}
+        self.stats = {"guidance_passes": 0, "rectify_passes": 0}
         self.history: list[dict] = []  # with guidance.history, per pass of the last call: t_frac, loss [B], delta
-        self.count_saved = False  # measure the guidance pass's saved activations (stats; benchmarks: costs time)
         self.call = SteeredCall([])
-        self._busy = False
-        self._restore = install_processors(self.pipe.unet, lambda layer: MapProcessor(layer, self.state, self.maps))
-        self._hook = self.pipe.unet.register_forward_pre_hook(self._on_unet, with_kwargs=True)
-        self._scheduler = self.pipe.scheduler
-        if guidance:  # the update must reach this step's scheduler.step too (see the module doc)
-            self._step = self._scheduler.step
-            self._scheduler.step = self._scheduler_step
-
-    def remove(self) -> None:
-        self._restore()
-        self._hook.remove()
-        if self.guidance:
-            self._scheduler.__dict__.pop("step", None)
+        self.busy = False
 
     def begin(self, call) -> None:
-        """A new pipeline call (a :class:`~latexblend.blend.Call`) begins."""
+        """A new pipeline call (a :class:`~latexblend.blend.blender.Call`) begins."""
         self.call = SteeredCall(call.row_spans)
         self.history = []
-        self.maps.edit = None
+        self.state.edit = None
 
-    def _on_unet(self, module, args, kwargs):
-        if self._busy:
-            return None
-        if self.guidance and self.pipe.scheduler is not self._scheduler:
-            raise LatexBlendError("the pipeline's scheduler was replaced after apply(); apply latexblend again")
-        args, kwargs = list(args), dict(kwargs)
+    def before_unet(self, unet, scheduler, args: list, kwargs: dict) -> None:
+        """Run this step's extra passes; ``args``/``kwargs`` (the main UNet call's) get the guided input."""
         sample = args[0] if args else kwargs["sample"]
         offset = sample.shape[0] - len(self.call.row_spans)
         self.call.latent_hw = tuple(sample.shape[-2:])
@@ -129,44 +88,42 @@ class Steering:
                 {k: _cut(v, sample.shape[0], offset) for k, v in kwargs.items() if k != "sample"})
         active = any(self.call.row_spans)
         if active and self.guidance and self.state.t_frac >= self.guidance.window:
-            sample = self._guide(module, sample, offset, rest)
+            sample = self._guide(unet, scheduler, sample, offset, rest)
             if args:
                 args[0] = sample
             else:
                 kwargs["sample"] = sample
         if active and self.rectify and self.call.masks is None and self.state.t_frac < self.rectify.start:
-            self._capture(module, sample[offset:], rest)
+            self._capture(unet, sample[offset:], rest)
         self._prepare_main()
-        return tuple(args), kwargs
 
-    def _run(self, unet, x, rest):
-        self._busy = True
-        try:
-            return unet(x, *rest[0], **rest[1])
-        finally:
-            self._busy = False
-
-    def _scheduler_step(self, model_output, timestep, sample, *args, **kwargs):
+    def step_sample(self, sample: torch.Tensor) -> torch.Tensor:
+        """The latent this step's ``scheduler.step`` starts from: ``sample`` plus this step's guidance update."""
         if self.call.pending is not None:
             sample = sample + self.call.pending.to(sample.dtype)
             self.call.pending = None
-        return self._step(model_output, timestep, sample, *args, **kwargs)
+        return sample
+
+    def _run(self, unet, x, rest):
+        self.busy = True
+        try:
+            return unet(x, *rest[0], **rest[1])
+        finally:
+            self.busy = False
 
     # ---- guidance
 
-    def _guide(self, unet, sample: torch.Tensor, offset: int, rest) -> torch.Tensor:
+    def _guide(self, unet, scheduler, sample: torch.Tensor, offset: int, rest) -> torch.Tensor:
         """Update the latent of every conditional sample; returns the UNet input for the main pass."""
         t = rest[0][0] if rest[0] else rest[1]["timestep"]
-        scale = self._scheduler.scale_model_input(torch.ones_like(sample[:1], dtype=torch.float32), t)
+        scale = scheduler.scale_model_input(torch.ones_like(sample[:1], dtype=torch.float32), t)
         z = sample[offset:].float() / scale
-        grad, loss, nbytes = guidance_pass(unet, z, scale, lambda x: self._run(unet, x, rest), self.maps,
-                                           self.guide_layers, self.call.row_spans, self.call.latent_hw,
-                                           self.guidance.checkpointing, count_saved=self.count_saved)
+        grad, loss = guidance_pass(unet, z, scale, lambda x: self._run(unet, x, rest), self.state,
+                                   self.guide_layers, self.call.row_spans, self.call.latent_hw,
+                                   self.guidance.checkpointing)
         delta = -self.guidance.step_size * grad
         self.call.pending = delta
         self.stats["guidance_passes"] += 1
-        if self.count_saved:
-            self.stats["guidance_saved_bytes"] = max(self.stats["guidance_saved_bytes"] or 0, nbytes)
         if self.guidance.history:
             self.history.append({"t_frac": self.state.t_frac, "loss": loss, "delta": delta})
         repeats = sample.shape[0] // delta.shape[0]
@@ -186,18 +143,16 @@ class Steering:
                 best["sum"] += probs.float()
                 best["count"] += 1
 
-        old = dict(unet.attn_processors)
-        unet.set_attn_processor({k: SelfMapProcessor(k, self_sink) if k.endswith("attn1.processor") else p
-                                 for k, p in old.items()})
+        self.state.self_sink = self_sink
         try:
-            with torch.no_grad(), recording(self.maps, self.layers, sink=collector(cross, self.layers), plain=True):
-                run_until_recorded(lambda x: self._run(unet, x, rest), cond)
+            with torch.no_grad(), recording(self.state, self.layers, collector(cross), plain=True):
+                self._run(unet, cond, rest)
         finally:
-            unet.set_attn_processor(old)
+            self.state.self_sink = None
         self.stats["rectify_passes"] += 1
         hw = layer_hw(best["n"], self.call.latent_hw)
-        maps = token_maps(cross, self.call.latent_hw)
-        maps = torch.nn.functional.interpolate(maps, size=hw, mode="bilinear", align_corners=False).flatten(2)
+        maps = F.interpolate(token_maps(cross, self.call.latent_hw), size=hw, mode="bilinear",
+                             align_corners=False).flatten(2)
         affinity = best["sum"] / best["count"]  # [B, N, N]
         self.call.masks = []
         for i, spans in enumerate(self.call.row_spans):
@@ -232,10 +187,10 @@ class Steering:
     # ---- the main pass and saved maps
 
     def _prepare_main(self) -> None:
-        self.maps.edit = self._edit if self.call.masks is not None else None
-        self.maps.plain = False
+        self.state.edit = self._edit if self.call.masks is not None else None
+        self.state.plain = False
         if self.save_maps:
-            self.maps.layers, self.maps.sink = frozenset(self.layers), self._accumulate
+            self.state.record, self.state.sink = frozenset(self.layers), self._accumulate
             self.call.steps += 1
 
     def _accumulate(self, layer: str, probs: torch.Tensor) -> None:

@@ -13,13 +13,19 @@ import csv
 import io
 import json
 import re
+import shlex
+import subprocess
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from latexblend.blend.samples import metadata_path, samples_complete
 from latexblend.errors import LatexBlendError
-from latexblend.fileio import safe_name, write_text_atomic
+from latexblend.evaluate import metrics as ev
+from latexblend.evaluate import report
+from latexblend.fileio import write_text_atomic
+from latexblend.settings import safe_name
 
 SINGLE_FILE = "dataset.json"
 PAIR_FILE = "dataset_multiconcept.json"
@@ -231,9 +237,6 @@ def _fresh_metrics(job: Mapping) -> dict | None:
 def command_runner(template: str) -> Callable[[dict], None]:
     """A ``generate(job)`` callable running ``template`` (``{prompts_file} {concepts} {out} {name}``) per
     job; ``latexblend`` as the command runs this interpreter's ``-m latexblend``. A bad template fails here."""
-    import shlex
-    import subprocess
-    import sys
 
     def command(fields: dict) -> list[str]:
         try:
@@ -269,14 +272,12 @@ def job_evaluator(clip_model: str, dino_model: str, device: str | None, batch_si
     loaded = {}
 
     def evaluate(job: dict) -> dict:
-        from latexblend.evaluate import metrics as ev
-
         if not loaded:
             if before_load is not None:
                 before_load()
             loaded["models"] = ev.load_models(clip_model, dino_model, device)
         metrics = ev.evaluate_samples(job["out"], loaded["models"], job["references"], batch_size=batch_size)
-        ev.write_outputs(metrics, job["out"])
+        report.write_outputs(metrics, job["out"])
         return metrics
 
     return evaluate

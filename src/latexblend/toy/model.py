@@ -12,7 +12,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, UNet2DConditionModel
+from safetensors.torch import load_file
+
 from latexblend.errors import LatexBlendError
+from latexblend.models import build_tiny_pipeline, cached_model_dir, tiny_unet_config, write_model_folder
 
 ASSETS = Path(__file__).parents[1] / "assets"
 TOY_SIZE = 32
@@ -20,7 +25,6 @@ TOY_SIZE = 32
 
 def toy_unet_config() -> dict:
     """``tiny``'s SDXL layout, wider, for 8x8 latents (2.75 M parameters)."""
-    from latexblend.models import tiny_unet_config
 
     return tiny_unet_config() | dict(sample_size=TOY_SIZE // 4, block_out_channels=(32, 64, 96),
                                      attention_head_dim=(4, 4, 4), transformer_layers_per_block=(1, 1, 1))
@@ -46,10 +50,6 @@ def toy_scheduler_config() -> dict:
 
 def build_toy_pipeline(unet=None, vae=None, seed: int = 0):
     """The toy pipeline: ``tiny``'s text side with the given (or freshly initialised) UNet and VAE."""
-    import torch
-    from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, UNet2DConditionModel
-
-    from latexblend.models import build_tiny_pipeline
 
     pipe = build_tiny_pipeline(seed)
     torch.manual_seed(seed + 10)
@@ -64,8 +64,6 @@ def build_toy_pipeline(unet=None, vae=None, seed: int = 0):
 
 def load_shipped_toy():
     """The toy pipeline with the shipped trained weights (fp32 in memory)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from safetensors.torch import load_file
 
     meta_path = ASSETS / "toy.json"
     if not meta_path.exists():
@@ -81,14 +79,12 @@ def load_shipped_toy():
 
 def save_toy_model(out_dir: str | Path) -> Path:
     """Write the toy model as a diffusers folder, atomically (a complete folder or none)."""
-    from latexblend.models import write_model_folder
 
     return write_model_folder(out_dir, load_shipped_toy, {"latexblend_toy.json": (ASSETS / "toy.json").read_text()})
 
 
 def toy_model_dir() -> Path:
     """The cached toy-model folder, built on first use (a new folder when the shipped weights change)."""
-    from latexblend.models import cached_model_dir
 
     meta = json.loads((ASSETS / "toy.json").read_text()) if (ASSETS / "toy.json").exists() else {}
     return cached_model_dir(f"toy-sdxl-{meta.get('id', 'none')}", save_toy_model)

@@ -27,6 +27,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from latexblend.fileio import write_text_atomic
+from latexblend.train.data import TEMPLATES
 
 SIZE = 32
 BACKGROUNDS: dict[str, tuple[str, tuple[int, int, int]]] = {
@@ -205,7 +206,6 @@ def template_caption(scene: Scene, rng: random.Random, drop_colour: float = 0.0)
     """A one-object scene's object phrase in a template of the training pool, without its background
     (``a photo of a red dog``): the toy model learns what these prompts mean, as SDXL knows "a photo of
     a dog", so the frozen base flow of a concept's replace prompts is a real scene (any background)."""
-    from latexblend.train.data import TEMPLATES
 
     if len(scene.things) != 1:
         raise ValueError("a template caption describes a one-object scene")

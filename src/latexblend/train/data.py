@@ -10,14 +10,16 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import numpy as np
+import torch
+from PIL import Image
+
+from latexblend.console import Progress
 from latexblend.errors import LatexBlendError
-from latexblend.fileio import atomic_path, list_images, open_image, safe_name, write_text_atomic
-
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
-    from PIL import Image
+from latexblend.fileio import atomic_path, list_images, open_image, write_text_atomic
+from latexblend.settings import safe_name
+from latexblend.train.options import SHRINK
 
 #: The replace/instance template pool (METHOD section 2, step 1). Drawn independently per flow.
 TEMPLATES = ("{}", "a {}", "photo of {}", "a photo of {}", "a photo of a {}", "a fancy photo of a {}",
@@ -84,30 +86,22 @@ class Sample:
 
 def _randint(g: torch.Generator, lo: int, hi: int) -> int:
     """Uniform integer in ``[lo, hi]`` (inclusive) from ``g``."""
-    import torch
 
     return int(torch.randint(lo, hi + 1, (1,), generator=g))
 
 
 def _to_tensor(img: Image.Image) -> torch.Tensor:
-    import numpy as np
-    import torch
-
     arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
 def _square(img: Image.Image, side: int) -> Image.Image:
     """Centre-crop to a square and resize to ``side`` (bicubic)."""
-    from PIL import Image
 
     w, h = img.size
     s = min(w, h)
     left, top = (w - s) // 2, (h - s) // 2
     return img.crop((left, top, left + s, top + s)).resize((side, side), Image.Resampling.BICUBIC)
-
-
-SHRINK = 2 / 3  # Custom Diffusion's share of shrink-and-paste augmentations
 
 
 def augment(img: Image.Image, size: int, factor: int, g: torch.Generator, shrink: float = SHRINK,
@@ -117,8 +111,6 @@ def augment(img: Image.Image, size: int, factor: int, g: torch.Generator, shrink
     the latent cells the object covers; otherwise enlarge to ``[1.2, 1.4] x size`` and random-crop (mask
     all ones), or with ``enlarge`` False keep the image at ``size`` (hflip only). ``factor`` is the VAE's
     downsampling (8)."""
-    import torch
-    from PIL import Image
 
     orig = (img.height, img.width)
     if draw_flip(g):
@@ -146,7 +138,6 @@ def augment(img: Image.Image, size: int, factor: int, g: torch.Generator, shrink
 
 def draw_flip(g: torch.Generator) -> bool:
     """A fair coin from ``g``: flip the image left-right?"""
-    import torch
 
     return float(torch.rand((), generator=g)) < 0.5
 
@@ -154,8 +145,6 @@ def draw_flip(g: torch.Generator) -> bool:
 def prior_sample(img: Image.Image, size: int, factor: int, flip: bool) -> Sample:
     """A class image: centre square at ``size``, hflipped when ``flip`` (drawn with :func:`draw_flip`),
     loss everywhere."""
-    import torch
-    from PIL import Image
 
     orig = (img.height, img.width)
     if flip:
@@ -202,8 +191,6 @@ def generate_prior(pipe, class_noun: str, num: int, out: str | Path, seed: int =
     images are kept. ``captions.txt`` (the class noun per image) is written once all exist.
     Returns ``(number generated now, out)``; 0 means the set was already complete.
     """
-    import torch
-    from tqdm.auto import tqdm
 
     check_prior_request(class_noun, num, steps, cfg)
     out = Path(out)
@@ -211,12 +198,14 @@ def generate_prior(pipe, class_noun: str, num: int, out: str | Path, seed: int =
         return 0, out
     todo = prior_missing(out, num)
     size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    for i in tqdm(todo, desc=f"prior '{class_noun}'", disable=not progress):
-        g = torch.Generator("cpu").manual_seed(seed + i)
-        image = pipe(class_noun, num_inference_steps=steps, guidance_scale=cfg, height=size, width=size,
-                     generator=g).images[0]
-        with atomic_path(out / f"{i:05d}.png") as tmp:
-            image.save(tmp, format="PNG")
+    with Progress(len(todo), f"prior '{class_noun}'", "img", enabled=progress) as bar:
+        for i in todo:
+            g = torch.Generator("cpu").manual_seed(seed + i)
+            image = pipe(class_noun, num_inference_steps=steps, guidance_scale=cfg, height=size, width=size,
+                         generator=g).images[0]
+            with atomic_path(out / f"{i:05d}.png") as tmp:
+                image.save(tmp, format="PNG")
+            bar.update()
     write_text_atomic(out / "captions.txt", "\n".join([class_noun] * num) + "\n")
     return len(todo), out
 

@@ -18,14 +18,22 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from latexblend.config import TrainConfig, load_mapping, merge, to_dict
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from latexblend.bank.extract import bank_dtype, extract_bank
+from latexblend.bank.format import SUFFIX, bank_dir, save_bank
+from latexblend.device import resolve_device
 from latexblend.errors import LatexBlendError
 from latexblend.fileio import save_safetensors, write_text_atomic
-
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
+from latexblend.models import attn2_modules, load_unet_and_tokenizer
+from latexblend.settings import load_mapping, merge, to_dict
+from latexblend.text import load_text_side, set_identifier_rows
+from latexblend.train.model import merge_lora
+from latexblend.train.options import TrainConfig
 
 CONFIG_FILE = "config.yaml"
 RUN_FILE = "run.json"
@@ -55,7 +63,6 @@ def check_run_folder(cfg: TrainConfig) -> tuple[Path, Path | None]:
     """``(run folder, checkpoint to resume from)``; refuses to clobber a run or a bank by accident. A run
     folder without weights (stopped before its first checkpoint) holds nothing to keep or resume: it is
     started again from step 0, also under ``--resume latest``."""
-    from latexblend.bank.format import SUFFIX, bank_dir
 
     run = Path(cfg.runs_dir) / cfg.name
     kept = _has_weights(run)
@@ -97,7 +104,6 @@ def find_checkpoint(run: Path, which: str) -> Path:
 
 def start_run_folder(cfg: TrainConfig, run: Path, resume_from: Path | None) -> None:
     """Empty the folder for a fresh run (``--overwrite``, checked up-front) and write ``config.yaml``."""
-    import yaml
 
     if resume_from is None and run.exists():
         shutil.rmtree(run)
@@ -129,7 +135,6 @@ def write_weights(folder: Path, kv: dict[str, torch.Tensor], kv_meta: dict[str, 
 
 def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """``(kv tensors, identifier rows)`` of a run folder or checkpoint."""
-    from safetensors.torch import load_file
 
     return load_file(str(folder / KV_FILE)), load_file(str(folder / TOKENS_FILE))
 
@@ -141,7 +146,6 @@ def checkpoint_path(run: Path, step: int) -> Path:
 def write_checkpoint(run: Path, step: int, write, optimizer_state: dict, cfg_hash: str) -> Path:
     """``checkpoints/step_<step>/``: ``write(folder)`` writes the weights, then the optimizer state and
     ``state.json``. Built in a temporary folder and renamed, so a checkpoint is complete or absent."""
-    import torch
 
     final = checkpoint_path(run, step)
     tmp = final.with_name(f".{final.name}.tmp")
@@ -166,7 +170,6 @@ def prune_checkpoints(run: Path, keep: int) -> list[Path]:
 
 def read_checkpoint(folder: Path, cfg_hash: str) -> tuple[int, dict, dict, dict]:
     """``(step, kv tensors, identifier rows, optimizer state)``; refuses a checkpoint of other settings."""
-    import torch
 
     state = json.loads((folder / STATE_FILE).read_text())
     if state["config_hash"] != cfg_hash:
@@ -191,7 +194,6 @@ def checkpoint_folder(run: Path, checkpoint: int | None) -> Path:
 
 def kv_metadata(path: Path) -> dict:
     """The safetensors metadata of a ``kv.safetensors`` (kind ``full`` or ``lora``, layers, fingerprint...)."""
-    from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -200,15 +202,9 @@ def kv_metadata(path: Path) -> dict:
         raise LatexBlendError(f"{path} is not a readable safetensors file: {err}") from err
 
 
-def merge_lora(w0: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
-    """The effective weight ``W0 + B A`` (fp32) of LoRA factors ``A`` [r, in], ``B`` [out, r] on ``W0`` [out, in]."""
-    return w0.float() + lora_b.float() @ lora_a.float()
-
-
 def kv_weights(path: Path, base_unet=None) -> tuple[dict, dict]:
     """``({layer: (W_k, W_v)}, metadata)`` from a ``kv.safetensors`` (full weights or LoRA factors; LoRA
     needs ``base_unet`` for ``W0``)."""
-    from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
@@ -223,7 +219,6 @@ def kv_weights(path: Path, base_unet=None) -> tuple[dict, dict]:
         raise LatexBlendError(f"{path} does not hold latexblend to_k/to_v weights: {what} (a damaged or foreign file)")
     if kind != "lora":
         return {layer: (tensors[f"{layer}.to_k.weight"], tensors[f"{layer}.to_v.weight"]) for layer in layers}, meta
-    from latexblend.models import attn2_modules
 
     if base_unet is None:
         raise LatexBlendError(f"{path} holds LoRA factors; the base UNet is needed to merge them")
@@ -234,3 +229,34 @@ def kv_weights(path: Path, base_unet=None) -> tuple[dict, dict]:
         return merge_lora(w0, tensors[f"{layer}.{proj}.lora_A"], tensors[f"{layer}.{proj}.lora_B"])
 
     return {layer: (merged(layer, "to_k"), merged(layer, "to_v")) for layer in layers}, meta
+
+
+# --------------------------------------------------------------------------- re-extraction (Stage 2 of a run)
+
+
+def extract_run(run: str | Path, checkpoint: int | None = None, prompt: str | None = None,
+                out: str | Path | None = None, device: str | None = None, dtype: str = "auto",
+                overwrite: bool = False) -> tuple:
+    """Re-extract a trained run (``runs/<name>``) into the bank. Returns ``(bank, path)``. An existing bank
+    file is replaced only with ``overwrite``."""
+    run = Path(run)
+    cfg = read_config(run)
+    folder = checkpoint_folder(run, checkpoint)
+    path = Path(out) if out else bank_dir(cfg.bank_dir) / f"{cfg.name}{SUFFIX}"
+    if path.exists() and not overwrite:
+        raise LatexBlendError(f"{path} already exists; pass --overwrite to replace it, or --out FILE")
+    device = resolve_device(device)
+    rows_dtype = bank_dtype(dtype, device, None)  # a bad --dtype is refused before anything loads
+    meta = kv_metadata(folder / KV_FILE)
+    base_unet = load_unet_and_tokenizer(cfg.model, device="cpu")[0] if meta.get("kind") == "lora" else None
+    weights, meta = kv_weights(folder / KV_FILE, base_unet)
+    weights = {k: (wk.to(device), wv.to(device)) for k, (wk, wv) in weights.items()}
+    tokenizers, encoders = load_text_side(cfg.model, device, "fp32")
+    token_id = set_identifier_rows(tokenizers, encoders, folder / TOKENS_FILE, cfg.token, cfg.init_token)
+    prompt = prompt or cfg.extract_prompt.format(token=cfg.token, noun=cfg.class_noun)
+    training = json.loads(meta.get("training", "{}"))
+    training["checkpoint"] = "final" if checkpoint is None else checkpoint
+    bank = extract_bank(tokenizers, encoders, weights, name=cfg.name, class_noun=cfg.class_noun, token_id=token_id,
+                        prompt=prompt, base_model=cfg.model, fingerprint=meta["base_fingerprint"],
+                        training=training, dtype=rows_dtype)
+    return bank, save_bank(bank, path)
