@@ -117,7 +117,7 @@ def test_failed_save_keeps_old_file_and_leaves_no_temp(tiny_pipe, tmp_path, monk
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("safetensors.torch.save_file", boom)
+    monkeypatch.setattr("latexblend.fileio.save_file", boom)
     with pytest.raises(RuntimeError):
         save_bank(random_bank(tiny_pipe.unet, seed=2), path)
     assert path.read_bytes() == before
