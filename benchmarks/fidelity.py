@@ -35,7 +35,7 @@ class Variant:
     blend: tuple = ()
 
 
-#: The ablations (the paper's) and the release's choices (METHOD, issue 11's method questions).
+#: The ablations (the paper's) and the release's choices (docs/METHOD.md, and the method questions of docs/TOY.md).
 VARIANTS = {
     "full": Variant(),
     "no-base-flow": Variant(train=(("base_flow", False),)),

@@ -43,3 +43,20 @@ def test_verify_unknown_bank_is_one_line():
     r = runner.invoke(app, ["bank", "verify", "nobody"])
     assert r.exit_code == 2 and r.output.count("\n") == 1 and "no concept 'nobody'" in r.output
 
+
+
+def test_help_defaults_come_from_the_settings():
+    """Help texts read their defaults from the option dataclasses and recipes (no copied literals), and each
+    command shows its own options."""
+    from latexblend.blend.options import GenerateConfig, GuidanceOptions
+    from latexblend.train.options import RECIPES
+
+    def text(*args):
+        return " ".join(runner.invoke(app, [*args, "--help"]).output.split())
+
+    train = text("train")
+    assert f"toy: {RECIPES['toy']['steps']}" in train and f"toy: {RECIPES['toy']['lr']:g}" in train
+    generate = text("generate")
+    assert f"Denoising steps [{GenerateConfig.steps}]" in generate
+    assert f"Guide while t/T >= this [{GuidanceOptions.window}]" in generate
+    assert "Images per forward pass" in text("evaluate")

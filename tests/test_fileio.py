@@ -27,7 +27,7 @@ def test_atomic_write_failure_keeps_old_content(tmp_path):
 
 
 def test_safetensors_metadata_is_sorted_and_identical_saves_are_identical_bytes(tmp_path):
-    """safetensors writes its metadata in hash order, different from one call to the next (issue 12, item 10)."""
+    """safetensors writes its metadata in hash order, different from one call to the next."""
     import json
 
     import torch

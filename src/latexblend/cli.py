@@ -412,7 +412,7 @@ TrainModelOpt = Annotated[str | None, Opt(help=f"'tiny', 'toy', 'sdxl', a diffus
 StepsOpt = Annotated[int | None, Opt(help=f"Optimizer steps [default: 3000 / processes; toy: {TOY['steps']}].")]
 LrOpt = Annotated[float | None, Opt(help=f"Base learning rate [default: {T.lr:g}; toy: {TOY['lr']:g}].")]
 ScaleLrOpt = Annotated[bool | None, Opt("--scale-lr/--no-scale-lr", help="Scale lr by the effective batch [on].")]
-BatchOpt = Annotated[int | None, Opt(help=f"Instance (and prior) images per process [default: {T.batch_size}].")]
+TrainBatchOpt = Annotated[int | None, Opt(help=f"Instance (and prior) images per process [default: {T.batch_size}].")]
 AccumOpt = Annotated[int | None, Opt(help=f"Micro-batches per optimizer step [default: {T.grad_accum}].")]
 ResolutionOpt = Annotated[int | None, Opt(help="Training resolution [default: 512, or the model's size if smaller].")]
 BaseFlowOpt = Annotated[bool | None, Opt("--base-flow/--no-base-flow",
@@ -441,7 +441,7 @@ def train_cmd(
     model: TrainModelOpt = None,
     prior: Annotated[str | None, Opt(help="Prior images folder [default: reg_data/<class noun>].")] = None,
     use_prior: Annotated[bool | None, Opt("--use-prior/--no-prior", help="Prior preservation [on].")] = None,
-    steps: StepsOpt = None, lr: LrOpt = None, scale_lr: ScaleLrOpt = None, batch_size: BatchOpt = None,
+    steps: StepsOpt = None, lr: LrOpt = None, scale_lr: ScaleLrOpt = None, batch_size: TrainBatchOpt = None,
     grad_accum: AccumOpt = None, resolution: ResolutionOpt = None,
     seed: Annotated[int | None, Opt(help=f"Seed [default: {T.seed}].")] = None,
     base_flow: BaseFlowOpt = None, fixed_template: FixedOpt = None, kv_rank: RankOpt = None,

@@ -18,22 +18,21 @@ from safetensors.torch import load_file
 
 from latexblend.errors import LatexBlendError
 from latexblend.models import build_tiny_pipeline, cached_model_dir, tiny_unet_config, write_model_folder
+from latexblend.toy.world import SIZE
 
 ASSETS = Path(__file__).parents[1] / "assets"
-TOY_SIZE = 32
 
 
 def toy_unet_config() -> dict:
     """``tiny``'s SDXL layout, wider, for 8x8 latents (2.75 M parameters)."""
-
-    return tiny_unet_config() | dict(sample_size=TOY_SIZE // 4, block_out_channels=(32, 64, 96),
+    return tiny_unet_config() | dict(sample_size=SIZE // 4, block_out_channels=(32, 64, 96),
                                      attention_head_dim=(4, 4, 4), transformer_layers_per_block=(1, 1, 1))
 
 
 def toy_vae_config(scaling_factor: float = 1.0) -> dict:
     """A 4x AutoencoderKL (3 levels, no mid-block attention) for 32 px images."""
     return dict(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=TOY_SIZE, norm_num_groups=8,
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=SIZE, norm_num_groups=8,
         block_out_channels=(16, 32, 64), down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3, mid_block_add_attention=False, scaling_factor=scaling_factor,
     )
@@ -79,7 +78,6 @@ def load_shipped_toy():
 
 def save_toy_model(out_dir: str | Path) -> Path:
     """Write the toy model as a diffusers folder, atomically (a complete folder or none)."""
-
     return write_model_folder(out_dir, load_shipped_toy, {"latexblend_toy.json": (ASSETS / "toy.json").read_text()})
 
 
