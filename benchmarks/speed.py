@@ -1,7 +1,7 @@
 """Benchmarks: ours against the stock diffusers pipeline, side by side in one process.
 
 Timings are medians over repeats, stock and ours alternating, after one warm-up each. Results are
-machine-readable (JSON + CSV); ``docs/BENCHMARKS.md`` holds measured tables with their commands.
+machine-readable (JSON + CSV); ``docs/RESULTS.md`` holds measured tables with their commands.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The README's commands refer to things that exist (issue 12, item 11)."""
+"""The README and docs refer to things that exist, and the README stays a short tour."""
 
 import re
 from pathlib import Path
@@ -34,3 +34,22 @@ def test_the_readme_layout_names_every_stage_and_module():
     assert len(names) > 10
     missing = [n for n in sorted(names) if f"`{n}`" not in layout]
     assert not missing, missing
+
+
+def _links(path: Path) -> list[str]:
+    """Relative targets of the Markdown links and images in ``path`` (web links and pure anchors left out)."""
+    text = path.read_text(encoding="utf-8")
+    targets = re.findall(r"\]\(([^)\s]+)\)", text)
+    return [t.split("#")[0] for t in targets if not re.match(r"[a-z]+:", t) and not t.startswith("#")]
+
+
+def test_every_file_the_readme_and_docs_link_exists():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    missing = [f"{page.relative_to(ROOT)} -> {target}" for page in pages for target in _links(page)
+               if not (page.parent / target).exists()]
+    assert _links(ROOT / "README.md")
+    assert not missing, missing
+
+
+def test_the_readme_is_a_short_tour():
+    assert len((ROOT / "README.md").read_text(encoding="utf-8").splitlines()) <= 180
