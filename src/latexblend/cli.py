@@ -88,6 +88,9 @@ def _root(
 def tiny_model(out_dir: Annotated[Path, typer.Argument(help="Folder to write (must not exist or be empty).")],
                seed: int = 0) -> None:
     """Write the embedded tiny SDXL-architecture model as a diffusers folder."""
+    from latexblend.settings import check_seed
+
+    check_seed("--seed", seed, 4, "component")  # UNet, VAE and the text encoders take seed + 0..3
     _quiet_libraries()
     from latexblend.models import save_tiny_model
 
@@ -283,7 +286,7 @@ app.add_typer(cc101_app, name="cc101")
 ClipOpt = Annotated[str, typer.Option("--clip-model", help="CLIP ViT-B/32: a local folder or hub id.")]
 DinoOpt = Annotated[str, typer.Option("--dino-model", help="DINO ViT-S/16: a local folder or hub id.")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="cuda, cpu, ... [default: cuda if available].")]
-BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, max=4096, help="Images per forward pass (1-4096).")]
 
 
 @app.command("evaluate")
@@ -518,7 +521,7 @@ def prior_cmd(
     """Generate prior-preservation images of a class with the base model (resumable)."""
     from latexblend.train.data import check_prior_request, generate_prior, prior_complete, prior_dir
 
-    check_prior_request(class_noun, num, steps, cfg)
+    check_prior_request(class_noun, num, steps, cfg, seed)
     out = out or prior_dir(class_noun)
     if prior_complete(out, num):
         typer.echo(f"{out}: all {num} prior images exist; nothing to do")

@@ -16,7 +16,7 @@ from latexblend.bank.format import bank_complete, bank_file
 from latexblend.bank.release import settings_file
 from latexblend.blend.options import GenerateConfig
 from latexblend.errors import LatexBlendError
-from latexblend.settings import key_value, load_mapping, merge
+from latexblend.settings import key_value, load_mapping, merge, read_text
 from latexblend.train.options import TrainConfig, recipe
 
 
@@ -26,7 +26,7 @@ def concept_settings(name: str, concepts_dir: str | Path = "configs/concepts") -
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in Path(concepts_dir).glob("*.yaml"))) or "none"
         raise LatexBlendError(f"unknown concept '{name}': no {path} (concepts there: {known})")
-    data = load_mapping(path)
+    data = load_mapping(path, "concept file")
     data.setdefault("name", path.stem)
     return data
 
@@ -65,11 +65,7 @@ def finished_bank(cfg: TrainConfig) -> Path | None:
 def read_prompts(path: str | Path) -> list[str]:
     """The prompts of a prompts file: one per line, blank lines and ``#`` lines skipped."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        reason = "not UTF-8 text" if isinstance(err, UnicodeDecodeError) else err.strerror or err
-        raise LatexBlendError(f"cannot read prompts file {path}: {reason}") from err
+    lines = read_text(path, "prompts file").splitlines()
     prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise LatexBlendError(f"prompts file {path} has no prompts")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from latexblend.errors import LatexBlendError
@@ -61,6 +62,23 @@ def save_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str] |
         save_file(tensors, str(tmp), metadata=metadata)
         _sort_header(tmp)
     return Path(path)
+
+
+def read_safetensors(path: str | Path, what: str = "file", tensors: bool = True) -> tuple[dict, dict[str, str]]:
+    """``(tensors, metadata)`` of a safetensors file (``tensors=False``: only the metadata, ``{}`` for the
+    tensors); one line naming ``what`` for a missing, special, corrupt or truncated file."""
+    path = Path(path)
+    if not path.is_file():
+        reason = "not found" if not path.exists() else "is not a regular file"
+        raise LatexBlendError(f"{what} {path} {reason}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            out = {key: f.get_tensor(key) for key in f.keys()} if tensors else {}
+    except Exception as err:  # safetensors' errors (header, offsets, dtype) all mean the same to a user
+        first = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        raise LatexBlendError(f"{path} is not a readable safetensors file (corrupt or truncated): {first}") from None
+    return out, meta
 
 
 def _sort_header(path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -22,6 +23,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from latexblend.device import resolve_device
 from latexblend.errors import LatexBlendError
+from latexblend.settings import parse_json, shown
 from latexblend.tokens import BOS_ID, EOS_ID, build_clip_tokenizer
 
 TINY_VERSION = 1
@@ -339,8 +341,14 @@ class Fingerprint:
         return json.dumps([float(f"{n:.7g}") for n in self.norms])
 
     @classmethod
-    def from_json(cls, text: str) -> Fingerprint:
-        return cls(tuple(float(x) for x in json.loads(text)))
+    def from_json(cls, text: str, what: str = "fingerprint") -> Fingerprint:
+        """The fingerprint :meth:`to_json` wrote; anything else (not a non-empty list of finite numbers >= 0) is
+        one line naming ``what``."""
+        norms = parse_json(text, what)
+        if not (isinstance(norms, list) and norms and all(
+                type(n) in (int, float) and math.isfinite(n) and n >= 0 for n in norms)):
+            raise LatexBlendError(f"{what} must be a JSON list of weight norms (numbers >= 0), got {shown(text)}")
+        return cls(tuple(float(n) for n in norms))
 
 
 def fingerprint(unet: UNet2DConditionModel) -> Fingerprint:

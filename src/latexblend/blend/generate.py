@@ -18,21 +18,13 @@ from accelerate import PartialState
 
 from latexblend.blend import samples
 from latexblend.blend.blender import Blender, load_banks
-from latexblend.blend.options import GenerateConfig
+from latexblend.blend.options import SCHEDULERS, GenerateConfig
 from latexblend.console import Progress
 from latexblend.device import resolve_device
 from latexblend.errors import LatexBlendError
 from latexblend.models import load_pipeline
 from latexblend.settings import flat
 from latexblend.tokens import placeholder_names
-
-SCHEDULERS = {
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "ddim": "DDIMScheduler",
-    "dpmpp_2m": "DPMSolverMultistepScheduler",
-    "unipc": "UniPCMultistepScheduler",
-}
 
 
 def set_scheduler(pipe, name: str) -> None:

@@ -25,7 +25,7 @@ from PIL.PngImagePlugin import PngInfo
 from latexblend import __version__
 from latexblend.errors import LatexBlendError
 from latexblend.fileio import atomic_path, claim_folder, write_text_atomic
-from latexblend.settings import safe_name
+from latexblend.settings import load_data, safe_name, shown
 
 FORMAT = "latexblend-samples"
 FORMAT_VERSION = 1
@@ -168,10 +168,7 @@ def _read_metadata(folder: Path) -> dict:
         raise LatexBlendError(f"samples folder {folder} does not exist")
     if not meta_path.is_file():
         raise LatexBlendError(f"{folder} has no metadata.json: not a `latexblend generate` output folder")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise LatexBlendError(f"cannot parse {meta_path}: {err}") from err
+    meta = load_data(meta_path, "samples metadata")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise LatexBlendError(f"{meta_path} is not a latexblend-samples metadata file (format field)")
     if not isinstance(meta.get("images"), list) or not meta["images"]:
@@ -189,7 +186,7 @@ def _inside(folder: Path, relative: str) -> Path:
 
 def _sample_image(folder: Path, entry: Any, concepts: Mapping[str, dict]) -> SampleImage:
     if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) or "prompt" not in entry:
-        raise LatexBlendError(f"{folder}/metadata.json: an image entry lacks 'file' or 'prompt': {entry!r:.80}")
+        raise LatexBlendError(f"{folder}/metadata.json: an image entry lacks 'file' or 'prompt': {shown(entry, 80)}")
     names = list(entry.get("concepts") or [])
     unknown = [n for n in names if n not in concepts]
     if unknown:

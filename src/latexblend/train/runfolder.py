@@ -21,16 +21,14 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 from latexblend.bank.extract import bank_dtype, extract_bank
 from latexblend.bank.format import SUFFIX, bank_dir, save_bank
 from latexblend.device import resolve_device
 from latexblend.errors import LatexBlendError
-from latexblend.fileio import save_safetensors, write_text_atomic
+from latexblend.fileio import read_safetensors, save_safetensors, write_text_atomic
 from latexblend.models import attn2_modules, load_unet_and_tokenizer
-from latexblend.settings import load_mapping, merge, to_dict
+from latexblend.settings import MAX_SETTINGS_BYTES, load_data, load_mapping, merge, parse_json, to_dict
 from latexblend.text import load_text_side, set_identifier_rows
 from latexblend.train.model import merge_lora
 from latexblend.train.options import TrainConfig
@@ -136,7 +134,7 @@ def write_weights(folder: Path, kv: dict[str, torch.Tensor], kv_meta: dict[str, 
 def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """``(kv tensors, identifier rows)`` of a run folder or checkpoint."""
 
-    return load_file(str(folder / KV_FILE)), load_file(str(folder / TOKENS_FILE))
+    return tuple(read_safetensors(folder / name, "weights file")[0] for name in (KV_FILE, TOKENS_FILE))
 
 
 def checkpoint_path(run: Path, step: int) -> Path:
@@ -171,7 +169,10 @@ def prune_checkpoints(run: Path, keep: int) -> list[Path]:
 def read_checkpoint(folder: Path, cfg_hash: str) -> tuple[int, dict, dict, dict]:
     """``(step, kv tensors, identifier rows, optimizer state)``; refuses a checkpoint of other settings."""
 
-    state = json.loads((folder / STATE_FILE).read_text())
+    state = load_data(folder / STATE_FILE, "checkpoint state", MAX_SETTINGS_BYTES)
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "config_hash" not in state:
+        raise LatexBlendError(f"{folder / STATE_FILE} is damaged (no step or config_hash); resume from another "
+                              "checkpoint")
     if state["config_hash"] != cfg_hash:
         raise LatexBlendError(f"{folder} was written with different training settings; resume with the run's "
                               f"own {CONFIG_FILE}")
@@ -195,21 +196,18 @@ def checkpoint_folder(run: Path, checkpoint: int | None) -> Path:
 def kv_metadata(path: Path) -> dict:
     """The safetensors metadata of a ``kv.safetensors`` (kind ``full`` or ``lora``, layers, fingerprint...)."""
 
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return f.metadata() or {}
-    except Exception as err:
-        raise LatexBlendError(f"{path} is not a readable safetensors file: {err}") from err
+    return read_safetensors(path, "weights file", tensors=False)[1]
 
 
 def kv_weights(path: Path, base_unet=None) -> tuple[dict, dict]:
     """``({layer: (W_k, W_v)}, metadata)`` from a ``kv.safetensors`` (full weights or LoRA factors; LoRA
     needs ``base_unet`` for ``W0``)."""
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
-    layers = json.loads(meta.get("layers") or "null") or list(dict.fromkeys(k.split(".to_")[0] for k in tensors))
+    tensors, meta = read_safetensors(path, "weights file")
+    layers = parse_json(meta.get("layers") or "null", f"{path}: metadata layers")
+    if layers is not None and not (isinstance(layers, list) and all(isinstance(x, str) for x in layers)):
+        raise LatexBlendError(f"{path}: metadata layers must be a list of layer names")
+    layers = layers or list(dict.fromkeys(k.split(".to_")[0] for k in tensors))
     kind = meta.get("kind")
     names = ("lora_A", "lora_B") if kind == "lora" else ("weight",)
     missing = [f"{layer}.{proj}.{n}" for layer in layers for proj in ("to_k", "to_v") for n in names
@@ -254,7 +252,9 @@ def extract_run(run: str | Path, checkpoint: int | None = None, prompt: str | No
     tokenizers, encoders = load_text_side(cfg.model, device, "fp32")
     token_id = set_identifier_rows(tokenizers, encoders, folder / TOKENS_FILE, cfg.token, cfg.init_token)
     prompt = prompt or cfg.extract_prompt.format(token=cfg.token, noun=cfg.class_noun)
-    training = json.loads(meta.get("training", "{}"))
+    training = parse_json(meta.get("training") or "{}", f"{folder / KV_FILE}: metadata training")
+    if not isinstance(training, dict):
+        raise LatexBlendError(f"{folder / KV_FILE}: metadata training must be a JSON object")
     training["checkpoint"] = "final" if checkpoint is None else checkpoint
     bank = extract_bank(tokenizers, encoders, weights, name=cfg.name, class_noun=cfg.class_noun, token_id=token_id,
                         prompt=prompt, base_model=cfg.model, fingerprint=meta["base_fingerprint"],
