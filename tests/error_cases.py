@@ -486,6 +486,25 @@ _EARLY_CASES = [
          lambda t, p: train_flags(t, "--set", "extract_prompt='a {token} {noun} {x}'"),
          "error: extract_prompt 'a {token} {noun} {x}' may hold only the fields {token} and {noun} (write {{ and }} "
          "for braces): KeyError 'x'", absent=("runs", "banks")),
+    Case("train-bank-dir-file", "checked before work", "`train --bank-dir FILE` (used to be refused after training)",
+         lambda t, p: (t / "f").write_text("x") and train_flags(t, "--steps", "1")[:-2] + ["--bank-dir", str(t / "f")],
+         "error: bank folder {tmp}/f is not a folder; choose another", absent=("runs",)),
+    Case("train-bank-dir-under-file", "checked before work", "`train --bank-dir FILE/sub`",
+         lambda t, p: (t / "f").write_text("x") and train_flags(t, "--steps", "1")[:-2] + [
+             "--bank-dir", str(t / "f" / "sub")],
+         "error: bank folder {tmp}/f/sub is not a folder ({tmp}/f is a file); choose another", absent=("runs",)),
+    Case("train-bank-file-is-folder", "checked before work", "`train` whose bank file path is a folder",
+         lambda t, p: (t / "banks" / "rex.safetensors").mkdir(parents=True) or train_flags(t, "--steps", "1"),
+         "error: {tmp}/banks/rex.safetensors is a folder, so the bank cannot be written there; move it or choose "
+         "another --name", absent=("runs",)),
+    Case("train-runs-dir-file", "checked before work", "`train --runs-dir FILE`",
+         lambda t, p: (t / "f").write_text("x") and train_flags(t, "--steps", "1", "--runs-dir", str(t / "f")),
+         "error: runs folder {tmp}/f is not a folder; choose another", absent=("banks",)),
+    Case("train-extract-prompt-order", "checked before work",
+         "`train --set \"extract_prompt='a {noun} of {token}'\"` (the noun must follow the identifier)",
+         lambda t, p: train_flags(t, "--steps", "1", "--set", "extract_prompt='a {noun} of {token}'"),
+         "error: extract_prompt 'a dog of <new1>' cannot be used: the class noun 'dog' (tokens [1929]) does not follow "
+         "its slot in the tokenized prompt 'a dog of <new1>' (…); choose a plain class noun", absent=("runs", "banks")),
     Case("generate-scheduler-bogus", "checked before work",
          "`generate --scheduler bogus` (used to load the model first)",
          lambda t, p: _generate(t, "--scheduler", "bogus"),

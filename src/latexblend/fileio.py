@@ -46,7 +46,21 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
-# --------------------------------------------------------------------------- names that become file names
+def check_output_folder(path: str | Path, what: str = "output folder") -> Path:
+    """``path`` if it is a folder this process can write in, or one it can create (its nearest existing parent
+    is a writable folder); one line naming ``what`` otherwise. Nothing is created: the check runs before work."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():  # a dangling link: creating the folder would fail
+            raise LatexBlendError(f"{what} {path}: {existing} is a broken symbolic link")
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "" if existing == path else f" ({existing} is a file)"
+        raise LatexBlendError(f"{what} {path} is not a folder{where}; choose another")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise LatexBlendError(f"{what} {path}: cannot write in {existing} (permission denied)")
+    return path
 
 # --------------------------------------------------------------------------- reproducible safetensors
 

@@ -26,7 +26,7 @@ from latexblend.bank.extract import bank_dtype, extract_bank
 from latexblend.bank.format import SUFFIX, bank_dir, save_bank
 from latexblend.device import resolve_device
 from latexblend.errors import LatexBlendError
-from latexblend.fileio import read_safetensors, save_safetensors, write_text_atomic
+from latexblend.fileio import check_output_folder, read_safetensors, save_safetensors, write_text_atomic
 from latexblend.models import attn2_modules, load_unet_and_tokenizer
 from latexblend.settings import MAX_SETTINGS_BYTES, load_data, load_mapping, merge, parse_json, to_dict
 from latexblend.text import load_text_side, set_identifier_rows
@@ -62,18 +62,52 @@ def check_run_folder(cfg: TrainConfig) -> tuple[Path, Path | None]:
     folder without weights (stopped before its first checkpoint) holds nothing to keep or resume: it is
     started again from step 0, also under ``--resume latest``."""
 
-    run = Path(cfg.runs_dir) / cfg.name
+    run, bank = check_outputs(cfg)
     kept = _has_weights(run)
     if cfg.resume and (cfg.resume != "latest" or kept):
         return run, find_checkpoint(run, cfg.resume)
     if kept and not cfg.overwrite:
+        if _finished(run) and not _bank_written(run):
+            raise LatexBlendError(f"{run} holds a finished training whose bank was not written; write it with "
+                                  f"`latexblend extract --run {run}`, or pass --overwrite to train again")
         raise LatexBlendError(f"{run} already exists; continue it with --resume latest, or pass --overwrite")
-    bank = bank_dir(cfg.bank_dir) / f"{cfg.name}{SUFFIX}"
     if bank.exists() and not cfg.overwrite:
         raise LatexBlendError(f"{bank} already exists; pass --overwrite or choose another --name")
     if run.exists() and any(run.iterdir()) and not kept and not cfg.overwrite:
         print(f"{run} holds no checkpoint (an earlier run stopped before its first one): starting it from step 0")
     return run, None
+
+
+def check_outputs(cfg: TrainConfig) -> tuple[Path, Path]:
+    """``(run folder, bank file)``, once the runs folder and the bank folder are folders this process can write in
+    (or create) and the bank file is not a folder: checked before any work, so a run never trains for nothing."""
+    runs = check_output_folder(cfg.runs_dir, "runs folder")
+    folder = check_output_folder(bank_dir(cfg.bank_dir), "bank folder")
+    bank = folder / f"{cfg.name}{SUFFIX}"
+    if bank.is_dir():
+        raise LatexBlendError(f"{bank} is a folder, so the bank cannot be written there; move it or choose another "
+                              "--name")
+    run = runs / cfg.name
+    if run.exists() and not run.is_dir():
+        raise LatexBlendError(f"run folder {run} is a file; move it or choose another --name")
+    return run, bank
+
+
+def _finished(run: Path) -> bool:
+    """Does ``run`` hold final weights (the training finished)?"""
+    return (run / KV_FILE).is_file() and (run / TOKENS_FILE).is_file()
+
+
+def _bank_written(run: Path) -> bool:
+    """Did the finished run write its bank? Its run.json names the bank once written; no run.json means it
+    stopped before (the weights are written first); a run.json that cannot be read counts as yes."""
+    if not (run / RUN_FILE).exists():
+        return False
+    try:
+        info = load_data(run / RUN_FILE, "run file", MAX_SETTINGS_BYTES)
+    except LatexBlendError:
+        return True
+    return not isinstance(info, dict) or info.get("bank") is not None
 
 
 def _has_weights(run: Path) -> bool:
@@ -95,6 +129,9 @@ def find_checkpoint(run: Path, which: str) -> Path:
     if (path / STATE_FILE).is_file():
         return path
     steps = _checkpoints(path, complete=True)
+    if not steps and _finished(path):
+        raise LatexBlendError(f"--resume {which}: {path} finished training and keeps no checkpoint to continue from; "
+                              f"if its bank is missing, write it with `latexblend extract --run {path}`")
     if not steps:
         raise LatexBlendError(f"--resume {which}: no checkpoint in {path} (looked for checkpoints/step_<N>/state.json)")
     return steps[-1]
