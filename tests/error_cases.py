@@ -66,6 +66,24 @@ def write_bank(path: Path, name: str = "corgi", fill: float = 0.5, **meta: str) 
     return path
 
 
+def scaled_bank(path: Path, factor: float) -> Path:
+    """A bank of the tiny model (its own fingerprint) with random rows multiplied by ``factor``."""
+    import torch
+
+    from latexblend.bank.format import ConceptBank, save_bank
+    from latexblend.models import attn2_shapes, fingerprint, load_unet_and_tokenizer
+
+    unet, _ = load_unet_and_tokenizer("tiny")
+    g = torch.Generator().manual_seed(0)
+    rows = {n: (factor * torch.randn(2, c, generator=g), factor * torch.randn(2, c, generator=g))
+            for n, c in attn2_shapes(unet).items()}
+    bank = ConceptBank(name="corgi", class_noun="dog", noun_ids=[1929], k={n: r[0] for n, r in rows.items()},
+                       v={n: r[1] for n, r in rows.items()}, base_model="tiny",
+                       fingerprint=fingerprint(unet).to_json())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_bank(bank, path)
+
+
 def concept_yaml(tmp: Path, text: str, name: str = "rex") -> list[str]:
     """A concept file (with images) holding ``text``; returns the train arguments that read it."""
     write_png(tmp / "images" / "a.png")
@@ -306,6 +324,14 @@ _TRACEBACK_CASES = [
 ]
 
 _SILENT_CASES = [
+    Case("bank-rows-1e30-verify", "silent", "`bank verify` of a bank whose rows were multiplied by 1e30",
+         lambda t, p: ["bank", "verify", str(scaled_bank(t / "corgi.safetensors", 1e30))],
+         "error: bank 'corgi', layer …: its K rows are … times the norm of this model's own rows of 'a dog' (at most "
+         "100): a damaged bank, or one of another model; retrain or re-extract it"),
+    Case("bank-rows-1e5-generate", "silent", "`generate` with a bank whose rows were multiplied by 1e5",
+         lambda t, p: _generate(t, "--concepts", str(scaled_bank(t / "b" / "corgi.safetensors", 1e5))),
+         "error: bank 'corgi', layer …: its K rows are … times the norm of this model's own rows of 'a dog' (at most "
+         "100): a damaged bank, or one of another model; retrain or re-extract it", absent=("out",)),
     Case("prior-empty-noun", "silent", "`prior --class-noun \"\"`",
          lambda t, p: ["prior", "--class-noun", "", "--num", "1", "--out", str(t / "prior")],
          "error: class noun is empty: the prior images and their captions would have no subject", absent=("prior",)),

@@ -160,9 +160,10 @@ def bank_verify(name: Annotated[str, typer.Argument(help="Bank name or path.")],
     bank = load_bank(bank_path(name, directory))
     _quiet_libraries()
     from latexblend.models import fingerprint, load_unet_and_tokenizer
+    from latexblend.text import load_text_side
 
     unet, tokenizer = load_unet_and_tokenizer(model)
-    verify_bank(bank, unet, tokenizer)
+    verify_bank(bank, unet, tokenizer, text_side=load_text_side(model))
     typer.echo(f"ok: '{bank.name}' fits {model} ({len(bank.layers)} attn2 layers, fingerprint "
                f"{fingerprint(unet).digest})")
 
@@ -189,12 +190,13 @@ def bank_import(
         raise LatexBlendError(f"{out} exists; pass --force to overwrite or --name to choose another name")
     _quiet_libraries()
     from latexblend.models import fingerprint, load_unet_and_tokenizer, shipped_tokenizer
+    from latexblend.text import load_text_side
 
     unet, tokenizer = load_unet_and_tokenizer(model) if model else (None, shipped_tokenizer())
     fp = fingerprint(unet).to_json() if unet is not None else None
     bank = import_release_bank(file, class_noun, name, tokenizer, base_model=model or "unknown", fingerprint=fp)
     if unet is not None:
-        verify_bank(bank, unet, tokenizer)
+        verify_bank(bank, unet, tokenizer, text_side=load_text_side(model))
     save_bank(bank, out)
     size = _size(out.stat().st_size)
     typer.echo(f"imported {file} -> {out} ({len(bank.layers)} layers, L={bank.num_tokens}, {size})")

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from latexblend import __version__
+from latexblend.bank.scale import check_row_scale, reference_norms
 from latexblend.errors import LatexBlendError
 from latexblend.fileio import read_safetensors, save_safetensors
 from latexblend.models import Fingerprint, attn2_shapes, fingerprint
@@ -236,10 +237,12 @@ def list_banks(directory: str | Path | None = None) -> list[tuple[Path, ConceptB
 # --------------------------------------------------------------------------- verification
 
 
-def verify_bank(bank: ConceptBank, unet, tokenizer=None, model_fingerprint=None) -> None:
-    """Refuse a bank that does not fit ``unet`` (layer names, shapes, ``to_k`` fingerprint) or whose
-    noun tokenizes differently under ``tokenizer``. Raises :class:`LatexBlendError`; returns nothing.
-    ``model_fingerprint`` saves recomputing ``fingerprint(unet)`` when verifying several banks."""
+def verify_bank(bank: ConceptBank, unet, tokenizer=None, model_fingerprint=None, text_side=None) -> None:
+    """Refuse a bank that does not fit ``unet`` (layer names, shapes, ``to_k`` fingerprint), whose
+    noun tokenizes differently under ``tokenizer``, or (given the model's ``text_side``, ``(tokenizers,
+    encoders)``) whose rows are far larger than the model's own (:mod:`latexblend.bank.scale`). Raises
+    :class:`LatexBlendError`; returns nothing. ``model_fingerprint`` saves recomputing ``fingerprint(unet)``
+    when verifying several banks."""
 
     shapes = attn2_shapes(unet)
     missing, extra = sorted(set(shapes) - set(bank.k)), sorted(set(bank.k) - set(shapes))
@@ -268,3 +271,6 @@ def verify_bank(bank: ConceptBank, unet, tokenizer=None, model_fingerprint=None)
                 f"bank '{bank.name}': class noun '{bank.class_noun}' tokenizes as {list(ids)} here but "
                 f"{bank.noun_ids} in the bank; this tokenizer does not match the bank's model"
             )
+    if text_side is not None:
+        reference = reference_norms(*text_side, unet, bank.class_noun)
+        check_row_scale(bank.name, bank.k, bank.v, reference, bank.class_noun)

@@ -70,6 +70,7 @@ def run_prompts(pipe, cfg: GenerateConfig, blender: Blender | None, on_image=Non
                     guidance_scale=cfg.cfg, height=cfg.height, width=cfg.width, num_images_per_prompt=len(seeds),
                     generator=gens, output_type="np",
                 ).images
+                _check_finite(arrays, p, seeds)
                 maps = _call_maps(blender, len(seeds))
                 for seed, array, image_maps in zip(seeds, arrays, maps, strict=True):
                     expanded = blender.call.prompts[0] if blender is not None else prompt
@@ -83,6 +84,15 @@ def run_prompts(pipe, cfg: GenerateConfig, blender: Blender | None, on_image=Non
                     records.append(record)
                     bar.update(1)
     return records
+
+
+def _check_finite(arrays, prompt_index: int, seeds: list[int]) -> None:
+    """Refuse images holding NaN or infinite values (they would be saved as black): nothing is reported as done."""
+    for seed, array in zip(seeds, arrays, strict=True):
+        if not np.isfinite(np.asarray(array, dtype=np.float32)).all():
+            raise LatexBlendError(f"image {samples.image_file(prompt_index, seed)} came out holding NaN or infinite "
+                                  "values (an overflow, e.g. in fp16, or a damaged model or bank); it was not saved "
+                                  "and the output folder is not marked finished; try --dtype fp32 or bf16")
 
 
 def _call_maps(blender: Blender | None, n: int) -> list:
