@@ -323,7 +323,20 @@ _TRACEBACK_CASES = [
          "error: {tmp}/f is a file, not a folder; choose a new folder"),
 ]
 
+def farm_clash(tmp: Path) -> list[str]:
+    """Two concept files naming their concept 'rex', from different images and class nouns."""
+    concept_yaml(tmp, "")
+    write_png(tmp / "cats" / "a.png")
+    (tmp / "concepts" / "rex2.yaml").write_text(f"name: rex\nimages: {tmp / 'cats'}\nclass_noun: cat\n")
+    return ["train", "--concepts-dir", str(tmp / "concepts"), "--index", "1", "--runs-dir", str(tmp / "runs"),
+            "--bank-dir", str(tmp / "banks")]
+
+
 _SILENT_CASES = [
+    Case("farm-name-clash", "silent", "a farm of two concept files with the same `name` (used to skip the second)",
+         lambda t, p: farm_clash(t),
+         "error: concept files rex2.yaml and rex.yaml in {tmp}/concepts all name their concept 'rex' (one run folder "
+         "and bank): give each its own name", absent=("runs", "banks")),
     Case("bank-rows-1e30-verify", "silent", "`bank verify` of a bank whose rows were multiplied by 1e30",
          lambda t, p: ["bank", "verify", str(scaled_bank(t / "corgi.safetensors", 1e30))],
          "error: bank 'corgi', layer …: its K rows are … times the norm of this model's own rows of 'a dog' (at most "
