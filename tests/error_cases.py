@@ -120,6 +120,28 @@ def foreign_kv_run(tmp: Path) -> Path:
     return run
 
 
+def other_model_run(tmp: Path) -> Path:
+    """A run folder of the tiny model whose kv.safetensors was trained on another base model (its recorded
+    fingerprint is the toy model's)."""
+    from safetensors.torch import save_file
+
+    from latexblend.models import attn2_modules, fingerprint, load_unet_and_tokenizer
+
+    tiny, toy = load_unet_and_tokenizer("tiny")[0], load_unet_and_tokenizer("toy")[0]
+    import torch
+
+    run = fake_run(tmp, files=())
+    save_file({"text_encoder": torch.zeros(32), "text_encoder_2": torch.zeros(32)}, str(run / "tokens.safetensors"))
+    layers = list(attn2_modules(tiny))
+    tensors = {f"{n}.{p}.weight": getattr(m, p).weight.detach().contiguous() for n, m in attn2_modules(tiny).items()
+               for p in ("to_k", "to_v")}
+    fp = fingerprint(toy).norms
+    meta = {"kind": "full", "rank": "0", "layers": json.dumps(layers), "training": "{}",
+            "base_fingerprint": json.dumps(list(fp[:1]) * len(layers))}
+    save_file(tensors, str(run / "kv.safetensors"), metadata=meta)
+    return run
+
+
 class _Payload:  # a pickle that would run a (harmless) command if it were unpickled without weights_only
     def __reduce__(self):
         import os
@@ -333,6 +355,11 @@ def farm_clash(tmp: Path) -> list[str]:
 
 
 _SILENT_CASES = [
+    Case("extract-other-base-model", "silent", "`extract` of a run whose weights were trained on another base model",
+         lambda t, p: ["extract", "--run", str(other_model_run(t))],
+         "error: {tmp}/runs/rex was trained on another base model than 'tiny' as it is now (fingerprint … in "
+         "kv.safetensors, … for 'tiny'): a bank made now would not fit the model; set 'model' in "
+         "{tmp}/runs/rex/config.yaml to the model it was trained on", absent=("banks",)),
     Case("farm-name-clash", "silent", "a farm of two concept files with the same `name` (used to skip the second)",
          lambda t, p: farm_clash(t),
          "error: concept files rex2.yaml and rex.yaml in {tmp}/concepts all name their concept 'rex' (one run folder "

@@ -35,7 +35,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
     try:
         yield tmp_path
-        os.replace(tmp_path, path)
+        try:
+            os.replace(tmp_path, path)
+        except OSError as err:  # e.g. a folder of that name
+            reason = "it is a folder" if path.is_dir() else err.strerror or err
+            raise LatexBlendError(f"cannot write {path}: {reason}") from None
     finally:
         tmp_path.unlink(missing_ok=True)
 

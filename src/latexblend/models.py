@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from latexblend.device import resolve_device
@@ -349,6 +350,43 @@ class Fingerprint:
                 type(n) in (int, float) and math.isfinite(n) and n >= 0 for n in norms)):
             raise LatexBlendError(f"{what} must be a JSON list of weight norms (numbers >= 0), got {shown(text)}")
         return cls(tuple(float(n) for n in norms))
+
+
+def model_fingerprint(model: str, layers: list[str]) -> Fingerprint:
+    """The :class:`Fingerprint` of ``model``'s UNet over the attn2 ``layers`` (in their order), read from the
+    UNet's safetensors file when it is local or cached (only the ``to_k`` tensors), else from the loaded UNet."""
+    norms = _file_norms(resolve_model(model), [f"{layer}.to_k.weight" for layer in layers])
+    if norms is not None:
+        return Fingerprint(norms)
+    unet = load_unet_and_tokenizer(model)[0]
+    modules = attn2_modules(unet)
+    with torch.no_grad():
+        return Fingerprint(tuple(float(modules[layer].to_k.weight.detach().double().norm()) for layer in layers
+                                 if layer in modules))
+
+
+def _file_norms(source: str, keys: list[str]) -> tuple[float, ...] | None:
+    """Norms of ``keys`` in the UNet weights file of ``source`` (a folder or a cached hub id); ``None`` when the
+    file is not at hand, is sharded or lacks a key."""
+    name = "unet/diffusion_pytorch_model.safetensors"
+    path = Path(source) / name
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache  # a dependency of diffusers
+
+            cached = try_to_load_from_cache(source, name)
+        except Exception:  # not a valid repo id
+            return None
+        path = Path(cached) if isinstance(cached, str) else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if not set(keys) <= set(f.keys()):
+                return None
+            return tuple(float(f.get_tensor(key).double().norm()) for key in keys)
+    except Exception:  # unreadable here: loading the UNet gives the clear error
+        return None
 
 
 def fingerprint(unet: UNet2DConditionModel) -> Fingerprint:

@@ -27,7 +27,7 @@ from latexblend.bank.format import SUFFIX, bank_dir, save_bank
 from latexblend.device import resolve_device
 from latexblend.errors import LatexBlendError
 from latexblend.fileio import check_output_folder, read_safetensors, save_safetensors, write_text_atomic
-from latexblend.models import attn2_modules, load_unet_and_tokenizer
+from latexblend.models import Fingerprint, attn2_modules, fingerprint, load_unet_and_tokenizer, model_fingerprint
 from latexblend.settings import MAX_SETTINGS_BYTES, load_data, load_mapping, merge, parse_json, to_dict
 from latexblend.text import load_text_side, set_identifier_rows
 from latexblend.train.model import merge_lora
@@ -269,6 +269,28 @@ def kv_weights(path: Path, base_unet=None) -> tuple[dict, dict]:
 # --------------------------------------------------------------------------- re-extraction (Stage 2 of a run)
 
 
+def check_base_model(run: Path, model: str, kv_path: Path, meta: dict, base_unet=None) -> None:
+    """The weights in ``kv_path`` were trained on ``model`` as it is now: the base fingerprint they record
+    matches the model's (read from its weights file, or ``base_unet``). Otherwise the bank would carry the
+    model's name over rows of another model, and fail only later, at verify or generate."""
+    recorded = meta.get("base_fingerprint")
+    if not recorded:
+        raise LatexBlendError(f"{kv_path} records no base_fingerprint: not the weights of a latexblend run")
+    theirs = Fingerprint.from_json(recorded, f"{kv_path}: metadata base_fingerprint")
+    layers = parse_json(meta.get("layers") or "[]", f"{kv_path}: metadata layers")
+    if base_unet is not None:
+        ours = fingerprint(base_unet)
+    elif isinstance(layers, list) and len(layers) == len(theirs.norms):
+        ours = model_fingerprint(model, [str(layer) for layer in layers])
+    else:
+        ours = fingerprint(load_unet_and_tokenizer(model)[0])
+    if not theirs.matches(ours):
+        raise LatexBlendError(f"{run} was trained on another base model than '{model}' as it is now (fingerprint "
+                              f"{theirs.digest} in {kv_path.name}, {ours.digest} for '{model}'): a bank made now "
+                              f"would not fit the model; set 'model' in {run / CONFIG_FILE} to the model it was "
+                              "trained on")
+
+
 def extract_run(run: str | Path, checkpoint: int | None = None, prompt: str | None = None,
                 out: str | Path | None = None, device: str | None = None, dtype: str = "auto",
                 overwrite: bool = False) -> tuple:
@@ -285,6 +307,7 @@ def extract_run(run: str | Path, checkpoint: int | None = None, prompt: str | No
     meta = kv_metadata(folder / KV_FILE)
     base_unet = load_unet_and_tokenizer(cfg.model, device="cpu")[0] if meta.get("kind") == "lora" else None
     weights, meta = kv_weights(folder / KV_FILE, base_unet)
+    check_base_model(run, cfg.model, folder / KV_FILE, meta, base_unet)
     weights = {k: (wk.to(device), wv.to(device)) for k, (wk, wv) in weights.items()}
     tokenizers, encoders = load_text_side(cfg.model, device, "fp32")
     token_id = set_identifier_rows(tokenizers, encoders, folder / TOKENS_FILE, cfg.token, cfg.init_token)
