@@ -354,7 +354,51 @@ def farm_clash(tmp: Path) -> list[str]:
             "--bank-dir", str(tmp / "banks")]
 
 
+def user_folder(tmp: Path, *names: str) -> Path:
+    """A folder of the user's own files."""
+    folder = tmp / "mine"
+    for name in names:
+        write_png(folder / name)
+    return folder
+
+
+def unfinished_out(tmp: Path) -> list[str]:
+    """An output folder left by an interrupted generation of seed 0 (its record of settings and one image)."""
+    from latexblend.blend.generate import run_identity
+    from latexblend.blend.options import GenerateConfig
+
+    (tmp / "out").mkdir()
+    settings = run_identity(GenerateConfig(prompts=["a dog on the grass"], steps=2, seed=0))
+    (tmp / "out" / ".latexblend-unfinished.json").write_text(json.dumps({"settings": settings}))
+    write_png(tmp / "out" / "p000_s0000000.png")
+    return _generate(tmp, "--seed", "5")
+
+
 _SILENT_CASES = [
+    Case("out-holds-user-files", "silent", "`generate --out DIR` where DIR holds the user's own files",
+         lambda t, p: _generate(t, "--out", str(user_folder(t, "holiday.png"))),
+         "error: {tmp}/mine holds files that latexblend generate did not write (e.g. 'holiday.png'); choose an "
+         "empty or new --out"),
+    Case("out-holds-user-image-of-our-name", "silent",
+         "`generate --out DIR` where DIR holds the user's own `p000_s0000000.png` (used to be written over)",
+         lambda t, p: _generate(t, "--out", str(user_folder(t, "p000_s0000000.png"))),
+         "error: {tmp}/mine holds images of an unknown generation (e.g. 'p000_s0000000.png'); choose an empty or new "
+         "--out"),
+    Case("out-unfinished-other-settings", "silent",
+         "`generate --out DIR --seed 5` where an interrupted generation of seed 0 left DIR (used to mix the two)",
+         lambda t, p: unfinished_out(t),
+         "error: {tmp}/out holds an unfinished generation of other settings (different seed); choose another "
+         "--out, or delete the folder to start again"),
+    Case("train-runs-folder-not-a-run", "silent",
+         "`train --runs-dir . --name src` where ./src is not a run folder (used to be deleted and replaced)",
+         lambda t, p: (write_png(t / "src" / "keep.png"), p.chdir(t)) and train_flags(t, "--steps", "1")[:-4] + [
+             "--runs-dir", ".", "--name", "src", "--bank-dir", str(t / "banks")],
+         "error: src exists and is not a training run folder (no config.yaml); latexblend would replace it: "
+         "choose another --name or --runs-dir", absent=("banks",)),
+    Case("prior-out-holds-user-files", "silent", "`prior --out DIR` where DIR holds the user's own files",
+         lambda t, p: _prior(t)[:-2] + ["--out", str(user_folder(t, "holiday.png"))],
+         "error: prior folder {tmp}/mine holds files that latexblend prior did not write (e.g. 'holiday.png'); "
+         "choose an empty or new --out"),
     Case("extract-other-base-model", "silent", "`extract` of a run whose weights were trained on another base model",
          lambda t, p: ["extract", "--run", str(other_model_run(t))],
          "error: {tmp}/runs/rex was trained on another base model than 'tiny' as it is now (fingerprint … in "

@@ -258,6 +258,31 @@ def test_an_image_holding_nan_is_an_error_and_the_folder_is_not_finished(tiny_di
     assert not (tmp_path / "out" / "metadata.json").exists() and not (tmp_path / "out" / "p000_s0000000.png").exists()
 
 
+def test_an_interrupted_generation_is_continued_only_with_the_same_settings(tiny_pipe, tmp_path, monkeypatch):
+    from latexblend.blend import samples
+
+    save = samples.save_image
+
+    def stop_after_one(out, record, pil, settings):
+        save(out, record, pil, settings)
+        if record["seed"] == 0:
+            raise KeyboardInterrupt
+
+    cfg = GenerateConfig(prompts=["a dog"], num_images=2, steps=2, out=str(tmp_path / "out"))
+    monkeypatch.setattr(samples, "save_image", stop_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        generate(cfg, pipe=tiny_pipe)
+    monkeypatch.undo()
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == [samples.UNFINISHED, "p000_s0000000.png"]
+    other = GenerateConfig(prompts=["a dog"], num_images=2, steps=2, seed=7, out=str(out))
+    with pytest.raises(LatexBlendError, match=r"unfinished generation of other settings \(different seed\)"):
+        generate(other, pipe=tiny_pipe)
+    generate(cfg, pipe=tiny_pipe)  # the same settings: continued and finished
+    assert sorted(p.name for p in out.iterdir()) == ["metadata.json", "p000_grid.png", "p000_s0000000.png",
+                                                     "p000_s0000001.png"]
+
+
 def _cli(*args):
     return runner.invoke(app, ["generate", "--steps", "2", *[str(a) for a in args]])
 

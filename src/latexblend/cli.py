@@ -521,13 +521,20 @@ def prior_cmd(
     device: Annotated[str | None, Opt(help="cpu or cuda [default: cuda if available].")] = None,
 ) -> None:
     """Generate prior-preservation images of a class with the base model (resumable)."""
-    from latexblend.train.data import check_prior_request, generate_prior, prior_complete, prior_dir
+    from latexblend.train.data import (
+        check_prior_folder,
+        check_prior_request,
+        generate_prior,
+        prior_complete,
+        prior_dir,
+    )
 
     check_prior_request(class_noun, num, steps, cfg, seed)
     out = out or prior_dir(class_noun)
     if prior_complete(out, num):
         typer.echo(f"{out}: all {num} prior images exist; nothing to do")
         return
+    check_prior_folder(out)  # before the model loads
     _quiet_libraries()
     from latexblend.models import load_pipeline
 

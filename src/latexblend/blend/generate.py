@@ -141,9 +141,14 @@ def generate(cfg: GenerateConfig, pipe=None) -> Path:
     if procs.world > 1 and not cfg.out:
         raise LatexBlendError("give --out when generating with several processes (they share one folder)")
     device = None if pipe is not None else resolve_device(cfg.device or (str(procs.device) if procs.device else None))
-    with samples.claim_out(cfg.out, procs.rank) as out:
+    with samples.claim_out(cfg.out, procs.rank, run_identity(cfg)) as out:
         _generate_into(out, cfg, pipe or _load(cfg, device), procs, {**extra, **banks}, list(banks), start)
     return out
+
+
+def run_identity(cfg: GenerateConfig) -> dict:
+    """The settings that decide a generation's images (an unfinished output folder is continued only by the same)."""
+    return {k: v for k, v in flat(cfg).items() if k not in ("out", "device", "batch_size", "bank_dir", "grid")}
 
 
 def _load(cfg: GenerateConfig, device: str):

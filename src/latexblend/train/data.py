@@ -6,6 +6,7 @@ Every random draw takes an explicit ``torch.Generator``: the training loop seeds
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,6 +173,21 @@ def prior_complete(out: str | Path, num: int) -> bool:
 MAX_PRIOR = 100_000
 
 
+_PRIOR_FILES = re.compile(r"\d{5,}\.png|captions\.txt|\..+\.tmp")
+
+
+def check_prior_folder(out: str | Path) -> None:
+    """``out`` holds nothing but what :func:`generate_prior` writes (``00000.png``..., ``captions.txt``), so
+    that its images are never mixed with a user's files or written over them."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise LatexBlendError(f"prior folder {out} is a file; choose another --out")
+    foreign = sorted(p.name for p in out.iterdir() if not _PRIOR_FILES.fullmatch(p.name)) if out.is_dir() else []
+    if foreign:
+        raise LatexBlendError(f"prior folder {out} holds files that latexblend prior did not write (e.g. "
+                              f"'{foreign[0]}'); choose an empty or new --out")
+
+
 def check_prior_request(class_noun: str, num: int, steps: int, cfg: float, seed: int = 0) -> None:
     """The arguments of :func:`generate_prior` (and the ``prior`` command, before it loads a model): ``--num`` in
     [1, 100,000], ``--steps`` in [1, 1000], ``--cfg`` in [0, 100], image i's seed ``seed + i`` in [0, 2**63 - 1]."""
@@ -196,6 +212,7 @@ def generate_prior(pipe, class_noun: str, num: int, out: str | Path, seed: int =
     out = Path(out)
     if prior_complete(out, num):
         return 0, out
+    check_prior_folder(out)
     todo = prior_missing(out, num)
     size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     with Progress(len(todo), f"prior '{class_noun}'", "img", enabled=progress) as bar:

@@ -90,6 +90,9 @@ def check_outputs(cfg: TrainConfig) -> tuple[Path, Path]:
     run = runs / cfg.name
     if run.exists() and not run.is_dir():
         raise LatexBlendError(f"run folder {run} is a file; move it or choose another --name")
+    if run.is_dir() and any(run.iterdir()) and not (run / CONFIG_FILE).is_file():
+        raise LatexBlendError(f"{run} exists and is not a training run folder (no {CONFIG_FILE}); latexblend would "
+                              "replace it: choose another --name or --runs-dir")
     return run, bank
 
 
