@@ -375,6 +375,19 @@ def unfinished_out(tmp: Path) -> list[str]:
 
 
 _SILENT_CASES = [
+    Case("concepts-empty", "silent",
+         "`generate --concepts \"\"` (an unset shell variable; used to run without concepts)",
+         lambda t, p: _generate(t, "--concepts", ""),
+         "error: --concepts '' names no concept; leave the option out to generate without concepts", absent=("out",)),
+    Case("concepts-commas", "silent", "`generate --concepts ',,,'`", lambda t, p: _generate(t, "--concepts", ",,,"),
+         "error: --concepts ',,,' names no concept; leave the option out to generate without concepts",
+         absent=("out",)),
+    Case("placeholder-unclosed", "silent", "`generate -p 'a <rex on grass'` (a typo; used to run without concepts)",
+         lambda t, p: ["generate", "-p", "a <rex on grass", "--steps", "2", "--out", str(t / "out")],
+         "error: prompt 'a <rex on grass' has an unmatched '<' at '<rex': write a concept as <name>", absent=("out",)),
+    Case("placeholder-unopened", "silent", "`generate -p 'a rex> on grass'`",
+         lambda t, p: ["generate", "-p", "a rex> on grass", "--steps", "2", "--out", str(t / "out")],
+         "error: prompt 'a rex> on grass' has an unmatched '>' at 'rex>': write a concept as <name>", absent=("out",)),
     Case("out-holds-user-files", "silent", "`generate --out DIR` where DIR holds the user's own files",
          lambda t, p: _generate(t, "--out", str(user_folder(t, "holiday.png"))),
          "error: {tmp}/mine holds files that latexblend generate did not write (e.g. 'holiday.png'); choose an "

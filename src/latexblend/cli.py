@@ -222,8 +222,15 @@ SaveMapsOpt = Annotated[bool | None, typer.Option("--save-maps", help="Write per
 
 
 def _names(text: str | None) -> list[str] | None:
-    """``"a, b,"`` -> ``["a", "b"]`` (``None`` stays ``None``: the option was not given)."""
-    return None if text is None else [c.strip() for c in text.split(",") if c.strip()]
+    """``"a, b,"`` -> ``["a", "b"]`` (``None`` stays ``None``: the option was not given). Given but naming no
+    concept (``""``, an unset shell variable, or ``",,,"``) is an error, not a run without concepts."""
+    if text is None:
+        return None
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    if not names:
+        raise LatexBlendError(f"--concepts '{text[:40]}' names no concept; leave the option out to generate "
+                              "without concepts")
+    return names
 
 
 @app.command("generate")

@@ -135,9 +135,9 @@ def generate(cfg: GenerateConfig, pipe=None) -> Path:
 
     start = time.perf_counter()
     procs = Processes()
+    named = {n for p in cfg.prompts for n in placeholder_names(p)}  # a placeholder typo: before any file is read
     banks = load_banks(cfg.concepts, cfg.bank_dir)
-    placeholders = {n for p in cfg.prompts for n in placeholder_names(p)} - set(banks)
-    extra = load_banks(sorted(placeholders), cfg.bank_dir)
+    extra = load_banks(sorted(named - set(banks)), cfg.bank_dir)
     if procs.world > 1 and not cfg.out:
         raise LatexBlendError("give --out when generating with several processes (they share one folder)")
     device = None if pipe is not None else resolve_device(cfg.device or (str(procs.device) if procs.device else None))

@@ -68,9 +68,15 @@ def claim_out(out: str | Path | None, rank: int = 0, settings: dict | None = Non
             except (OSError, LatexBlendError) as err:
                 raise LatexBlendError(f"cannot write to output folder {path}: "
                                       f"{getattr(err, 'strerror', None) or err}") from err
-        else:
-            write_text_atomic(path / UNFINISHED, json.dumps({"settings": settings or {}}, indent=2))
-        yield path
+            yield path
+            return
+        write_text_atomic(path / UNFINISHED, json.dumps({"settings": settings or {}}, indent=2))
+        try:
+            yield path
+        except BaseException:
+            if not any(path.glob("*.png")):  # nothing written yet: the record goes, so the folder can go too
+                (path / UNFINISHED).unlink(missing_ok=True)
+            raise
 
 
 def _check_contents(path: Path, settings: dict) -> None:
