@@ -184,6 +184,13 @@ def busy_out(tmp: Path) -> list[str]:
     return _generate(tmp)
 
 
+def locked_out(tmp: Path, **record) -> list[str]:
+    """An output folder locked by ``record`` (a latexblend lock file's JSON: pid, host, started, ...)."""
+    (tmp / "out").mkdir()
+    (tmp / "out" / ".latexblend.lock").write_text(json.dumps(record))
+    return _generate(tmp)
+
+
 def _prior(tmp: Path, *extra: str) -> list[str]:
     return ["prior", "--class-noun", "dog", "--num", "1", "--out", str(tmp / "prior"), *extra]
 
@@ -254,7 +261,22 @@ _TYPE_CASES = [
 
 _LOCK_CASES = [
     Case("out-in-use", "locks", "`generate --out DIR` while another generate writes into DIR", lambda t, p: busy_out(t),
-         "error: {tmp}/out is in use by another generate (pid …); wait for it to finish or choose another folder"),
+         "error: {tmp}/out is in use by another generate (pid …); wait for it to finish or choose another folder; if "
+         "no such run is active, delete {tmp}/out/.latexblend.lock"),
+]
+
+_LOCK_CASES += [
+    Case("out-locked-on-other-host", "locks", "`generate --out DIR` while a run on another host (shared file system) "
+         "holds DIR, its pid dead here (used to be taken over)",
+         lambda t, p: locked_out(t, pid=2**22 + 17, host="node-other-7", started="2026-12-04 10:00:00 UTC"),
+         "error: {tmp}/out is in use by another generate (pid 4194321 on host node-other-7, since 2026-12-04 "
+         "10:00:00 UTC); wait for it to finish or choose another folder; if no such run is active, delete "
+         "{tmp}/out/.latexblend.lock"),
+    Case("out-lock-not-a-lock", "locks", "`generate --out DIR` whose lock file holds no pid",
+         lambda t, p: (t / "out").mkdir() or (t / "out" / ".latexblend.lock").write_text("hello")
+         and _generate(t),
+         "error: {tmp}/out/.latexblend.lock is not a latexblend lock file (it holds no pid); delete it if no run is "
+         "writing into {tmp}/out"),
 ]
 
 _NONFINITE_CASES = [

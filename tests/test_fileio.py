@@ -1,3 +1,4 @@
+import json
 import os
 
 import pytest
@@ -65,16 +66,42 @@ def test_claim_folder_refuses_a_folder_in_use_and_takes_over_a_stale_lock(tmp_pa
 
     out = tmp_path / "out"
     with claim_folder(out, "generate") as path:
-        assert (path / LOCK_FILE).read_text().split()[0] == str(os.getpid())
+        assert json.loads((path / LOCK_FILE).read_text())["pid"] == os.getpid()
         other = subprocess.run([sys.executable, "-c", CLAIM.format(out=str(out))], capture_output=True, text=True)
-        assert other.returncode == 3 and f"{out} is in use by another generate (pid {os.getpid()})" in other.stdout
+        assert other.returncode == 3
+        assert f"{out} is in use by another generate (pid {os.getpid()}, since " in other.stdout
     assert not (out / LOCK_FILE).exists() and out.is_dir()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (out / LOCK_FILE).write_text(f"{dead.pid}\n")  # left by a process that has ended
     with claim_folder(out, "generate"):
-        assert (out / LOCK_FILE).read_text().split()[0] == str(os.getpid())
+        assert json.loads((out / LOCK_FILE).read_text())["pid"] == os.getpid()
     assert not (out / LOCK_FILE).exists()
+
+
+def test_a_lock_records_host_and_start_and_a_reused_pid_is_not_a_live_run(tmp_path):
+    """A live process that merely reuses the pid of a lock (its start differs) does not block the folder; the
+    lock's own process does; a lock of another host is never taken over, even when its pid is free here."""
+    import socket
+
+    from latexblend.fileio import _process_start
+
+    out = tmp_path / "out"
+    with claim_folder(out, "generate"):
+        record = json.loads((out / LOCK_FILE).read_text())
+    assert record["host"] == socket.gethostname() and record["started"].endswith("UTC")
+    assert record["process_start"] == _process_start(os.getpid()) is not None
+    parent = os.getppid()  # alive, not us
+    (out / LOCK_FILE).write_text(json.dumps({"pid": parent, "host": socket.gethostname(), "process_start": "1"}))
+    with claim_folder(out, "generate"):  # pid reused by another process: taken over
+        assert json.loads((out / LOCK_FILE).read_text())["pid"] == os.getpid()
+    for record in ({"pid": parent, "host": socket.gethostname(), "process_start": _process_start(parent)},
+                   {"pid": 2**22 + 17, "host": "node-other-7"}):
+        (out / LOCK_FILE).write_text(json.dumps(record))
+        with pytest.raises(LatexBlendError, match=f"in use by another generate .*delete {out / LOCK_FILE}"):
+            with claim_folder(out, "generate"):
+                pass
+        assert json.loads((out / LOCK_FILE).read_text()) == record  # left as it was
 
 
 CLAIM = """

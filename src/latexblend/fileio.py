@@ -4,9 +4,12 @@ folders held by one run (lock files), and reading user images."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import socket
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -122,38 +125,109 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # alive, owned by someone else
+    except (PermissionError, OverflowError, ValueError):  # alive, owned by someone else (or not a pid we can ask)
         return True
     return True
 
 
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started, as the kernel counts it (``/proc/<pid>/stat`` field 22, clock ticks since
+    boot): with the pid it names one process, also after the pid is reused. ``None`` where there is no /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2 :].split()[19]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _lock_record() -> dict:
+    """What a lock file holds: our pid, host, the time we took it and our process start (see _lock_owner)."""
+    return {"pid": os.getpid(), "host": socket.gethostname(), "process_start": _process_start(os.getpid()),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+
+
+def _read_lock(lock: Path) -> dict | None:
+    """The record in ``lock`` (older versions wrote only the pid: read as a lock of this host), ``None`` when it
+    is gone; a lock that is not a small regular file of ours is one error line saying to remove it."""
+    try:
+        if not lock.is_file() or lock.stat().st_size > 4096:
+            raise LatexBlendError(f"{lock} is not a latexblend lock file; remove it if no run uses {lock.parent}")
+        text = lock.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return None
+    try:
+        record = json.loads(text)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict):  # an older version's lock: the pid alone
+        record = {"pid": text.split()[0]} if text.split() else {}
+    if not str(record.get("pid", "")).isdigit():
+        raise LatexBlendError(f"{lock} is not a latexblend lock file (it holds no pid); delete it if no run is "
+                              f"writing into {lock.parent}")
+    return {**record, "pid": int(record["pid"])}
+
+
+def _stale(record: dict) -> bool:
+    """Has the run that wrote ``record`` ended? Only a lock of this host can tell: its process is gone, or its pid
+    now belongs to a process started at another time (a reused pid)."""
+    if record.get("host", socket.gethostname()) != socket.gethostname():
+        return False  # another machine (a shared file system): we cannot see its processes
+    if not _pid_alive(record["pid"]):
+        return True
+    recorded, now = record.get("process_start"), _process_start(record["pid"])
+    return recorded is not None and now is not None and recorded != now
+
+
+def _in_use(lock: Path, record: dict, what: str) -> LatexBlendError:
+    host = record.get("host")
+    where = f" on host {host}" if host and host != socket.gethostname() else ""
+    since = f", since {record['started']}" if record.get("started") else ""
+    return LatexBlendError(f"{lock.parent} is in use by another {what} (pid {record['pid']}{where}{since}); wait for "
+                           f"it to finish or choose another folder; if no such run is active, delete {lock}")
+
+
+def _create_exclusive(tmp: Path, lock: Path) -> None:
+    """``lock`` with ``tmp``'s content, created only if it does not exist (``FileExistsError`` otherwise): a hard
+    link, so the content is in place when the name appears; where a file system has no hard links, an
+    ``O_EXCL`` create and write."""
+    try:
+        os.link(tmp, lock)
+    except FileExistsError:
+        raise
+    except OSError as err:
+        if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV):
+            raise
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(tmp.read_text(encoding="utf-8"))
+
+
 def _take_lock(lock: Path, what: str) -> None:
-    """Create ``lock`` holding our pid (``O_EXCL``); a lock whose process is gone is taken over."""
-    for _ in range(2):
+    """Create ``lock`` holding our record, atomically (a reader sees no lock or a whole one); a lock left by a
+    run that has ended on this host is taken over (see :func:`_stale`)."""
+    for _ in range(3):
+        tmp = lock.with_name(f".{lock.name}.{os.getpid()}.tmp")
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            tmp.write_text(json.dumps(_lock_record()) + "\n", encoding="utf-8")
+            _create_exclusive(tmp, lock)
+            return
         except FileExistsError:
-            try:
-                pid = int(lock.read_text().split()[0])
-            except (OSError, ValueError, IndexError):
-                pid = None
-            if pid is not None and pid != os.getpid() and _pid_alive(pid):
-                raise LatexBlendError(f"{lock.parent} is in use by another {what} (pid {pid}); wait for it to "
-                                      f"finish or choose another folder") from None
+            record = _read_lock(lock)
+            if record is not None and record["pid"] != os.getpid() and not _stale(record):
+                raise _in_use(lock, record, what) from None
             lock.unlink(missing_ok=True)  # stale: its process has ended
-            continue
         except OSError as err:
             raise LatexBlendError(f"cannot write to output folder {lock.parent}: {err.strerror or err}") from err
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()}\n")
-        return
+        finally:
+            tmp.unlink(missing_ok=True)
     raise LatexBlendError(f"cannot lock {lock.parent}: its lock file keeps reappearing")  # pragma: no cover
 
 
 @contextlib.contextmanager
 def claim_folder(path: str | Path, what: str = "run", lock: bool = True) -> Iterator[Path]:
-    """Create ``path`` if needed and hold it for one writer (a lock file with our pid, removed on exit;
-    a lock left by a process that has died is taken over). If the block fails, the folders created here
+    """Create ``path`` if needed and hold it for one writer (a lock file with our pid, host and start time,
+    removed on exit; a lock left by a process of this host that has ended is taken over, one of another host
+    never). If the block fails, the folders created here
     (``path`` and any missing parents) are removed again while empty: a refused run leaves nothing behind."""
     path = Path(path)
     created = [p for p in (path, *path.parents) if not p.exists()]  # innermost first
@@ -179,10 +253,12 @@ def claim_folder(path: str | Path, what: str = "run", lock: bool = True) -> Iter
 
 def _release(lock: Path) -> None:
     try:
-        if int(lock.read_text().split()[0]) == os.getpid():
-            lock.unlink()
-    except (OSError, ValueError, IndexError):
-        pass
+        record = _read_lock(lock)
+    except LatexBlendError:
+        return
+    if record is not None and record["pid"] == os.getpid() and record.get("host", socket.gethostname()) == \
+            socket.gethostname():
+        lock.unlink(missing_ok=True)
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
