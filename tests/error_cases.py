@@ -142,6 +142,37 @@ def other_model_run(tmp: Path) -> Path:
     return run
 
 
+def damaged_tiny_cache(tmp: Path, patch) -> Path:
+    """A latexblend home whose cached tiny model has a truncated UNet weights file; returns the cache folder."""
+    import shutil
+
+    from latexblend.models import tiny_model_dir
+
+    folder = tmp / "home" / tiny_model_dir().name
+    shutil.copytree(tiny_model_dir(), folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    patch.setenv("LATEXBLEND_HOME", str(tmp / "home"))
+    return folder
+
+
+def checkpointed_run(tmp: Path) -> list[str]:
+    """A run folder whose checkpoint step_1 was written with `train_flags(tmp)` at lr 1e-5; returns the command
+    that resumes it at lr 2e-5."""
+    from latexblend.config import train_settings
+    from latexblend.train.runfolder import config_hash, hashed_settings
+
+    args = train_flags(tmp, "--steps", "3")
+    flags = dict(zip(args[1::2], args[2::2], strict=False))
+    cfg = train_settings(None, tmp, {"name": "rex", "images": flags["--images"], "class_noun": "dog",
+                                     "use_prior": False, "lr": 1e-5})
+    run = fake_run(tmp, files=())
+    (run / "checkpoints" / "step_1").mkdir(parents=True)
+    state = {"step": 1, "config_hash": config_hash(cfg), "settings": hashed_settings(cfg)}
+    (run / "checkpoints" / "step_1" / "state.json").write_text(json.dumps(state))
+    return [*args, "--resume", "latest", "--lr", "2e-5"]
+
+
 class _Payload:  # a pickle that would run a (harmless) command if it were unpickled without weights_only
     def __reduce__(self):
         import os
@@ -498,6 +529,29 @@ _MESSAGE_CASES = [
     Case("prompts-file-not-utf8", "clear message", "`generate --prompts-file` of a file that is not UTF-8 text",
          lambda t, p: (t / "p.txt").write_bytes(b"\xff\xfe a dog") and _generate(t, "--prompts-file", str(t / "p.txt")),
          "error: prompts file {tmp}/p.txt is not UTF-8 text (invalid start byte at byte 0)", absent=("out",)),
+    Case("model-cache-damaged", "clear message", "a damaged cached tiny model (used to advise `hf download`)",
+         lambda t, p: damaged_tiny_cache(t, p) and _generate(t),
+         "error: cannot load model 'tiny' from its cache folder {tmp}/home/tiny-sdxl-v1 (…): the cached copy is "
+         "damaged; delete that folder and it is built again on next use", absent=("out",)),
+    Case("model-folder-damaged", "clear message", "`generate --model DIR` of a damaged local model folder",
+         lambda t, p: (t / "m").mkdir() or (t / "m" / "model_index.json").write_text("{}") and _generate(
+             t, "--model", str(t / "m")),
+         "error: cannot load model folder {tmp}/m (…): it is incomplete or damaged; download or save it again",
+         absent=("out",)),
+    Case("resume-changed-setting", "clear message", "`train --resume latest --lr 2e-5` of a run trained at 1e-5 "
+         "(used to say only 'different training settings', after loading the model)",
+         lambda t, p: checkpointed_run(t),
+         "error: {tmp}/runs/rex/checkpoints/step_1 was written with other training settings (lr 1e-05 -> 2e-05); "
+         "resume with the settings of its run's config.yaml, or pass --overwrite to start again"),
+    Case("train-images-file", "clear message", "`train --images FILE` (used to say the folder does not exist)",
+         lambda t, p: train_flags(t)[:1] + ["--images", str(write_png(t / "a.png"))] + train_flags(t)[3:],
+         "error: instance image folder {tmp}/a.png is a file, not a folder", absent=("runs", "banks")),
+    Case("bank-ls-dir-file", "clear message", "`bank ls --dir FILE` (used to say there are no banks)",
+         lambda t, p: (t / "f").write_text("x") and ["bank", "ls", "--dir", str(t / "f")],
+         "error: bank folder {tmp}/f is a file, not a folder"),
+    Case("evaluate-samples-file", "clear message", "`evaluate --samples FILE`",
+         lambda t, p: (t / "f").write_text("x") and ["evaluate", "--samples", str(t / "f")],
+         "error: samples folder {tmp}/f is a file, not a folder"),
     Case("generate-refused-leaves-no-folder", "clear message",
          "`generate --out NEW` with a bank that does not fit the model",
          lambda t, p: _generate(t, "--concepts", str(write_bank(t / "b" / "corgi.safetensors"))),
@@ -633,7 +687,7 @@ _EARLY_CASES = [
          "for braces): KeyError 'x'", absent=("runs", "banks")),
     Case("train-bank-dir-file", "checked before work", "`train --bank-dir FILE` (used to be refused after training)",
          lambda t, p: (t / "f").write_text("x") and train_flags(t, "--steps", "1")[:-2] + ["--bank-dir", str(t / "f")],
-         "error: bank folder {tmp}/f is not a folder; choose another", absent=("runs",)),
+         "error: bank folder {tmp}/f is a file, not a folder", absent=("runs",)),
     Case("train-bank-dir-under-file", "checked before work", "`train --bank-dir FILE/sub`",
          lambda t, p: (t / "f").write_text("x") and train_flags(t, "--steps", "1")[:-2] + [
              "--bank-dir", str(t / "f" / "sub")],

@@ -307,6 +307,8 @@ def list_images(folder: str | Path, what: str = "image", strict: bool = True) ->
     opened, so that the caller can report or skip each unreadable one.
     """
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise LatexBlendError(f"{what} folder {folder} is a file, not a folder")
     if not folder.is_dir():
         raise LatexBlendError(f"{what} folder {folder} does not exist")
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))

@@ -274,10 +274,20 @@ def load_pipeline(model: str = "tiny", device: str | None = None, dtype: str = "
 
 
 def load_error(model: str, source: str, err: Exception, flag: str = "--model") -> LatexBlendError:
-    """One-line error for a model that failed to load, naming it and how to pass a local folder with ``flag``."""
-    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    """One-line error for a model that failed to load, naming it and what fixes it: a damaged cached built-in
+    model is deleted (it is built again), a local folder saved again, a hub id downloaded and passed as a
+    folder with ``flag``."""
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    spec = REGISTRY.get(model)
+    if spec is not None and spec.builder:
+        return LatexBlendError(f"cannot load model '{model}' from its cache folder {source} ({type(err).__name__}: "
+                               f"{first}): the cached copy is damaged; delete that folder and it is built again on "
+                               "next use")
+    if Path(source).is_dir():
+        return LatexBlendError(f"cannot load model folder {source} ({type(err).__name__}: {first}): it is incomplete "
+                               "or damaged; download or save it again")
     return LatexBlendError(
-        f"cannot load model '{model}' ({type(err).__name__}: {first[:200]}); download it with "
+        f"cannot load model '{model}' ({type(err).__name__}: {first}); download it with "
         f"`hf download {source} --local-dir DIR` on a machine with network and pass {flag} DIR"
     )
 

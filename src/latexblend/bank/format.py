@@ -190,8 +190,12 @@ def bank_complete(path: str | Path) -> bool:
 
 
 def bank_dir(directory: str | Path | None = None) -> Path:
-    """The concept-bank folder: ``directory``, else ``$LATEXBLEND_BANK``, else ``./concept_bank``."""
-    return Path(directory or os.environ.get("LATEXBLEND_BANK", "concept_bank"))
+    """The concept-bank folder: ``directory``, else ``$LATEXBLEND_BANK``, else ``./concept_bank``; refused when
+    that path is a file."""
+    path = Path(directory or os.environ.get("LATEXBLEND_BANK", "concept_bank"))
+    if path.exists() and not path.is_dir():
+        raise LatexBlendError(f"bank folder {path} is a file, not a folder")
+    return path
 
 
 def bank_file(name: str, directory: str | Path | None = None) -> Path:

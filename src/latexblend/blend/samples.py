@@ -209,6 +209,8 @@ class Samples:
 
 def _read_metadata(folder: Path) -> dict:
     meta_path = metadata_path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise LatexBlendError(f"samples folder {folder} is a file, not a folder")
     if not folder.is_dir():
         raise LatexBlendError(f"samples folder {folder} does not exist")
     if not meta_path.is_file():

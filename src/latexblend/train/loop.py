@@ -29,7 +29,6 @@ from latexblend.train.options import TrainConfig
 from latexblend.train.runfolder import (
     NOT_HASHED,
     check_run_folder,
-    config_hash,
     prune_checkpoints,
     read_checkpoint,
     start_run_folder,
@@ -187,12 +186,12 @@ def save_trainables(setup: Setup, folder: Path) -> None:
 def save_checkpoint(setup: Setup, optimizer, run: Path, step: int) -> Path:
     """``run/checkpoints/step_<step>/``: trainables, optimizer state (tensors and numbers only), state.json."""
     return write_checkpoint(run, step, lambda folder: save_trainables(setup, folder), optimizer.state_dict(),
-                            config_hash(setup.cfg))
+                            setup.cfg)
 
 
 def load_checkpoint(setup: Setup, optimizer, folder: Path) -> int:
     """Restore trainables and optimizer state from ``folder``; returns the step to continue from."""
-    step, kv, rows, state = read_checkpoint(folder, config_hash(setup.cfg))
+    step, kv, rows, state = read_checkpoint(folder, setup.cfg)
     setup.flow.load(kv, rows)
     optimizer.load_state_dict(state)
     return step

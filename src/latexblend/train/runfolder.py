@@ -28,7 +28,7 @@ from latexblend.device import resolve_device
 from latexblend.errors import LatexBlendError
 from latexblend.fileio import check_output_folder, read_safetensors, save_safetensors, write_text_atomic
 from latexblend.models import Fingerprint, attn2_modules, fingerprint, load_unet_and_tokenizer, model_fingerprint
-from latexblend.settings import MAX_SETTINGS_BYTES, load_data, load_mapping, merge, parse_json, to_dict
+from latexblend.settings import MAX_SETTINGS_BYTES, load_data, load_mapping, merge, parse_json, shown, to_dict
 from latexblend.text import load_text_side, set_identifier_rows
 from latexblend.train.model import merge_lora
 from latexblend.train.options import TrainConfig
@@ -50,11 +50,15 @@ HASHED_WHEN_SET = {"crop_time_ids": TrainConfig.crop_time_ids, "augment_shrink":
                    "augment_enlarge": TrainConfig.augment_enlarge}
 
 
-def config_hash(cfg: TrainConfig) -> str:
-    """A digest of the settings that change what a training step computes (resume refuses a mismatch)."""
-    data = {k: v for k, v in to_dict(cfg).items()
+def hashed_settings(cfg: TrainConfig) -> dict:
+    """The settings that change what a training step computes (a checkpoint records them; resume refuses others)."""
+    return {k: v for k, v in to_dict(cfg).items()
             if k not in NOT_HASHED and not (k in HASHED_WHEN_SET and v == HASHED_WHEN_SET[k])}
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    """A digest of :func:`hashed_settings` (resume refuses a mismatch)."""
+    return hashlib.sha256(json.dumps(hashed_settings(cfg), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def check_run_folder(cfg: TrainConfig) -> tuple[Path, Path | None]:
@@ -65,7 +69,9 @@ def check_run_folder(cfg: TrainConfig) -> tuple[Path, Path | None]:
     run, bank = check_outputs(cfg)
     kept = _has_weights(run)
     if cfg.resume and (cfg.resume != "latest" or kept):
-        return run, find_checkpoint(run, cfg.resume)
+        checkpoint = find_checkpoint(run, cfg.resume)
+        read_state(checkpoint, cfg)  # other settings are refused before any model loads
+        return run, checkpoint
     if kept and not cfg.overwrite:
         if _finished(run) and not _bank_written(run):
             raise LatexBlendError(f"{run} holds a finished training whose bank was not written; write it with "
@@ -181,9 +187,10 @@ def checkpoint_path(run: Path, step: int) -> Path:
     return run / "checkpoints" / f"step_{step}"
 
 
-def write_checkpoint(run: Path, step: int, write, optimizer_state: dict, cfg_hash: str) -> Path:
+def write_checkpoint(run: Path, step: int, write, optimizer_state: dict, cfg: TrainConfig) -> Path:
     """``checkpoints/step_<step>/``: ``write(folder)`` writes the weights, then the optimizer state and
-    ``state.json``. Built in a temporary folder and renamed, so a checkpoint is complete or absent."""
+    ``state.json`` (the step, the settings a step depends on and their hash). Built in a temporary folder and
+    renamed, so a checkpoint is complete or absent."""
 
     final = checkpoint_path(run, step)
     tmp = final.with_name(f".{final.name}.tmp")
@@ -191,7 +198,8 @@ def write_checkpoint(run: Path, step: int, write, optimizer_state: dict, cfg_has
     tmp.mkdir(parents=True)
     write(tmp)
     torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
-    (tmp / STATE_FILE).write_text(json.dumps({"step": step, "config_hash": cfg_hash}))
+    state = {"step": step, "config_hash": config_hash(cfg), "settings": hashed_settings(cfg)}
+    (tmp / STATE_FILE).write_text(json.dumps(state))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
@@ -206,19 +214,35 @@ def prune_checkpoints(run: Path, keep: int) -> list[Path]:
     return old
 
 
-def read_checkpoint(folder: Path, cfg_hash: str) -> tuple[int, dict, dict, dict]:
-    """``(step, kv tensors, identifier rows, optimizer state)``; refuses a checkpoint of other settings."""
-
+def read_state(folder: Path, cfg: TrainConfig) -> int:
+    """The step of checkpoint ``folder``; refused, naming the settings that differ, when it was written with
+    other settings than ``cfg``'s (:func:`hashed_settings`)."""
     state = load_data(folder / STATE_FILE, "checkpoint state", MAX_SETTINGS_BYTES)
     if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "config_hash" not in state:
         raise LatexBlendError(f"{folder / STATE_FILE} is damaged (no step or config_hash); resume from another "
                               "checkpoint")
-    if state["config_hash"] != cfg_hash:
-        raise LatexBlendError(f"{folder} was written with different training settings; resume with the run's "
-                              f"own {CONFIG_FILE}")
+    if state["config_hash"] != config_hash(cfg):
+        recorded, ours = state.get("settings"), hashed_settings(cfg)
+        if isinstance(recorded, dict):
+            names = sorted(k for k in {*recorded, *ours} if recorded.get(k) != ours.get(k))
+            changed = ", ".join(f"{k} {shown(recorded.get(k), 30)} -> {shown(ours.get(k), 30)}" for k in names)
+        else:
+            changed = "this checkpoint does not record which"
+        raise LatexBlendError(f"{folder} was written with other training settings ({changed}); resume with the "
+                              f"settings of its run's {CONFIG_FILE}, or pass --overwrite to start again")
+    return state["step"]
+
+
+def read_checkpoint(folder: Path, cfg: TrainConfig) -> tuple[int, dict, dict, dict]:
+    """``(step, kv tensors, identifier rows, optimizer state)``; refuses a checkpoint of other settings."""
+    step = read_state(folder, cfg)
     kv, rows = read_weights(folder)
-    optimizer = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-    return int(state["step"]), kv, rows, optimizer
+    try:
+        optimizer = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+    except Exception as err:  # missing, truncated, or holding more than tensors: all mean a damaged checkpoint
+        raise LatexBlendError(f"{folder / OPTIMIZER_FILE} cannot be read ({type(err).__name__}); resume from "
+                              "another checkpoint") from None
+    return step, kv, rows, optimizer
 
 
 def checkpoint_folder(run: Path, checkpoint: int | None) -> Path:
