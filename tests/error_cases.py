@@ -568,6 +568,13 @@ _MESSAGE_CASES = [
 ]
 
 _LIMIT_CASES = [
+    Case("negative-prompt-too-long", "silent", "`generate --negative-prompt` of 100 words (used to be cut silently)",
+         lambda t, p: _generate(t, "--negative-prompt", " ".join(["blurry"] * 100)),
+         "error: negative prompt is 102 tokens, over CLIP's limit of 77: shorten it", absent=("out",)),
+    Case("prompt-huge", "limits", "`generate -p` of 100,000 characters",
+         lambda t, p: ["generate", "-p", "a dog " * 16_667, "--out", str(t / "out")],
+         "error: prompt 0 is 100,002 characters: CLIP reads at most 77 tokens (at most 4,096 characters are "
+         "accepted); shorten it", absent=("out",)),
     Case("config-alias-bomb", "limits", "a 400-byte YAML alias bomb (\"billion laughs\") as `generate --config`",
          lambda t, p: _generate(t, "--config", str(alias_bomb(t / "bomb.yaml"))),
          "error: {tmp}/bomb.yaml is refused: it holds more than 100,000 values (aliases expanded)", absent=("out",)),

@@ -273,6 +273,9 @@ def open_image(path: str | Path) -> Image.Image:
     """An RGB image with its EXIF orientation applied; a corrupt file, or one too large to decode safely
     (a decompression bomb: over ``PIL.Image.MAX_IMAGE_PIXELS``), is one clear error naming it. 16-bit and
     32-bit greyscale images are scaled to 8 bits (PIL's plain ``convert`` would clip them to white)."""
+    if not Path(path).is_file():  # a pipe would block the read, a device never end it
+        what = "does not exist" if not Path(path).exists() else "is not a regular file"
+        raise LatexBlendError(f"image {path} {what}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -24,7 +24,7 @@ from latexblend.device import resolve_device
 from latexblend.errors import LatexBlendError
 from latexblend.models import load_pipeline
 from latexblend.settings import flat
-from latexblend.tokens import placeholder_names
+from latexblend.tokens import MAX_TOKENS, placeholder_names
 
 
 def set_scheduler(pipe, name: str) -> None:
@@ -84,6 +84,13 @@ def run_prompts(pipe, cfg: GenerateConfig, blender: Blender | None, on_image=Non
                     records.append(record)
                     bar.update(1)
     return records
+
+
+def _check_negative(tokenizer, text: str) -> None:
+    """The negative prompt fits CLIP's 77 tokens (the pipeline would cut it silently)."""
+    if text and len(tokenizer(text).input_ids) > MAX_TOKENS:
+        raise LatexBlendError(f"negative prompt is {len(tokenizer(text).input_ids)} tokens, over CLIP's limit of "
+                              f"{MAX_TOKENS}: shorten it")
 
 
 def _check_finite(arrays, prompt_index: int, seeds: list[int]) -> None:
@@ -167,6 +174,7 @@ def _generate_into(out: Path, cfg: GenerateConfig, pipe, procs: Processes, banks
     try:
         for prompt in cfg.prompts:  # every process checks every prompt: all fail together, before sampling
             blender.prepare(prompt)
+        _check_negative(pipe.tokenizer, cfg.negative_prompt)
     except LatexBlendError:
         blender.remove()
         raise

@@ -93,6 +93,8 @@ MAX_PROMPTS = 10_000
 MAX_IMAGES_PER_PROMPT = 10_000
 MAX_IMAGES = 100_000
 MAX_SIDE = 4096
+#: Longer prompts cannot fit CLIP's 77 tokens; refused before anything tokenizes them.
+MAX_PROMPT_CHARS = 4096
 
 
 @dataclass
@@ -136,6 +138,11 @@ class GenerateConfig:
         if not self.prompts:
             raise LatexBlendError("no prompt given (use --prompt, --prompts-file or --config)")
         check_range("number of prompts", len(self.prompts), 1, MAX_PROMPTS)
+        for i, text in enumerate([*self.prompts, self.negative_prompt]):
+            if len(text) > MAX_PROMPT_CHARS:
+                what = "negative prompt" if i == len(self.prompts) else f"prompt {i}"
+                raise LatexBlendError(f"{what} is {len(text):,} characters: CLIP reads at most 77 tokens (at most "
+                                      f"{MAX_PROMPT_CHARS:,} characters are accepted); shorten it")
         check_range("num_images", self.num_images, 1, MAX_IMAGES_PER_PROMPT)
         if len(self.prompts) * self.num_images > MAX_IMAGES:
             raise LatexBlendError(f"{len(self.prompts):,} prompts x {self.num_images:,} images is over {MAX_IMAGES:,} "

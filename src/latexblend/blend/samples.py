@@ -168,7 +168,7 @@ def finish(out: Path, *, model: str, prompts: Sequence[str], settings: dict, con
 
     images = []
     for rank in range(world):
-        images += json.loads((out / f".records-{rank}.json").read_text(encoding="utf-8"))
+        images += load_data(out / f".records-{rank}.json", "image records")
     images.sort(key=lambda r: (r["prompt_index"], r["seed"]))
     grids = {}
     if grid:

@@ -59,7 +59,7 @@ def load_prior(folder: str | Path, class_noun: str, captions: str | Path | None 
         paths = list_images(folder, "prior")
         captions = captions or folder / "captions.txt"
     texts = [class_noun] * len(paths)
-    if Path(captions).is_file():
+    if Path(captions).exists():
         texts = _read_lines(Path(captions), "prior captions file")
         if len(texts) != len(paths):
             raise LatexBlendError(f"{captions} has {len(texts)} captions for {len(paths)} prior images")
