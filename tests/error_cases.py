@@ -711,6 +711,14 @@ _EARLY_CASES = [
          lambda t, p: train_flags(t, "--steps", "1", "--set", "extract_prompt='a {noun} of {token}'"),
          "error: extract_prompt 'a dog of <new1>' cannot be used: the class noun 'dog' (tokens [1929]) does not follow "
          "its slot in the tokenized prompt 'a dog of <new1>' (…); choose a plain class noun", absent=("runs", "banks")),
+    Case("extract-out-folder", "checked before work", "`extract --out DIR --overwrite` (used to end in a traceback "
+         "after the extraction)",
+         lambda t, p: (t / "d").mkdir() or ["extract", "--run", str(fake_run(t)), "--out", str(t / "d"),
+                                            "--overwrite"],
+         "error: {tmp}/d is a folder; --out names the bank file to write"),
+    Case("prior-out-unwritable", "checked before work", "`prior --out FILE/sub` (used to load the model first)",
+         lambda t, p: (t / "f").write_text("x") and _prior(t)[:-2] + ["--out", str(t / "f" / "sub")],
+         "error: prior folder {tmp}/f/sub is not a folder ({tmp}/f is a file); choose another"),
     Case("generate-scheduler-bogus", "checked before work",
          "`generate --scheduler bogus` (used to load the model first)",
          lambda t, p: _generate(t, "--scheduler", "bogus"),

@@ -183,11 +183,15 @@ def bank_import(
     """Convert a release bank (torch.save dict of attn2 k/v) into a latexblend bank."""
     from latexblend.bank.format import bank_file, save_bank, verify_bank
     from latexblend.bank.release import import_release_bank
+    from latexblend.fileio import check_output_folder
 
     out = bank_file(name or file.stem, directory)
     name = out.stem
     if out.exists() and not force:
         raise LatexBlendError(f"{out} exists; pass --force to overwrite or --name to choose another name")
+    if out.is_dir():
+        raise LatexBlendError(f"{out} is a folder; choose another --name")
+    check_output_folder(out.parent, "bank folder")
     _quiet_libraries()
     from latexblend.models import fingerprint, load_unet_and_tokenizer, shipped_tokenizer
     from latexblend.text import load_text_side
@@ -322,6 +326,7 @@ def evaluate_cmd(
     """CLIP-T (cosine and CLIPScore), CLIP-I and DINO per image and per concept; metrics.json/.csv, report.html."""
     from latexblend.evaluate import metrics as ev
     from latexblend.evaluate import report as outputs
+    from latexblend.fileio import check_output_folder
 
     if detector not in ("clip", "toy"):
         raise LatexBlendError(f"--detector must be 'clip' or 'toy', not '{detector}'")
@@ -332,6 +337,7 @@ def evaluate_cmd(
     parsed = ev.read_samples(samples)  # check the folder and the references before loading any model
     overrides = ev.parse_reference_flags(references or [], sorted(parsed.concepts))
     ev.resolve_references(parsed, overrides)
+    check_output_folder(samples, "samples folder")  # metrics.json goes there: checked before the models load
     _quiet_libraries()
     models = ev.load_models(clip_model, dino_model, device)
     metrics = ev.evaluate_samples(samples, models, overrides, text_policy, skip_bad, batch_size)
@@ -394,8 +400,11 @@ def cc101_run(
         run_jobs,
         write_results,
     )
+    from latexblend.fileio import check_output_folder
 
     jobs = read_jobs(jobs_file)
+    if evaluate:
+        check_output_folder(results or jobs_file.parent, "results folder")  # before any job runs
     evaluator = job_evaluator(clip_model, dino_model, device, batch_size, _quiet_libraries) if evaluate else None
     rows = run_jobs(jobs, command_runner(generate_cmd), evaluator, log=typer.echo)
     if evaluate:
@@ -528,6 +537,7 @@ def prior_cmd(
     device: Annotated[str | None, Opt(help="cpu or cuda [default: cuda if available].")] = None,
 ) -> None:
     """Generate prior-preservation images of a class with the base model (resumable)."""
+    from latexblend.fileio import check_output_folder
     from latexblend.train.data import (
         check_prior_folder,
         check_prior_request,
@@ -542,6 +552,7 @@ def prior_cmd(
         typer.echo(f"{out}: all {num} prior images exist; nothing to do")
         return
     check_prior_folder(out)  # before the model loads
+    check_output_folder(out, "prior folder")
     _quiet_libraries()
     from latexblend.models import load_pipeline
 

@@ -329,6 +329,9 @@ def extract_run(run: str | Path, checkpoint: int | None = None, prompt: str | No
     path = Path(out) if out else bank_dir(cfg.bank_dir) / f"{cfg.name}{SUFFIX}"
     if path.exists() and not overwrite:
         raise LatexBlendError(f"{path} already exists; pass --overwrite to replace it, or --out FILE")
+    if path.is_dir():
+        raise LatexBlendError(f"{path} is a folder; --out names the bank file to write")
+    check_output_folder(path.parent, "bank folder")  # before any model loads
     device = resolve_device(device)
     rows_dtype = bank_dtype(dtype, device, None)  # a bad --dtype is refused before anything loads
     meta = kv_metadata(folder / KV_FILE)
