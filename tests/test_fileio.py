@@ -124,3 +124,34 @@ def test_claim_folder_removes_the_folder_it_created_when_the_block_fails(tmp_pat
     with pytest.raises(LatexBlendError), claim_folder(tmp_path / "old"):
         raise LatexBlendError("bad input")
     assert (tmp_path / "old").is_dir() and not any((tmp_path / "old").iterdir())
+
+
+def test_documents_are_read_within_limits(tmp_path):
+    """YAML aliases are counted expanded (a bomb of 9**6 values from a few hundred bytes is refused before
+    anything walks it); JSON is bounded by its size and depth only, so a large output folder's metadata reads."""
+    from latexblend.settings import MAX_DEPTH, load_data, parse_json, parse_yaml, read_text
+
+    bomb = "a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
+        f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 6))
+    with pytest.raises(LatexBlendError, match="holds more than 100,000 values"):
+        parse_yaml(bomb, "x")
+    assert parse_yaml(bomb.rsplit("\n", 2)[0], "x")["a4"][0][0][0][0] == [1] * 9  # 9**5 values: within the limit
+    with pytest.raises(LatexBlendError, match="contains itself"):
+        parse_yaml("&a [*a]", "x")
+    assert parse_json("[" * MAX_DEPTH + "]" * MAX_DEPTH, "x") == parse_yaml("[" * MAX_DEPTH + "]" * MAX_DEPTH, "x")
+    for deep in ("[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1), "[" * 100_000 + "]" * 100_000):
+        with pytest.raises(LatexBlendError, match="nests deeper than 64 levels"):
+            parse_json(deep, "x")
+        with pytest.raises(LatexBlendError, match="nests deeper than 64 levels"):
+            parse_yaml(deep, "x")
+    assert len(parse_json(json.dumps([{"file": f"p{i}.png", "seed": i} for i in range(200_000)]), "x")) == 200_000
+    with pytest.raises(LatexBlendError, match="not valid JSON"):
+        parse_json("9" * 5000, "x")  # more digits than Python converts: one line, not a ValueError
+    (tmp_path / "big.json").write_text("[" + "1," * 600_000 + "1]")
+    with pytest.raises(LatexBlendError, match="is too large"):
+        load_data(tmp_path / "big.json", "data", max_bytes=1_000_000)
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(LatexBlendError, match="is not a regular file"):
+        read_text(tmp_path / "pipe", "prompts file")  # a pipe would block the read
+    with pytest.raises(LatexBlendError, match="is a directory, not a file"):
+        read_text(tmp_path, "config file")

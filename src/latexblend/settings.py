@@ -30,12 +30,13 @@ T = TypeVar("T")
 
 
 #: Limits of every YAML/JSON document and text file the tool reads (:func:`read_text`, :func:`parse_yaml`,
-#: :func:`parse_json`): a settings file (configs, concept YAML, a run's config.yaml) at most 1 MiB, a data file
-#: (an output folder's metadata.json, cc101 dataset and jobs files, the release inference JSON) at most 64 MiB,
-#: a text file (prompts, captions) at most 16 MiB; at most 64 levels deep and 100,000 values once YAML's
-#: aliases are expanded (so an alias bomb is refused before anything walks it).
+#: :func:`parse_json`): a settings file (configs, concept YAML, the release inference JSON, a run's config.yaml,
+#: a checkpoint's state.json) at most 1 MiB, a data file (an output folder's metadata.json, cc101 dataset, jobs
+#: and metrics files) at most 256 MiB, a text file (prompts, captions) at most 16 MiB; every document at most 64
+#: levels deep, and a YAML document at most 100,000 values once its aliases are expanded (so an alias bomb is
+#: refused before anything walks it; JSON has no aliases: its size bounds its values).
 MAX_SETTINGS_BYTES = 1 << 20
-MAX_DATA_BYTES = 64 << 20
+MAX_DATA_BYTES = 256 << 20
 MAX_TEXT_BYTES = 16 << 20
 MAX_DEPTH = 64
 MAX_VALUES = 100_000
@@ -90,18 +91,18 @@ class _BoundedLoader(yaml.SafeLoader):
             self.depth -= 1
 
 
-def _check_size(data: Any) -> Any:
-    """``data``, once its values, counted as if every shared (aliased) part were written out, are at most
-    :data:`MAX_VALUES` and nest at most :data:`MAX_DEPTH` deep; a part that contains itself is refused too.
-    Linear in the document: each shared part is counted once and its count reused."""
+def _check_size(data: Any, max_values: int | None = MAX_VALUES) -> Any:
+    """``data``, once it nests at most :data:`MAX_DEPTH` deep and its values, counted as if every shared (aliased)
+    part were written out, are at most ``max_values`` (``None``: any number); a part that contains itself is
+    refused too. Linear in the document: each shared part is counted once and its count reused."""
     counts: dict[int, int] = {}
     open_parts: set[int] = set()
 
     def count(obj: Any, depth: int) -> int:
         if not isinstance(obj, dict | list | tuple | set | frozenset):
             return 1
-        if depth > MAX_DEPTH:
-            raise _TooBig(f"nests deeper than {MAX_DEPTH} levels (aliases expanded)")
+        if depth >= MAX_DEPTH:  # depth 0 is the first level
+            raise _TooBig(f"nests deeper than {MAX_DEPTH} levels")
         key = id(obj)
         if key in counts:
             return counts[key]
@@ -112,8 +113,8 @@ def _check_size(data: Any) -> Any:
         total = 1
         for item in items:
             total += count(item, depth + 1)
-            if total > MAX_VALUES:
-                raise _TooBig(f"holds more than {MAX_VALUES:,} values (aliases expanded)")
+            if max_values is not None and total > max_values:
+                raise _TooBig(f"holds more than {max_values:,} values (aliases expanded)")
         open_parts.discard(key)
         counts[key] = total
         return total
@@ -137,10 +138,9 @@ def parse_yaml(text: str, what: str) -> Any:
 
 
 def parse_json(text: str, what: str) -> Any:
-    """``text`` read as JSON within :data:`MAX_DEPTH` and :data:`MAX_VALUES`; every failure is one line naming
-    ``what``."""
+    """``text`` read as JSON, at most :data:`MAX_DEPTH` deep; every failure is one line naming ``what``."""
     try:
-        return _check_size(json.loads(text))
+        return _check_size(json.loads(text), max_values=None)
     except _TooBig as err:
         raise LatexBlendError(f"{what} is refused: it {err}") from None
     except RecursionError:
