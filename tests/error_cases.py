@@ -752,20 +752,42 @@ KINDS = {
 
 #: Behaviours that are not one error line, tested where they live.
 BEHAVIOURS = [
+    ("limits", "YAML aliases are counted expanded, JSON by size and depth, pipes and folders refused",
+     "tests/test_fileio.py::test_documents_are_read_within_limits"),
+    ("bounds", "the toy drawing scripts bound their counts", "tests/test_synthetic.py::test_drawing_scripts_bound_"
+     "their_counts"),
+    ("bounds", "memory stays flat over guided calls",
+     "tests/test_guidance.py::test_memory_is_flat_over_many_guided_calls"),
+    ("locks", "a lock records host and start time; a reused pid is not a live run; another host's lock is kept",
+     "tests/test_fileio.py::test_a_lock_records_host_and_start_and_a_reused_pid_is_not_a_live_run"),
+    ("checked before work", "a bank that fails to be written keeps the weights and says how to finish "
+     "(`extract --run`)", "tests/test_train.py::test_a_bank_that_fails_to_be_written_keeps_the_weights_and_says_"
+     "how_to_finish"),
+    ("silent", "bank rows over 100 times the model's own are refused by verify and every Blender",
+     "tests/test_generate.py::test_bank_rows_far_larger_than_the_models_own_are_refused"),
+    ("silent", "an image holding NaN is an error and the folder is not marked finished",
+     "tests/test_generate.py::test_an_image_holding_nan_is_an_error_and_the_folder_is_not_finished"),
+    ("silent", "an interrupted generation is continued only with the same settings",
+     "tests/test_generate.py::test_an_interrupted_generation_is_continued_only_with_the_same_settings"),
+    ("silent", "two concept files of one name are an error in a farm, not a skip",
+     "tests/test_farm.py::test_two_concept_files_of_one_name_are_an_error_not_a_skip"),
+    ("silent", "an unmatched placeholder is an error", "tests/test_tokens.py::test_an_unmatched_placeholder_is_an_"
+     "error"),
     ("silent", "a 16-bit PNG is scaled, not read as white",
      "tests/test_train.py::test_deep_greyscale_images_are_scaled_not_clipped_to_white"),
     ("silent", "a run stopped before its first checkpoint starts again, the newest `--keep-checkpoints` are kept, "
                "identical runs write identical files",
      "tests/test_train.py::test_a_run_stopped_before_its_first_checkpoint_starts_again_and_identical_runs_give_"
      "identical_files, tests/test_fileio.py, tests/test_bank.py"),
-    ("bounds", "memory stays flat over guided calls",
-     "tests/test_guidance.py::test_memory_is_flat_over_many_guided_calls"),
+    ("no traceback", "one bank with a malformed metadata field is listed as unreadable by `bank ls`; inspect and "
+     "verify refuse it in one line", "tests/test_bank.py::test_one_bad_file_does_not_break_bank_ls"),
     ("clear message", "the README's commands refer to things that exist", "tests/test_docs.py"),
 ]
 
 
 def render(cases: list[Case] = CASES) -> str:
     """``docs/ERRORS.md``: one row per case, grouped by kind (in :data:`KINDS` order)."""
+    order = list(KINDS)
     lines = [
         "# Bad input: one line, exit 2",
         "",
@@ -778,13 +800,13 @@ def render(cases: list[Case] = CASES) -> str:
         "",
         "Behaviours rather than messages are tested where they live:",
         "",
-        *(f"- {kind}: {text} (`{where}`)" for kind, text, where in BEHAVIOURS),
+        *(f"- {kind}: {text} (`{where}`)" for kind, text, where in sorted(BEHAVIOURS, key=lambda b: order.index(
+            b[0]))),
         "",
         "| kind | bad input | message | exit |",
         "| --- | --- | --- | --- |",
     ]
-    order = list(KINDS)
-    for case in sorted(cases, key=lambda c: order.index(c.kind)):
+    for case in sorted(cases, key=lambda c: order.index(c.kind)):  # stable: a kind's cases in list order
         message = case.message.replace("|", "\\|")
         code = f"`` {message} ``" if "`" in message else f"`{message}`"
         lines.append(f"| {case.kind} | {case.bad_input.replace('|', chr(92) + '|')} | {code} | {case.code} |")

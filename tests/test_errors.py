@@ -48,3 +48,11 @@ def test_case_ids_are_unique_and_every_kind_has_cases():
     assert len(ids) == len(set(ids))
     assert {c.kind for c in CASES} == set(KINDS)
     assert {kind for kind, _, _ in BEHAVIOURS} <= set(KINDS)
+
+
+def test_every_behaviour_the_document_names_is_a_test():
+    for _, _, where in BEHAVIOURS:
+        for ref in where.split(", "):
+            path, _, name = ref.partition("::")
+            text = (ROOT / path).read_text(encoding="utf-8")
+            assert not name or f"def {name}(" in text, ref
