@@ -222,6 +222,15 @@ def locked_out(tmp: Path, **record) -> list[str]:
     return _generate(tmp)
 
 
+def no_model(patch) -> None:
+    """Loading a model fails the test: the case must be refused before any model loads."""
+    def refuse(*args, **kwargs):
+        raise RuntimeError("a model was loaded before the input was checked")
+
+    for module in ("latexblend.blend.generate", "latexblend.train.setup"):
+        patch.setattr(f"{module}.load_pipeline", refuse)
+
+
 def _prior(tmp: Path, *extra: str) -> list[str]:
     return ["prior", "--class-noun", "dog", "--num", "1", "--out", str(tmp / "prior"), *extra]
 
@@ -471,7 +480,7 @@ _SILENT_CASES = [
          "kv.safetensors, … for 'tiny'): a bank made now would not fit the model; set 'model' in "
          "{tmp}/runs/rex/config.yaml to the model it was trained on", absent=("banks",)),
     Case("farm-name-clash", "silent", "a farm of two concept files with the same `name` (used to skip the second)",
-         lambda t, p: farm_clash(t),
+         lambda t, p: no_model(p) or farm_clash(t),
          "error: concept files rex2.yaml and rex.yaml in {tmp}/concepts all name their concept 'rex' (one run folder "
          "and bank): give each its own name", absent=("runs", "banks")),
     Case("bank-rows-1e30-verify", "silent", "`bank verify` of a bank whose rows were multiplied by 1e30",
@@ -636,8 +645,8 @@ _BOUND_CASES = [
          lambda t, p: _generate(t, "--num-images", "1000000000"),
          "error: num_images must be in [1, 10000], got 1000000000", absent=("out",)),
     Case("generate-images-in-all", "bounds", "`generate` of 20 prompts x 10,000 images",
-         lambda t, p: ["generate", *[a for i in range(20) for a in ("-p", f"a dog {i}")], "--num-images", "10000",
-                       "--out", str(t / "out")],
+         lambda t, p: no_model(p) or ["generate", *[a for i in range(20) for a in ("-p", f"a dog {i}")],
+                                      "--num-images", "10000", "--out", str(t / "out")],
          "error: 20 prompts x 10,000 images is over 100,000 images in one run; split the prompts over several runs",
          absent=("out",)),
     Case("prior-num-huge", "bounds", "`prior --num 1000000000`", lambda t, p: _prior(t)[:3] + [
@@ -670,7 +679,7 @@ _BOUND_CASES = [
     Case("train-adam-eps-0", "bounds", "`train --set adam_eps=0`", lambda t, p: train_flags(t, "--set", "adam_eps=0"),
          "error: adam_eps must be in (0, 1], got 0.0", absent=("runs", "banks")),
     Case("train-steps-huge", "bounds", "`train --steps 10000000000`",
-         lambda t, p: train_flags(t, "--steps", "10000000000"),
+         lambda t, p: no_model(p) or train_flags(t, "--steps", "10000000000"),
          "error: steps must be in [1, 1000000], got 10000000000", absent=("runs", "banks")),
     Case("train-resolution-huge", "bounds", "`train --resolution 1000000`",
          lambda t, p: train_flags(t, "--resolution", "1000000"),
@@ -684,12 +693,12 @@ _BOUND_CASES = [
 
 _EARLY_CASES = [
     Case("train-bank-dtype", "checked before work", "`train --set bank_dtype=int8` (used to be refused after training)",
-         lambda t, p: train_flags(t, "--set", "bank_dtype=int8"),
+         lambda t, p: no_model(p) or train_flags(t, "--set", "bank_dtype=int8"),
          "error: bank_dtype must be one of auto, fp32, fp16, bf16, float32, float16, bfloat16, got 'int8'",
          absent=("runs", "banks")),
     Case("train-extract-prompt-field", "checked before work",
          "`train --set \"extract_prompt='a {token} {noun} {x}'\"` (used to be refused after training)",
-         lambda t, p: train_flags(t, "--set", "extract_prompt='a {token} {noun} {x}'"),
+         lambda t, p: no_model(p) or train_flags(t, "--set", "extract_prompt='a {token} {noun} {x}'"),
          "error: extract_prompt 'a {token} {noun} {x}' may hold only the fields {token} and {noun} (write {{ and }} "
          "for braces): KeyError 'x'", absent=("runs", "banks")),
     Case("train-bank-dir-file", "checked before work", "`train --bank-dir FILE` (used to be refused after training)",
@@ -721,10 +730,10 @@ _EARLY_CASES = [
          "error: prior folder {tmp}/f/sub is not a folder ({tmp}/f is a file); choose another"),
     Case("generate-scheduler-bogus", "checked before work",
          "`generate --scheduler bogus` (used to load the model first)",
-         lambda t, p: _generate(t, "--scheduler", "bogus"),
+         lambda t, p: no_model(p) or _generate(t, "--scheduler", "bogus"),
          "error: unknown scheduler 'bogus'; choose default, euler, euler_a, ddim, dpmpp_2m, unipc", absent=("out",)),
     Case("generate-dtype-bogus", "checked before work", "`generate --dtype fp8`",
-         lambda t, p: _generate(t, "--dtype", "fp8"),
+         lambda t, p: no_model(p) or _generate(t, "--dtype", "fp8"),
          "error: unknown dtype 'fp8'; choose one of auto, fp32, fp16, bf16", absent=("out",)),
 ]
 
