@@ -628,7 +628,41 @@ _LIMIT_CASES = [
          "error: benchmark file {tmp}/dataset.json is refused: it nests deeper than 64 levels", absent=("jobs.json",)),
 ]
 
+def many_images(tmp: Path, n: int) -> Path:
+    from PIL import Image
+
+    (tmp / "many").mkdir()
+    for i in range(n):
+        Image.new("RGB", (8, 8)).save(tmp / "many" / f"{i:05d}.png")
+    return tmp / "many"
+
+
+def samples_with(tmp: Path, **entry) -> Path:
+    """An output folder whose metadata.json lists one image entry with ``entry``'s fields."""
+    (tmp / "s").mkdir()
+    meta = {"format": "latexblend-samples", "images": [{"file": "a.png", "prompt": "a dog", **entry}]}
+    (tmp / "s" / "metadata.json").write_text(json.dumps(meta))
+    return tmp / "s"
+
+
 _BANK_METADATA_CASES = [
+    Case("train-too-many-images", "bounds", "`train --images DIR` of 1,001 images (all are kept in memory)",
+         lambda t, p: no_model(p) or train_flags(t)[:1] + ["--images", str(many_images(t, 1001))] + train_flags(t)[3:],
+         "error: instance image folder {tmp}/many holds 1,001 images; at most 1,000 are accepted",
+         absent=("runs", "banks")),
+    Case("samples-prompt-index-word", "no traceback", "`evaluate` of a metadata.json whose `prompt_index` is \"x\"",
+         lambda t, p: ["evaluate", "--samples", str(samples_with(t, prompt_index="x"))],
+         "error: {tmp}/s/metadata.json: image a.png: prompt_index and seed must be whole numbers"),
+    Case("samples-concepts-string", "silent", "`evaluate` of a metadata.json whose `concepts` is a string (used to be "
+         "read letter by letter)",
+         lambda t, p: ["evaluate", "--samples", str(samples_with(t, concepts="corgi"))],
+         "error: {tmp}/s/metadata.json: image a.png: 'concepts' must be a list of names"),
+    Case("cc101-job-reference-number", "no traceback", "a cc101 jobs file whose reference folder is a number",
+         lambda t, p: (t / "jobs.json").write_text(json.dumps([{
+             "name": "cat", "concepts": ["cat"], "prompts": ["a <cat>"], "references": {"cat": 5},
+             "out": str(t / "samples" / "cat")}])) and ["cc101", "run", "--jobs", str(t / "jobs.json")],
+         "error: {tmp}/jobs.json: job 0 needs a string name and out, lists of strings concepts and prompts, and a "
+         "references mapping of names to folders", absent=("samples",)),
     Case("bank-fingerprint-word", "no traceback", "a bank with `base_fingerprint_norms: abc` (`bank inspect`)",
          lambda t, p: ["bank", "inspect", str(write_bank(t / "corgi.safetensors", base_fingerprint_norms="abc"))],
          "error: {tmp}/corgi.safetensors: bank metadata base_fingerprint_norms is not valid JSON: Expecting value: "

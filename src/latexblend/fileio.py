@@ -301,13 +301,13 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
 
 
-def list_images(folder: str | Path, what: str = "image", strict: bool = True) -> list[Path]:
+def list_images(folder: str | Path, what: str = "image", strict: bool = True, limit: int | None = None) -> list[Path]:
     """The image files of ``folder`` (by suffix, hidden files left out) in sorted order.
 
-    Refused with one line: a missing folder, a folder without images. ``strict`` (training data): also
-    an image that does not decode and a file that is not an image (other than the caption/list files in
-    :data:`SIDE_FILES`). Not strict (evaluation references): other files are ignored and images are not
-    opened, so that the caller can report or skip each unreadable one.
+    Refused with one line: a missing folder, a folder without images, more than ``limit`` images (before any is
+    opened). ``strict`` (training data): also an image that does not decode and a file that is not an image
+    (other than the caption/list files in :data:`SIDE_FILES`). Not strict (evaluation references): other files
+    are ignored and images are not opened, so that the caller can report or skip each unreadable one.
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
@@ -316,6 +316,9 @@ def list_images(folder: str | Path, what: str = "image", strict: bool = True) ->
         raise LatexBlendError(f"{what} folder {folder} does not exist")
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    if limit is not None and len(images) > limit:  # before any is opened
+        raise LatexBlendError(f"{what} folder {folder} holds {len(images):,} images; at most {limit:,} are "
+                              "accepted")
     for path in files if strict else ():
         if path.suffix.lower() in IMAGE_SUFFIXES:
             open_image(path)

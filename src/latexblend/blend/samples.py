@@ -234,15 +234,19 @@ def _inside(folder: Path, relative: str) -> Path:
 def _sample_image(folder: Path, entry: Any, concepts: Mapping[str, dict]) -> SampleImage:
     if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) or "prompt" not in entry:
         raise LatexBlendError(f"{folder}/metadata.json: an image entry lacks 'file' or 'prompt': {shown(entry, 80)}")
-    names = list(entry.get("concepts") or [])
+    names, index, seed = entry.get("concepts") or [], entry.get("prompt_index", 0), entry.get("seed")
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise LatexBlendError(f"{folder}/metadata.json: image {entry['file']}: 'concepts' must be a list of names")
+    if type(index) is not int or index < 0 or not (seed is None or type(seed) is int):
+        raise LatexBlendError(f"{folder}/metadata.json: image {entry['file']}: prompt_index and seed must be whole "
+                              "numbers")
     unknown = [n for n in names if n not in concepts]
     if unknown:
         raise LatexBlendError(f"{folder}/metadata.json: image {entry['file']} uses concepts {unknown} "
                               "that are not in its 'concepts' section")
     return SampleImage(file=entry["file"], path=_inside(folder, entry["file"]),
-                       prompt_index=int(entry.get("prompt_index", 0)), prompt=str(entry["prompt"]),
-                       expanded_prompt=str(entry.get("expanded_prompt") or entry["prompt"]), concepts=names,
-                       seed=entry.get("seed"))
+                       prompt_index=index, prompt=str(entry["prompt"]),
+                       expanded_prompt=str(entry.get("expanded_prompt") or entry["prompt"]), concepts=names, seed=seed)
 
 
 def read_samples(folder: str | Path) -> Samples:

@@ -195,10 +195,11 @@ def read_jobs(path: str | Path) -> list[dict]:
     for i, job in enumerate(jobs):
         lists = all(isinstance(job[k], list) and all(isinstance(x, str) for x in job[k])
                     for k in ("concepts", "prompts"))
-        if not (isinstance(job["name"], str) and isinstance(job["out"], str) and lists
-                and isinstance(job["references"], dict)):
+        refs = job["references"]
+        if not (isinstance(job["name"], str) and isinstance(job["out"], str) and lists and isinstance(refs, dict)
+                and all(isinstance(k, str) and isinstance(v, str) for k, v in refs.items())):
             raise LatexBlendError(f"{path}: job {i} needs a string name and out, lists of strings concepts and "
-                                  "prompts, and a references mapping")
+                                  "prompts, and a references mapping of names to folders")
         for part in job["name"].split("+"):  # the name becomes a file name (<name>.prompts.txt)
             safe_name(part, f"{path}: job {i} name part")
     return jobs

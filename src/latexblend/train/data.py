@@ -21,6 +21,11 @@ from latexblend.fileio import atomic_path, list_images, open_image, write_text_a
 from latexblend.settings import check_range, check_seed, read_text, safe_name
 from latexblend.train.options import SHRINK
 
+#: At most this many prior images per class (the paper uses 200), and instance images per concept (they are all
+#: kept in memory while training; Custom Diffusion uses 3-20).
+MAX_PRIOR = 100_000
+MAX_INSTANCE_IMAGES = 1_000
+
 #: The replace/instance template pool (METHOD section 2, step 1). Drawn independently per flow.
 TEMPLATES = ("{}", "a {}", "photo of {}", "a photo of {}", "a photo of a {}", "a fancy photo of a {}",
              "A close-up, detailed photo of {}")
@@ -48,6 +53,8 @@ def load_prior(folder: str | Path, class_noun: str, captions: str | Path | None 
     listing = folder / "images.txt"
     if listing.is_file():
         paths = [p if p.is_absolute() else folder / p for p in map(Path, _read_lines(listing, "prior image list"))]
+        if len(paths) > MAX_PRIOR:
+            raise LatexBlendError(f"{listing} lists {len(paths):,} images; at most {MAX_PRIOR:,} are accepted")
         for p in paths:
             if not p.is_file():
                 raise LatexBlendError(f"{listing} lists {p}, which does not exist")
@@ -56,7 +63,7 @@ def load_prior(folder: str | Path, class_noun: str, captions: str | Path | None 
             raise LatexBlendError(f"{listing} lists no images")
         captions = captions or folder / "caption.txt"
     else:
-        paths = list_images(folder, "prior")
+        paths = list_images(folder, "prior", limit=MAX_PRIOR)
         captions = captions or folder / "captions.txt"
     texts = [class_noun] * len(paths)
     if Path(captions).exists():
@@ -169,8 +176,6 @@ def prior_complete(out: str | Path, num: int) -> bool:
     return not prior_missing(out, num) and (Path(out) / "captions.txt").is_file()
 
 
-#: At most this many prior images per class (the paper uses 200).
-MAX_PRIOR = 100_000
 
 
 _PRIOR_FILES = re.compile(r"\d{5,}\.png|captions\.txt|\..+\.tmp")
