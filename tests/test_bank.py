@@ -66,14 +66,21 @@ def test_one_bad_file_does_not_break_bank_ls(tiny_pipe, tmp_path):
     from safetensors.torch import load_file, save_file
 
     good = save_bank(random_bank(tiny_pipe.unet), tmp_path / "corgi.safetensors")
-    for key, value in (("format_version", "x"), ("noun_token_ids", "5"), ("training", "[1]"), ("name", "../up")):
+    bad = (("format_version", "x"), ("noun_token_ids", "5"), ("training", "[1]"), ("name", "../up"),
+           ("base_fingerprint_norms", "abc"), ("base_fingerprint_norms", "[1, -2]"),
+           ("training", '{"a": ' * 10_000 + "1" + "}" * 10_000))
+    for i, (key, value) in enumerate(bad):
         meta = {**load_bank(good).metadata(), key: value}
-        save_file(load_file(str(good)), str(tmp_path / f"bad_{key}.safetensors"), metadata=meta)
+        save_file(load_file(str(good)), str(tmp_path / f"bad{i}_{key}.safetensors"), metadata=meta)
     result = cli("bank", "ls", "--dir", tmp_path)
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert len(lines) == 6 and lines[5].startswith("corgi ") and "Traceback" not in result.output
-    assert all(line.startswith("bad_") and "unreadable" in line for line in lines[1:5])
+    assert len(lines) == 2 + len(bad) and lines[-1].startswith("corgi ") and "Traceback" not in result.output
+    assert all(line.startswith("bad") and "unreadable" in line for line in lines[1:-1])
+    for i in range(len(bad)):  # and every command that reads the bank says so in one line
+        for args in (("bank", "inspect"), ("bank", "verify")):
+            result = cli(*args, next(tmp_path.glob(f"bad{i}_*")))
+            assert result.exit_code == 2 and "Traceback" not in result.output, result.output
 
 
 def test_verify_refuses_other_model(tiny_pipe):

@@ -10,7 +10,7 @@ import pytest
 from benchmarks.cli import app as benchmarks_app
 from typer.testing import CliRunner
 
-from error_cases import CASES, render
+from error_cases import BEHAVIOURS, CASES, KINDS, render
 from latexblend.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +43,16 @@ def test_errors_doc_is_current():
         "docs/ERRORS.md is out of date: run `python scripts/errors_doc.py`"
 
 
-def test_case_ids_are_unique_and_every_item_has_cases():
+def test_case_ids_are_unique_and_every_kind_has_cases():
     ids = [c.id for c in CASES]
     assert len(ids) == len(set(ids))
-    assert {c.item for c in CASES} == {1, 2, 3, 4, 5, 6, 8}
+    assert {c.kind for c in CASES} == set(KINDS)
+    assert {kind for kind, _, _ in BEHAVIOURS} <= set(KINDS)
+
+
+def test_every_behaviour_the_document_names_is_a_test():
+    for _, _, where in BEHAVIOURS:
+        for ref in where.split(", "):
+            path, _, name = ref.partition("::")
+            text = (ROOT / path).read_text(encoding="utf-8")
+            assert not name or f"def {name}(" in text, ref

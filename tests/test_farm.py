@@ -56,6 +56,30 @@ def test_complete_bank_is_skipped_and_a_broken_one_retrained(farm, tiny_pipe):
     assert trained == ["mug"]
 
 
+def test_two_concept_files_of_one_name_are_an_error_not_a_skip(farm, tiny_pipe, tmp_path):
+    """A SLURM array must not report success for a concept that was never trained: the second of two files
+    naming their concept 'corgi' used to print 'skip: already has a complete bank' and exit 0."""
+    concepts, trained, banks = farm
+    (tmp_path / "cat").mkdir()
+    (concepts / "zz-other.yaml").write_text(f"name: corgi\nimages: {tmp_path / 'cat'}\nclass_noun: cat\n")
+    for index in (0, 3):  # corgi.yaml and zz-other.yaml, in either order
+        r = train(concepts, banks, "--index", index)
+        assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
+        assert "corgi.yaml and zz-other.yaml" in r.output or "zz-other.yaml and corgi.yaml" in r.output
+        assert "all name their concept 'corgi'" in r.output
+    assert trained == []
+    (concepts / "zz-other.yaml").unlink()  # a bank of the same name from other data (another folder's farm)
+    bank = random_bank(tiny_pipe.unet, name="corgi", noun="cat", noun_ids=(2368,))
+    bank.training = {"images": str(tmp_path / "cat")}
+    save_bank(bank, banks / "corgi.safetensors")
+    r = train(concepts, banks, "--index", 0)
+    assert r.exit_code == 2 and "two concepts share the name 'corgi'" in r.output and trained == [], r.output
+    bank.class_noun, bank.noun_ids, bank.training = "dog", [1929], {"images": str(tmp_path / "corgi")}
+    save_bank(bank, banks / "corgi.safetensors")
+    r = train(concepts, banks, "--index", 0)
+    assert r.exit_code == 0 and "skip: concept 0 'corgi' already has a complete bank" in r.output, r.output
+
+
 @pytest.mark.parametrize("args, message", [
     (["--index", "3"], "out of range"),
     (["--index", "-1"], "out of range"),

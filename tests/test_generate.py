@@ -9,14 +9,14 @@ from typer.testing import CliRunner
 import latexblend
 from conftest import random_bank
 from latexblend.attention import project_kv
-from latexblend.bank.format import ConceptBank, save_bank
+from latexblend.bank.format import ConceptBank, save_bank, verify_bank
 from latexblend.blend.blender import apply
 from latexblend.blend.generate import generate
 from latexblend.blend.options import GenerateConfig
 from latexblend.blend.processor import BlendProcessor
 from latexblend.cli import app
 from latexblend.errors import LatexBlendError
-from latexblend.models import attn2_modules, build_tiny_pipeline, fingerprint
+from latexblend.models import attn2_modules, build_tiny_pipeline, fingerprint, load_pipeline
 from latexblend.tokens import locate_spans, token_ids
 
 runner = CliRunner()
@@ -229,6 +229,60 @@ def test_generate_writes_images_metadata_and_grid(tiny_pipe, banks_dir, tmp_path
     assert np.array_equal(first, np.asarray(Image.open(again / meta["images"][0]["file"])))  # same seed, same image
 
 
+@pytest.mark.parametrize("factor, ok", [(1.0, True), (20.0, True), (1e5, False), (1e30, False)])
+def test_bank_rows_far_larger_than_the_models_own_are_refused(tiny_pipe, factor, ok):
+    """Random rows are about 3x the model's own rows of 'a dog'; over 100x is refused, also in fp32 where 1e30
+    would still be finite, by verify_bank given the text side and by every Blender."""
+    bank = bank_for(tiny_pipe, "corgi", "dog", seed=0)
+    bank.k = {n: t * factor for n, t in bank.k.items()}
+    text_side = ([tiny_pipe.tokenizer, tiny_pipe.tokenizer_2], [tiny_pipe.text_encoder, tiny_pipe.text_encoder_2])
+    if ok:
+        verify_bank(bank, tiny_pipe.unet, tiny_pipe.tokenizer, text_side=text_side)
+        apply(tiny_pipe, [bank]).remove()
+        return
+    with pytest.raises(LatexBlendError, match=r"its K rows are .* times the norm of this model's own rows of 'a dog'"):
+        verify_bank(bank, tiny_pipe.unet, tiny_pipe.tokenizer, text_side=text_side)
+    with pytest.raises(LatexBlendError, match="at most 100"):
+        apply(tiny_pipe, [bank])
+    assert getattr(tiny_pipe, "_latexblend", None) is None
+    verify_bank(bank, tiny_pipe.unet, tiny_pipe.tokenizer)  # without the text side: shapes and fingerprint only
+
+
+def test_an_image_holding_nan_is_an_error_and_the_folder_is_not_finished(tiny_dir, tmp_path):
+    pipe = load_pipeline(str(tiny_dir), device="cpu", dtype="fp32")
+    pipe.vae.decoder.register_forward_hook(lambda module, args, out: out * float("nan"))
+    cfg = GenerateConfig(prompts=["a dog"], num_images=2, steps=2, out=str(tmp_path / "out"))
+    with pytest.raises(LatexBlendError, match=r"image p000_s0000000.png came out holding NaN or infinite values .* "
+                                              r"the output folder is not marked finished"):
+        generate(cfg, pipe=pipe)
+    assert not (tmp_path / "out" / "metadata.json").exists() and not (tmp_path / "out" / "p000_s0000000.png").exists()
+
+
+def test_an_interrupted_generation_is_continued_only_with_the_same_settings(tiny_pipe, tmp_path, monkeypatch):
+    from latexblend.blend import samples
+
+    save = samples.save_image
+
+    def stop_after_one(out, record, pil, settings):
+        save(out, record, pil, settings)
+        if record["seed"] == 0:
+            raise KeyboardInterrupt
+
+    cfg = GenerateConfig(prompts=["a dog"], num_images=2, steps=2, out=str(tmp_path / "out"))
+    monkeypatch.setattr(samples, "save_image", stop_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        generate(cfg, pipe=tiny_pipe)
+    monkeypatch.undo()
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == [samples.UNFINISHED, "p000_s0000000.png"]
+    other = GenerateConfig(prompts=["a dog"], num_images=2, steps=2, seed=7, out=str(out))
+    with pytest.raises(LatexBlendError, match=r"unfinished generation of other settings \(different seed\)"):
+        generate(other, pipe=tiny_pipe)
+    generate(cfg, pipe=tiny_pipe)  # the same settings: continued and finished
+    assert sorted(p.name for p in out.iterdir()) == ["metadata.json", "p000_grid.png", "p000_s0000000.png",
+                                                     "p000_s0000001.png"]
+
+
 def _cli(*args):
     return runner.invoke(app, ["generate", "--steps", "2", *[str(a) for a in args]])
 
@@ -368,7 +422,7 @@ def test_two_processes_share_the_images_of_one_folder(tiny_dir, banks_dir, tmp_p
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("<corgi> on a beach\na dog at a castle\n# skipped\na photo of a cat\n")
     args = ["generate", "--prompts-file", prompts, "--num-images", "3", "--steps", "2", "--model", tiny_dir,
-            "--dir", banks_dir, "--concepts", "", "--batch-size", "1"]  # batching changes float rounding
+            "--dir", banks_dir, "--batch-size", "1"]  # batching changes float rounding
     r = launch_two([*args, "--out", tmp_path / "two"])
     assert r.returncode == 0, r.stderr[-2000:]
     threads = torch.get_num_threads()

@@ -308,7 +308,7 @@ def test_cli_guidance_rectify_and_save_maps_end_to_end(banks_dir, tmp_path, tiny
 
 @pytest.mark.parametrize("options, message", [
     ({"guidance": {"window": 1.5}}, "guidance_window must be in"),
-    ({"guidance": {"step_size": 0}}, "guidance_step_size must be > 0"),
+    ({"guidance": {"step_size": 0}}, "guidance_step_size must be in"),
     ({"guidance": {"layers": "sideways"}}, "unknown guidance layer set 'sideways'"),
     ({"rectify": {"start": -0.5}}, "rectify_start must be in"),
     ({"rectify": {"clusters": 65}}, "rectify_clusters must be in"),  # the settings' upper bound holds here too
@@ -323,7 +323,7 @@ def test_apply_checks_the_same_bounds_as_the_settings(tiny_pipe, options, messag
 @pytest.mark.parametrize("args, message", [
     (["--guidance-window", "1.5"], "guidance_window must be in"),
     (["--guidance-window", "-0.1"], "guidance_window must be in"),
-    (["--guidance-step-size", "0"], "guidance_step_size must be > 0"),
+    (["--guidance-step-size", "0"], "guidance_step_size must be in"),
     (["--guidance-layers", "sideways"], "unknown guidance layer set 'sideways'"),
     (["--guidance", "--guidance-layers", "up_blocks.7"], "matches no attn2 layer"),
     (["--rectify-start", "2"], "rectify_start must be in"),

@@ -22,3 +22,20 @@ def test_unknown_style_and_cli(tmp_path, capsys):
     main([str(tmp_path / "m"), "--style", "towers", "--num", "2"])
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["0.png", "1.png"]
     assert "drew 2 'towers' images" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("module, args, message", [
+    ("synthetic", ["--num", "1000000000"], "--num must be in [1, 10000], got 1000000000"),
+    ("synthetic", ["--size", "0"], "--size must be in [8, 4096], got 0"),
+    ("synthetic", ["--seed", str(2**70)], "--seed must be in [0, 9223372036854775807]"),
+    ("world", ["--prior", "-1"], "--prior must be in [0, 100000], got -1"),
+    ("world", ["--num", "0"], "--num must be in [1, 10000], got 0"),
+])
+def test_drawing_scripts_bound_their_counts(tmp_path, capsys, module, args, message):
+    from latexblend.toy import world
+
+    entry = main if module == "synthetic" else world.main
+    with pytest.raises(SystemExit) as stop:
+        entry([str(tmp_path / "out"), *args])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

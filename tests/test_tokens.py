@@ -125,3 +125,20 @@ def test_expand_placeholders_marks():
     text, marks = expand_placeholders("x <a> y <b>", {"a": "dog", "b": "guitar amplifier"})
     assert text == "x a dog y a guitar amplifier"
     assert [text[lo:hi] for _, lo, hi in marks] == ["a dog", "a guitar amplifier"]
+
+
+@pytest.mark.parametrize("prompt, names", [
+    ("a <rex> on grass", ["rex"]), ("<a> and <b.2>", ["a", "b.2"]), ("i <3 nyc", []), ("a -> b", []),
+    ("a < b", []), ("photo of <new1> dog", ["new1"]),
+])
+def test_placeholders_are_found(prompt, names):
+    assert placeholder_names(prompt) == names
+
+
+@pytest.mark.parametrize("prompt, where", [
+    ("a <rex on grass", "'<' at '<rex'"), ("a rex> on grass", "'>' at 'rex>'"), ("<rex> and <corgi", "'<' at '<corgi'"),
+    ("a <re x> dog", "'<' at '<re'"),
+])
+def test_an_unmatched_placeholder_is_an_error(prompt, where):
+    with pytest.raises(LatexBlendError, match=f"has an unmatched {where}"):
+        placeholder_names(prompt)

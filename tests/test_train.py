@@ -613,6 +613,34 @@ def test_cli_prior_train_extract(tmp_path, tiny_dir, concept_dir):
     assert r.exit_code == 2 and "--resume latest" in r.output  # an existing run is never clobbered
 
 
+def test_a_bank_that_fails_to_be_written_keeps_the_weights_and_says_how_to_finish(tmp_path, tiny_dir, concept_dir,
+                                                                                  monkeypatch):
+    """The weights of a finished training are kept when its bank cannot be written (a full disk), and every
+    later command points at `extract --run`, which writes the bank from them."""
+    import latexblend.train.loop as loop
+
+    def full_disk(bank, path):
+        raise LatexBlendError(f"cannot write {path}: No space left on device")
+
+    monkeypatch.setattr(loop, "save_bank", full_disk)
+    runs, banks = tmp_path / "runs", tmp_path / "banks"
+    args = ["train", "--images", str(concept_dir), "--class-noun", "dog", "--name", "corgi", "--model", str(tiny_dir),
+            "--no-prior", "--steps", "1", "--runs-dir", str(runs), "--bank-dir", str(banks)]
+    r = runner.invoke(app, args)
+    run = runs / "corgi"
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.output
+    assert f"but could not write its bank: cannot write {banks / 'corgi.safetensors'}: No space left on device; " \
+           f"fix that, then run `latexblend extract --run {run}`" in r.stderr
+    assert (run / "kv.safetensors").is_file() and json.loads((run / "run.json").read_text())["bank"] is None
+    monkeypatch.undo()
+    for extra in ([], ["--resume", "latest"]):
+        r = runner.invoke(app, args + extra)
+        assert r.exit_code == 2 and f"`latexblend extract --run {run}`" in r.output, r.output
+    r = runner.invoke(app, ["extract", "--run", str(run), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert load_bank(banks / "corgi.safetensors").name == "corgi"
+
+
 def test_concept_yaml_and_precedence(tmp_path, concept_dir):
     cdir = tmp_path / "concepts"
     cdir.mkdir()

@@ -88,6 +88,9 @@ def _root(
 def tiny_model(out_dir: Annotated[Path, typer.Argument(help="Folder to write (must not exist or be empty).")],
                seed: int = 0) -> None:
     """Write the embedded tiny SDXL-architecture model as a diffusers folder."""
+    from latexblend.settings import check_seed
+
+    check_seed("--seed", seed, 4, "component")  # UNet, VAE and the text encoders take seed + 0..3
     _quiet_libraries()
     from latexblend.models import save_tiny_model
 
@@ -157,9 +160,10 @@ def bank_verify(name: Annotated[str, typer.Argument(help="Bank name or path.")],
     bank = load_bank(bank_path(name, directory))
     _quiet_libraries()
     from latexblend.models import fingerprint, load_unet_and_tokenizer
+    from latexblend.text import load_text_side
 
     unet, tokenizer = load_unet_and_tokenizer(model)
-    verify_bank(bank, unet, tokenizer)
+    verify_bank(bank, unet, tokenizer, text_side=load_text_side(model))
     typer.echo(f"ok: '{bank.name}' fits {model} ({len(bank.layers)} attn2 layers, fingerprint "
                f"{fingerprint(unet).digest})")
 
@@ -179,19 +183,24 @@ def bank_import(
     """Convert a release bank (torch.save dict of attn2 k/v) into a latexblend bank."""
     from latexblend.bank.format import bank_file, save_bank, verify_bank
     from latexblend.bank.release import import_release_bank
+    from latexblend.fileio import check_output_folder
 
     out = bank_file(name or file.stem, directory)
     name = out.stem
     if out.exists() and not force:
         raise LatexBlendError(f"{out} exists; pass --force to overwrite or --name to choose another name")
+    if out.is_dir():
+        raise LatexBlendError(f"{out} is a folder; choose another --name")
+    check_output_folder(out.parent, "bank folder")
     _quiet_libraries()
     from latexblend.models import fingerprint, load_unet_and_tokenizer, shipped_tokenizer
+    from latexblend.text import load_text_side
 
     unet, tokenizer = load_unet_and_tokenizer(model) if model else (None, shipped_tokenizer())
     fp = fingerprint(unet).to_json() if unet is not None else None
     bank = import_release_bank(file, class_noun, name, tokenizer, base_model=model or "unknown", fingerprint=fp)
     if unet is not None:
-        verify_bank(bank, unet, tokenizer)
+        verify_bank(bank, unet, tokenizer, text_side=load_text_side(model))
     save_bank(bank, out)
     size = _size(out.stat().st_size)
     typer.echo(f"imported {file} -> {out} ({len(bank.layers)} layers, L={bank.num_tokens}, {size})")
@@ -217,8 +226,15 @@ SaveMapsOpt = Annotated[bool | None, typer.Option("--save-maps", help="Write per
 
 
 def _names(text: str | None) -> list[str] | None:
-    """``"a, b,"`` -> ``["a", "b"]`` (``None`` stays ``None``: the option was not given)."""
-    return None if text is None else [c.strip() for c in text.split(",") if c.strip()]
+    """``"a, b,"`` -> ``["a", "b"]`` (``None`` stays ``None``: the option was not given). Given but naming no
+    concept (``""``, an unset shell variable, or ``",,,"``) is an error, not a run without concepts."""
+    if text is None:
+        return None
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    if not names:
+        raise LatexBlendError(f"--concepts '{text[:40]}' names no concept; leave the option out to generate "
+                              "without concepts")
+    return names
 
 
 @app.command("generate")
@@ -283,7 +299,7 @@ app.add_typer(cc101_app, name="cc101")
 ClipOpt = Annotated[str, typer.Option("--clip-model", help="CLIP ViT-B/32: a local folder or hub id.")]
 DinoOpt = Annotated[str, typer.Option("--dino-model", help="DINO ViT-S/16: a local folder or hub id.")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="cuda, cpu, ... [default: cuda if available].")]
-BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, max=4096, help="Images per forward pass (1-4096).")]
 
 
 @app.command("evaluate")
@@ -310,6 +326,7 @@ def evaluate_cmd(
     """CLIP-T (cosine and CLIPScore), CLIP-I and DINO per image and per concept; metrics.json/.csv, report.html."""
     from latexblend.evaluate import metrics as ev
     from latexblend.evaluate import report as outputs
+    from latexblend.fileio import check_output_folder
 
     if detector not in ("clip", "toy"):
         raise LatexBlendError(f"--detector must be 'clip' or 'toy', not '{detector}'")
@@ -320,6 +337,7 @@ def evaluate_cmd(
     parsed = ev.read_samples(samples)  # check the folder and the references before loading any model
     overrides = ev.parse_reference_flags(references or [], sorted(parsed.concepts))
     ev.resolve_references(parsed, overrides)
+    check_output_folder(samples, "samples folder")  # metrics.json goes there: checked before the models load
     _quiet_libraries()
     models = ev.load_models(clip_model, dino_model, device)
     metrics = ev.evaluate_samples(samples, models, overrides, text_policy, skip_bad, batch_size)
@@ -382,8 +400,11 @@ def cc101_run(
         run_jobs,
         write_results,
     )
+    from latexblend.fileio import check_output_folder
 
     jobs = read_jobs(jobs_file)
+    if evaluate:
+        check_output_folder(results or jobs_file.parent, "results folder")  # before any job runs
     evaluator = job_evaluator(clip_model, dino_model, device, batch_size, _quiet_libraries) if evaluate else None
     rows = run_jobs(jobs, command_runner(generate_cmd), evaluator, log=typer.echo)
     if evaluate:
@@ -516,13 +537,22 @@ def prior_cmd(
     device: Annotated[str | None, Opt(help="cpu or cuda [default: cuda if available].")] = None,
 ) -> None:
     """Generate prior-preservation images of a class with the base model (resumable)."""
-    from latexblend.train.data import check_prior_request, generate_prior, prior_complete, prior_dir
+    from latexblend.fileio import check_output_folder
+    from latexblend.train.data import (
+        check_prior_folder,
+        check_prior_request,
+        generate_prior,
+        prior_complete,
+        prior_dir,
+    )
 
-    check_prior_request(class_noun, num, steps, cfg)
+    check_prior_request(class_noun, num, steps, cfg, seed)
     out = out or prior_dir(class_noun)
     if prior_complete(out, num):
         typer.echo(f"{out}: all {num} prior images exist; nothing to do")
         return
+    check_prior_folder(out)  # before the model loads
+    check_output_folder(out, "prior folder")
     _quiet_libraries()
     from latexblend.models import load_pipeline
 

@@ -12,11 +12,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from latexblend.bank.format import bank_complete, bank_file
+from latexblend.bank.format import bank_complete, bank_file, load_bank
 from latexblend.bank.release import settings_file
 from latexblend.blend.options import GenerateConfig
 from latexblend.errors import LatexBlendError
-from latexblend.settings import key_value, load_mapping, merge
+from latexblend.settings import key_value, load_mapping, merge, read_text
 from latexblend.train.options import TrainConfig, recipe
 
 
@@ -26,20 +26,38 @@ def concept_settings(name: str, concepts_dir: str | Path = "configs/concepts") -
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in Path(concepts_dir).glob("*.yaml"))) or "none"
         raise LatexBlendError(f"unknown concept '{name}': no {path} (concepts there: {known})")
-    data = load_mapping(path)
+    data = load_mapping(path, "concept file")
     data.setdefault("name", path.stem)
     return data
 
 
 def farm_concept(concepts_dir: str | Path, index: int) -> str:
-    """The ``index``-th concept (0-based) of ``concepts_dir``, its ``*.yaml`` files in sorted order."""
+    """The ``index``-th concept (0-based) of ``concepts_dir``, its ``*.yaml`` files in sorted order. Refused when
+    another file of the folder gives its concept the same name (both would write one run folder and bank)."""
     names = sorted(p.stem for p in Path(concepts_dir).glob("*.yaml"))
     if not names:
         raise LatexBlendError(f"no concept files (*.yaml) in {concepts_dir}")
     if not 0 <= index < len(names):
         raise LatexBlendError(f"--index {index} is out of range: {concepts_dir} holds {len(names)} concepts "
                               f"(0-{len(names) - 1})")
+    _check_unique_name(Path(concepts_dir), names[index], names)
     return names[index]
+
+
+def _check_unique_name(concepts_dir: Path, stem: str, stems: list[str]) -> None:
+    """No other concept file of the folder names its concept as ``stem``'s does (files that cannot be read are
+    left to their own jobs to report)."""
+    def name_of(other: str) -> object:
+        try:
+            return concept_settings(other, concepts_dir)["name"]
+        except LatexBlendError:
+            return None
+
+    name = name_of(stem)
+    clash = [f"{other}.yaml" for other in stems if other != stem and name is not None and name_of(other) == name]
+    if clash:
+        raise LatexBlendError(f"concept files {stem}.yaml and {', '.join(clash)} in {concepts_dir} all name their "
+                              f"concept '{name}' (one run folder and bank): give each its own name")
 
 
 def farm_index(index: int | None, concept: str | None, images: str | None) -> int | None:
@@ -57,19 +75,26 @@ def farm_index(index: int | None, concept: str | None, images: str | None) -> in
 
 
 def finished_bank(cfg: TrainConfig) -> Path | None:
-    """The concept's bank when it already loads and checks (a farm re-run skips it), else ``None``."""
+    """The concept's bank when it already loads and checks (a farm re-run skips it), else ``None``; refused when
+    that bank was trained from another class noun or other images (a name used twice)."""
     path = bank_file(cfg.name, cfg.bank_dir)
-    return path if bank_complete(path) else None
+    if not bank_complete(path):
+        return None
+    bank = load_bank(path)
+    images = bank.training.get("images")
+    theirs, ours = (bank.class_noun, images), (cfg.class_noun, str(Path(cfg.images).resolve()) if images else None)
+    if theirs != ours:
+        raise LatexBlendError(f"{path} holds a concept '{cfg.name}' of class '{bank.class_noun}' trained on "
+                              f"{images or 'unrecorded images'}, not this one (class '{cfg.class_noun}', "
+                              f"{Path(cfg.images).resolve()}): two concepts share the name '{cfg.name}'; rename one "
+                              "or pass --overwrite")
+    return path
 
 
 def read_prompts(path: str | Path) -> list[str]:
     """The prompts of a prompts file: one per line, blank lines and ``#`` lines skipped."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        reason = "not UTF-8 text" if isinstance(err, UnicodeDecodeError) else err.strerror or err
-        raise LatexBlendError(f"cannot read prompts file {path}: {reason}") from err
+    lines = read_text(path, "prompts file").splitlines()
     prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise LatexBlendError(f"prompts file {path} has no prompts")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -18,10 +19,12 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from latexblend.device import resolve_device
 from latexblend.errors import LatexBlendError
+from latexblend.settings import parse_json, shown
 from latexblend.tokens import BOS_ID, EOS_ID, build_clip_tokenizer
 
 TINY_VERSION = 1
@@ -271,10 +274,20 @@ def load_pipeline(model: str = "tiny", device: str | None = None, dtype: str = "
 
 
 def load_error(model: str, source: str, err: Exception, flag: str = "--model") -> LatexBlendError:
-    """One-line error for a model that failed to load, naming it and how to pass a local folder with ``flag``."""
-    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    """One-line error for a model that failed to load, naming it and what fixes it: a damaged cached built-in
+    model is deleted (it is built again), a local folder saved again, a hub id downloaded and passed as a
+    folder with ``flag``."""
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    spec = REGISTRY.get(model)
+    if spec is not None and spec.builder:
+        return LatexBlendError(f"cannot load model '{model}' from its cache folder {source} ({type(err).__name__}: "
+                               f"{first}): the cached copy is damaged; delete that folder and it is built again on "
+                               "next use")
+    if Path(source).is_dir():
+        return LatexBlendError(f"cannot load model folder {source} ({type(err).__name__}: {first}): it is incomplete "
+                               "or damaged; download or save it again")
     return LatexBlendError(
-        f"cannot load model '{model}' ({type(err).__name__}: {first[:200]}); download it with "
+        f"cannot load model '{model}' ({type(err).__name__}: {first}); download it with "
         f"`hf download {source} --local-dir DIR` on a machine with network and pass {flag} DIR"
     )
 
@@ -339,8 +352,51 @@ class Fingerprint:
         return json.dumps([float(f"{n:.7g}") for n in self.norms])
 
     @classmethod
-    def from_json(cls, text: str) -> Fingerprint:
-        return cls(tuple(float(x) for x in json.loads(text)))
+    def from_json(cls, text: str, what: str = "fingerprint") -> Fingerprint:
+        """The fingerprint :meth:`to_json` wrote; anything else (not a non-empty list of finite numbers >= 0) is
+        one line naming ``what``."""
+        norms = parse_json(text, what)
+        if not (isinstance(norms, list) and norms and all(
+                type(n) in (int, float) and math.isfinite(n) and n >= 0 for n in norms)):
+            raise LatexBlendError(f"{what} must be a JSON list of weight norms (numbers >= 0), got {shown(text)}")
+        return cls(tuple(float(n) for n in norms))
+
+
+def model_fingerprint(model: str, layers: list[str]) -> Fingerprint:
+    """The :class:`Fingerprint` of ``model``'s UNet over the attn2 ``layers`` (in their order), read from the
+    UNet's safetensors file when it is local or cached (only the ``to_k`` tensors), else from the loaded UNet."""
+    norms = _file_norms(resolve_model(model), [f"{layer}.to_k.weight" for layer in layers])
+    if norms is not None:
+        return Fingerprint(norms)
+    unet = load_unet_and_tokenizer(model)[0]
+    modules = attn2_modules(unet)
+    with torch.no_grad():
+        return Fingerprint(tuple(float(modules[layer].to_k.weight.detach().double().norm()) for layer in layers
+                                 if layer in modules))
+
+
+def _file_norms(source: str, keys: list[str]) -> tuple[float, ...] | None:
+    """Norms of ``keys`` in the UNet weights file of ``source`` (a folder or a cached hub id); ``None`` when the
+    file is not at hand, is sharded or lacks a key."""
+    name = "unet/diffusion_pytorch_model.safetensors"
+    path = Path(source) / name
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache  # a dependency of diffusers
+
+            cached = try_to_load_from_cache(source, name)
+        except Exception:  # not a valid repo id
+            return None
+        path = Path(cached) if isinstance(cached, str) else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if not set(keys) <= set(f.keys()):
+                return None
+            return tuple(float(f.get_tensor(key).double().norm()) for key in keys)
+    except Exception:  # unreadable here: loading the UNet gives the clear error
+        return None
 
 
 def fingerprint(unet: UNet2DConditionModel) -> Fingerprint:

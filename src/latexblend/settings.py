@@ -15,6 +15,8 @@ import dataclasses
 import json
 import math
 import re
+import reprlib
+import stat
 import types
 import typing
 from pathlib import Path
@@ -27,16 +29,137 @@ from latexblend.errors import LatexBlendError
 T = TypeVar("T")
 
 
-def load_mapping(path: str | Path) -> dict[str, Any]:
-    """A YAML or JSON file holding one mapping; clear errors for missing or malformed files."""
+#: Limits of every YAML/JSON document and text file the tool reads (:func:`read_text`, :func:`parse_yaml`,
+#: :func:`parse_json`): a settings file (configs, concept YAML, the release inference JSON, a run's config.yaml,
+#: a checkpoint's state.json) at most 1 MiB, a data file (an output folder's metadata.json, cc101 dataset, jobs
+#: and metrics files) at most 256 MiB, a text file (prompts, captions) at most 16 MiB; every document at most 64
+#: levels deep, and a YAML document at most 100,000 values once its aliases are expanded (so an alias bomb is
+#: refused before anything walks it; JSON has no aliases: its size bounds its values).
+MAX_SETTINGS_BYTES = 1 << 20
+MAX_DATA_BYTES = 256 << 20
+MAX_TEXT_BYTES = 16 << 20
+MAX_DEPTH = 64
+MAX_VALUES = 100_000
+
+
+def read_text(path: str | Path, what: str = "file", max_bytes: int = MAX_TEXT_BYTES) -> str:
+    """The UTF-8 text of ``path``, read only when it is a regular file of at most ``max_bytes`` bytes; one line
+    naming ``what`` and the path otherwise (missing, a directory, a device or pipe, too large, not UTF-8)."""
     path = Path(path)
-    if not path.is_file():
-        raise LatexBlendError(f"config file {path} not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        info = path.stat()
+    except FileNotFoundError:
+        raise LatexBlendError(f"{what} {path} not found") from None
+    except OSError as err:
+        raise LatexBlendError(f"cannot read {what} {path}: {err.strerror or err}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise LatexBlendError(f"{what} {path} is a directory, not a file")
+    if not stat.S_ISREG(info.st_mode):
+        raise LatexBlendError(f"{what} {path} is not a regular file (a device, pipe or socket)")
+    if info.st_size > max_bytes:
+        raise LatexBlendError(f"{what} {path} is too large ({info.st_size:,} bytes; at most {max_bytes:,})")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except OSError as err:
+        raise LatexBlendError(f"cannot read {what} {path}: {err.strerror or err}") from None
+    if len(data) > max_bytes:
+        raise LatexBlendError(f"{what} {path} is too large (over {max_bytes:,} bytes)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise LatexBlendError(f"{what} {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+class _TooBig(Exception):
+    """A document over :data:`MAX_DEPTH` or :data:`MAX_VALUES` (turned into one line by the caller)."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing documents nested deeper than :data:`MAX_DEPTH` while it composes them
+    (its composer recurses once per level: a deep document would end in a RecursionError)."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                raise _TooBig(f"nests deeper than {MAX_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def _check_size(data: Any, max_values: int | None = MAX_VALUES) -> Any:
+    """``data``, once it nests at most :data:`MAX_DEPTH` deep and its values, counted as if every shared (aliased)
+    part were written out, are at most ``max_values`` (``None``: any number); a part that contains itself is
+    refused too. Linear in the document: each shared part is counted once and its count reused."""
+    counts: dict[int, int] = {}
+    open_parts: set[int] = set()
+
+    def count(obj: Any, depth: int) -> int:
+        if not isinstance(obj, dict | list | tuple | set | frozenset):
+            return 1
+        if depth >= MAX_DEPTH:  # depth 0 is the first level
+            raise _TooBig(f"nests deeper than {MAX_DEPTH} levels")
+        key = id(obj)
+        if key in counts:
+            return counts[key]
+        if key in open_parts:
+            raise _TooBig("holds a value that contains itself")
+        open_parts.add(key)
+        items = [x for pair in obj.items() for x in pair] if isinstance(obj, dict) else obj
+        total = 1
+        for item in items:
+            total += count(item, depth + 1)
+            if max_values is not None and total > max_values:
+                raise _TooBig(f"holds more than {max_values:,} values (aliases expanded)")
+        open_parts.discard(key)
+        counts[key] = total
+        return total
+
+    count(data, 0)
+    return data
+
+
+def parse_yaml(text: str, what: str) -> Any:
+    """``text`` read as YAML (JSON is YAML too), within :data:`MAX_DEPTH` and :data:`MAX_VALUES`; every failure
+    is one line naming ``what``."""
+    try:
+        return _check_size(yaml.load(text, Loader=_BoundedLoader))  # noqa: S506 - a SafeLoader subclass
+    except _TooBig as err:
+        raise LatexBlendError(f"{what} is refused: it {err}") from None
+    except yaml.YAMLError as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise LatexBlendError(f"{path} is not valid YAML/JSON: {first}") from err
+        raise LatexBlendError(f"{what} is not valid YAML/JSON: {first}") from None
+    except (ValueError, RecursionError) as err:  # e.g. an integer of more digits than Python converts
+        raise LatexBlendError(f"{what} is not valid YAML/JSON: {str(err)[:100] or type(err).__name__}") from None
+
+
+def parse_json(text: str, what: str) -> Any:
+    """``text`` read as JSON, at most :data:`MAX_DEPTH` deep; every failure is one line naming ``what``."""
+    try:
+        return _check_size(json.loads(text), max_values=None)
+    except _TooBig as err:
+        raise LatexBlendError(f"{what} is refused: it {err}") from None
+    except RecursionError:
+        raise LatexBlendError(f"{what} is refused: it nests deeper than {MAX_DEPTH} levels") from None
+    except ValueError as err:  # JSONDecodeError, or an integer of more digits than Python converts
+        raise LatexBlendError(f"{what} is not valid JSON: {str(err)[:100]}") from None
+
+
+def load_data(path: str | Path, what: str, max_bytes: int = MAX_DATA_BYTES, kind: str = "json") -> Any:
+    """The JSON (``kind="json"``) or YAML document in ``path``, read with the limits above."""
+    text = read_text(path, what, max_bytes)
+    return (parse_json if kind == "json" else parse_yaml)(text, f"{what} {path}")
+
+
+def load_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """A YAML or JSON settings file holding one mapping (at most :data:`MAX_SETTINGS_BYTES`); clear errors for
+    missing, special, oversized or malformed files."""
+    path = Path(path)
+    data = parse_yaml(read_text(path, what, MAX_SETTINGS_BYTES), str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -49,11 +172,23 @@ def key_value(item: str, what: str = "--set") -> tuple[str, Any]:
     naming ``what``."""
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
-        raise LatexBlendError(f"{what} takes KEY=VALUE, got '{item}'")
+        raise LatexBlendError(f"{what} takes KEY=VALUE, got '{shown(item)[1:-1]}'")
     try:
-        return key.strip(), yaml.safe_load(value)
-    except yaml.YAMLError as err:
-        raise LatexBlendError(f"{what} {item}: '{value}' is not a valid value ({str(err).splitlines()[0]})") from err
+        return key.strip(), parse_yaml(value, f"{what} {key.strip()}")
+    except LatexBlendError as err:
+        raise LatexBlendError(f"{what} {shown(item)[1:-1]}: {shown(value)} is not a valid value "
+                              f"({str(err).split(': ', 1)[-1]})") from None
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong, _REPR.maxlevel = 60, 60, 40, 3
+
+
+def shown(value: Any, width: int = 60) -> str:
+    """``repr(value)`` for a message, at most ``width`` characters, without building the whole repr of a
+    large value."""
+    text = _REPR.repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def flat_keys(cls: type) -> dict[str, tuple[str, str | None]]:
@@ -169,9 +304,8 @@ def coerce(value: Any, kind: Any, what: str) -> Any:
         if out is not None:
             break
     if out is None:
-        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
         expected = _TYPE_WORDS.get(bases[0], bases[0])
-        raise LatexBlendError(f"{what} = {shown} ({type(value).__name__}): expected {expected}")
+        raise LatexBlendError(f"{what} = {shown(value)} ({type(value).__name__}): expected {expected}")
     if isinstance(out, float) and not math.isfinite(out):
         raise LatexBlendError(f"{what} = {value!r}: expected a finite number")
     return out
@@ -200,11 +334,29 @@ def _convert(value: Any, base: type) -> Any:
     return int(value)
 
 
-def check_range(name: str, value: float, lo: float | None = None, hi: float | None = None) -> None:
-    """``value`` in ``[lo, hi]`` (``None``: unbounded) and finite, else one line naming ``name``."""
-    if not math.isfinite(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
-        bounds = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
-        raise LatexBlendError(f"{name} must be in {bounds}, got {value}")
+def check_range(name: str, value: float, lo: float | None = None, hi: float | None = None,
+                open_lo: bool = False, open_hi: bool = False) -> None:
+    """``value`` in ``[lo, hi]`` (``open_lo`` / ``open_hi``: that end excluded; ``None``: unbounded) and finite,
+    else one line naming ``name``. Integers are compared exactly (a seed of 2**70 is never made a float)."""
+    bad = isinstance(value, float) and not math.isfinite(value)
+    bad = bad or (lo is not None and (value <= lo if open_lo else value < lo))
+    bad = bad or (hi is not None and (value >= hi if open_hi else value > hi))
+    if bad:
+        bounds = f"{'(' if open_lo else '['}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}" \
+                 f"{')' if open_hi else ']'}"
+        raise LatexBlendError(f"{name} must be in {bounds}, got {shown(value)}")
+
+
+#: The largest seed: every seed is a signed 64-bit integer, which every torch generator takes.
+MAX_SEED = 2**63 - 1
+
+
+def check_seed(name: str, seed: int, count: int = 1, what: str = "image") -> None:
+    """``seed`` and the ``count - 1`` seeds after it (``seed + j`` for ``what`` ``j``) in ``[0, MAX_SEED]``."""
+    check_range(name, seed, 0, MAX_SEED)
+    if seed + count - 1 > MAX_SEED:
+        raise LatexBlendError(f"{name} {seed} is too large for {count:,} {what}s ({what} j uses {name} + j): at "
+                              f"most {MAX_SEED - count + 1}")
 
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
@@ -224,7 +376,6 @@ def safe_name(name: object, what: str = "concept name", spaces: bool = False) ->
     text = name if isinstance(name, str) else ""
     if not pattern.fullmatch(text) or len(text) > MAX_NAME or text != text.strip():
         allowed = "letters, digits, spaces, '_', '-' and '.'" if spaces else "letters, digits, '_', '-' and '.'"
-        shown = repr(name) if len(repr(name)) <= 60 else repr(name)[:57] + "..."
-        raise LatexBlendError(f"{what} {shown} is not allowed: use {allowed}, starting with a letter or digit "
+        raise LatexBlendError(f"{what} {shown(name)} is not allowed: use {allowed}, starting with a letter or digit "
                               f"(at most {MAX_NAME} characters)")
     return text

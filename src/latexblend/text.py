@@ -11,10 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from latexblend.errors import LatexBlendError
+from latexblend.fileio import read_safetensors
 from latexblend.models import load_error, resolve_dtype, resolve_model
 from latexblend.tokens import MAX_TOKENS, Span, add_identifier_token, find_sublist, prompt_ids, token_ids
 
@@ -72,11 +72,18 @@ def load_text_side(model: str, device: str = "cpu", dtype: str = "fp32"):
 def set_identifier_rows(tokenizers, encoders, rows_file: Path, token: str, init_token: str) -> int:
     """Add the identifier token and write its learned rows (``tokens.safetensors``) into both embeddings."""
 
-    rows = load_file(str(rows_file))
+    rows = read_safetensors(rows_file, "identifier rows file")[0]
+    missing = [key for key in ENCODERS if key not in rows]
+    if missing:
+        raise LatexBlendError(f"{rows_file} does not hold the identifier rows ({', '.join(missing)} missing): a "
+                              "damaged or foreign file")
     token_id = add_identifier_token(tokenizers, encoders, token, init_token=init_token)
     with torch.no_grad():
         for key, encoder in zip(ENCODERS, encoders, strict=True):
             weight = encoder.get_input_embeddings().weight
+            if tuple(rows[key].shape) != tuple(weight[token_id].shape):
+                raise LatexBlendError(f"{rows_file}: {key} row has shape {tuple(rows[key].shape)}, but this model's "
+                                      f"embeddings are {tuple(weight[token_id].shape)}: a run of another base model?")
             weight[token_id] = rows[key].to(weight.dtype)
     return token_id
 

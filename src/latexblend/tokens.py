@@ -26,6 +26,8 @@ EOS_ID = 49407
 #: CLIP's BPE file holds 48,894 merges after its header line (49152 - 256 - 2).
 _NUM_MERGES = 49152 - 256 - 2
 _PLACEHOLDER = re.compile(r"<([A-Za-z0-9][A-Za-z0-9_.\-]*)>")
+#: What is left of a placeholder after the whole ones are taken out: ``<`` before a letter, or ``>`` after a name.
+_UNMATCHED = re.compile(r"(<)[A-Za-z][A-Za-z0-9_.\-]*|[A-Za-z0-9_.\-]*[A-Za-z0-9](>)")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -199,7 +201,15 @@ def _check_overlap(span: Span, others: Sequence[Span]) -> None:
 
 
 def placeholder_names(prompt: str) -> list[str]:
-    """Names written as ``<name>`` in ``prompt``, in order of appearance (repeats kept)."""
+    """Names written as ``<name>`` in ``prompt``, in order of appearance (repeats kept). A placeholder left
+    open or closed only (``<rex on grass``, ``rex> on grass``: a typo that would otherwise reach the text
+    encoder as text, with no concept blended) is one error line."""
+    rest = _PLACEHOLDER.sub(" ", prompt)
+    typo = _UNMATCHED.search(rest)
+    if typo:
+        shown = prompt if len(prompt) <= 80 else prompt[:77] + "..."
+        raise LatexBlendError(f"prompt '{shown}' has an unmatched '{'<' if typo.group(1) else '>'}' at "
+                              f"'{typo.group(0).strip()}': write a concept as <name>")
     return _PLACEHOLDER.findall(prompt)
 
 

@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from latexblend import __version__
+from latexblend.bank.scale import check_row_scale, reference_norms
 from latexblend.errors import LatexBlendError
-from latexblend.fileio import save_safetensors
+from latexblend.fileio import read_safetensors, save_safetensors
 from latexblend.models import Fingerprint, attn2_shapes, fingerprint
-from latexblend.settings import safe_name
+from latexblend.settings import parse_json, safe_name
 
 FORMAT = "latexblend-bank"
 FORMAT_VERSION = 1
@@ -123,6 +123,8 @@ def checked_file(path: Path) -> Path:
         raise LatexBlendError(f"bank file {path} not found")
     if path.is_dir():
         raise LatexBlendError(f"{path} is a directory; expected a {SUFFIX} bank file")
+    if not path.is_file():
+        raise LatexBlendError(f"{path} is not a regular file (a device, pipe or socket); expected a {SUFFIX} bank file")
     if not os.access(path, os.R_OK):
         raise LatexBlendError(f"bank file {path} is not readable")
     return path
@@ -132,12 +134,7 @@ def load_bank(path: str | Path) -> ConceptBank:
     """Read a bank file, with one clear error for a missing, corrupt, truncated or foreign file."""
 
     path = checked_file(Path(path))
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except Exception as err:
-        raise LatexBlendError(f"{path} is not a readable safetensors file (corrupt or truncated): {err}") from err
+    tensors, meta = read_safetensors(path, "bank file")
     if meta.get("format") != FORMAT:
         raise LatexBlendError(
             f"{path} is not a latexblend concept bank (convert release .pt banks with `latexblend bank import`)"
@@ -155,12 +152,15 @@ def load_bank(path: str | Path) -> ConceptBank:
 def _bank_from(path: Path, meta: dict[str, str], tensors: dict) -> ConceptBank:
     """The :class:`ConceptBank` of a file's metadata and tensors; every field read from the file is checked
     (the name becomes a file name in ``generate --save-maps``)."""
-    try:
-        noun_ids, training = json.loads(meta["noun_token_ids"]), json.loads(meta.get("training") or "{}")
-        name, noun = meta["name"], meta["class_noun"]
-    except (KeyError, ValueError) as err:
-        raise LatexBlendError(f"{path}: bank metadata is incomplete or malformed ({type(err).__name__}: {err})") \
-            from err
+    missing = [key for key in ("name", "class_noun", "noun_token_ids") if key not in meta]
+    if missing:
+        raise LatexBlendError(f"{path}: bank metadata is incomplete ({', '.join(missing)} missing)")
+    name, noun = meta["name"], meta["class_noun"]
+    noun_ids = parse_json(meta["noun_token_ids"], f"{path}: bank metadata noun_token_ids")
+    training = parse_json(meta.get("training") or "{}", f"{path}: bank metadata training")
+    norms = meta.get("base_fingerprint_norms") or None
+    if norms is not None:
+        Fingerprint.from_json(norms, f"{path}: bank metadata base_fingerprint_norms")
     if not (isinstance(noun_ids, list) and noun_ids and all(type(i) is int and i >= 0 for i in noun_ids)):
         raise LatexBlendError(f"{path}: bank metadata noun_token_ids must be a non-empty list of token ids")
     if not isinstance(training, dict):
@@ -173,7 +173,7 @@ def _bank_from(path: Path, meta: dict[str, str], tensors: dict) -> ConceptBank:
         k={key[:-2]: t for key, t in tensors.items() if key.endswith(".k")},
         v={key[:-2]: t for key, t in tensors.items() if key.endswith(".v")},
         extraction_prompt=meta.get("extraction_prompt", ""), base_model=meta.get("base_model", "unknown"),
-        fingerprint=meta.get("base_fingerprint_norms") or None, training=training, source=str(path),
+        fingerprint=norms, training=training, source=str(path),
     )
 
 
@@ -190,8 +190,12 @@ def bank_complete(path: str | Path) -> bool:
 
 
 def bank_dir(directory: str | Path | None = None) -> Path:
-    """The concept-bank folder: ``directory``, else ``$LATEXBLEND_BANK``, else ``./concept_bank``."""
-    return Path(directory or os.environ.get("LATEXBLEND_BANK", "concept_bank"))
+    """The concept-bank folder: ``directory``, else ``$LATEXBLEND_BANK``, else ``./concept_bank``; refused when
+    that path is a file."""
+    path = Path(directory or os.environ.get("LATEXBLEND_BANK", "concept_bank"))
+    if path.exists() and not path.is_dir():
+        raise LatexBlendError(f"bank folder {path} is a file, not a folder")
+    return path
 
 
 def bank_file(name: str, directory: str | Path | None = None) -> Path:
@@ -237,10 +241,12 @@ def list_banks(directory: str | Path | None = None) -> list[tuple[Path, ConceptB
 # --------------------------------------------------------------------------- verification
 
 
-def verify_bank(bank: ConceptBank, unet, tokenizer=None, model_fingerprint=None) -> None:
-    """Refuse a bank that does not fit ``unet`` (layer names, shapes, ``to_k`` fingerprint) or whose
-    noun tokenizes differently under ``tokenizer``. Raises :class:`LatexBlendError`; returns nothing.
-    ``model_fingerprint`` saves recomputing ``fingerprint(unet)`` when verifying several banks."""
+def verify_bank(bank: ConceptBank, unet, tokenizer=None, model_fingerprint=None, text_side=None) -> None:
+    """Refuse a bank that does not fit ``unet`` (layer names, shapes, ``to_k`` fingerprint), whose
+    noun tokenizes differently under ``tokenizer``, or (given the model's ``text_side``, ``(tokenizers,
+    encoders)``) whose rows are far larger than the model's own (:mod:`latexblend.bank.scale`). Raises
+    :class:`LatexBlendError`; returns nothing. ``model_fingerprint`` saves recomputing ``fingerprint(unet)``
+    when verifying several banks."""
 
     shapes = attn2_shapes(unet)
     missing, extra = sorted(set(shapes) - set(bank.k)), sorted(set(bank.k) - set(shapes))
@@ -269,3 +275,6 @@ def verify_bank(bank: ConceptBank, unet, tokenizer=None, model_fingerprint=None)
                 f"bank '{bank.name}': class noun '{bank.class_noun}' tokenizes as {list(ids)} here but "
                 f"{bank.noun_ids} in the bank; this tokenizer does not match the bank's model"
             )
+    if text_side is not None:
+        reference = reference_norms(*text_side, unet, bank.class_noun)
+        check_row_scale(bank.name, bank.k, bank.v, reference, bank.class_noun)

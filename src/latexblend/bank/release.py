@@ -4,7 +4,6 @@ concept banks (``bank import``), read into our settings and bank format.
 
 from __future__ import annotations
 
-import json
 import math
 import pickle
 from pathlib import Path
@@ -13,7 +12,7 @@ import torch
 
 from latexblend.bank.format import ConceptBank, bank_dir, check_name, checked_file, load_bank, validate_bank
 from latexblend.errors import LatexBlendError
-from latexblend.settings import load_mapping
+from latexblend.settings import MAX_SETTINGS_BYTES, load_mapping, parse_json, read_text, shown
 
 
 def settings_file(path: str | Path, directory: str | Path | None = None) -> dict:
@@ -21,19 +20,19 @@ def settings_file(path: str | Path, directory: str | Path | None = None) -> dict
     ``[`` start, the authors' inference JSON (banks looked up in ``directory``)."""
 
     path = Path(path)
-    if path.suffix == ".json" and path.is_file() and path.read_bytes().lstrip().startswith(b"["):
-        return release_config(path, directory)
+    text = read_text(path, "config file", MAX_SETTINGS_BYTES)
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        return release_config(path, directory, text)
     return load_mapping(path)
 
 
-def release_config(path: str | Path, directory: str | Path | None = None) -> dict:
-    """Settings from the authors' ``inference.json`` (its first element), with banks converted by
-    ``latexblend bank import`` (``concept_bank/n_2_dog_1500.pt`` -> ``<bank dir>/n_2_dog_1500.safetensors``)."""
+def release_config(path: str | Path, directory: str | Path | None = None, text: str | None = None) -> dict:
+    """Settings from the authors' ``inference.json`` (its first element; ``text``: the file's text, already
+    read), with banks converted by ``latexblend bank import`` (``concept_bank/n_2_dog_1500.pt`` ->
+    ``<bank dir>/n_2_dog_1500.safetensors``)."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise LatexBlendError(f"cannot read release config {path}: {err}") from err
+    text = read_text(path, "release config", MAX_SETTINGS_BYTES) if text is None else text
+    data = parse_json(text, f"release config {path}")
     entry = data[0] if isinstance(data, list) and data else data
     if not isinstance(entry, dict) or "prompt" not in entry:
         raise LatexBlendError(f"{path}: expected a list whose first element has a 'prompt'")
@@ -81,7 +80,7 @@ def _number(path: Path, entry: dict, key: str, default: int) -> int:
     value = entry.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
             or value != int(value):
-        raise LatexBlendError(f"{path}: {key} must be a whole number, got {value!r:.60}")
+        raise LatexBlendError(f"{path}: {key} must be a whole number, got {shown(value)}")
     return int(value)
 
 

@@ -70,8 +70,9 @@ class Blender:
         attn2_modules(pipe.unet)  # a clear error for a UNet without cross-attention
         device, dtype = pipe.unet.device, pipe.unet.dtype
         model_fp = fingerprint(pipe.unet) if self.banks else None
+        text_side = ([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2])
         for bank in self.banks.values():
-            verify_bank(bank, pipe.unet, pipe.tokenizer, model_fingerprint=model_fp)
+            verify_bank(bank, pipe.unet, pipe.tokenizer, model_fingerprint=model_fp, text_side=text_side)
         rows = {name: ({k: t.to(device, dtype) for k, t in b.k.items()},
                        {k: t.to(device, dtype) for k, t in b.v.items()}) for name, b in self.banks.items()}
         self.state = BlendState(rows=rows, options=options or BlendOptions())

@@ -18,21 +18,13 @@ from accelerate import PartialState
 
 from latexblend.blend import samples
 from latexblend.blend.blender import Blender, load_banks
-from latexblend.blend.options import GenerateConfig
+from latexblend.blend.options import SCHEDULERS, GenerateConfig
 from latexblend.console import Progress
 from latexblend.device import resolve_device
 from latexblend.errors import LatexBlendError
 from latexblend.models import load_pipeline
 from latexblend.settings import flat
-from latexblend.tokens import placeholder_names
-
-SCHEDULERS = {
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "ddim": "DDIMScheduler",
-    "dpmpp_2m": "DPMSolverMultistepScheduler",
-    "unipc": "UniPCMultistepScheduler",
-}
+from latexblend.tokens import MAX_TOKENS, placeholder_names
 
 
 def set_scheduler(pipe, name: str) -> None:
@@ -78,6 +70,7 @@ def run_prompts(pipe, cfg: GenerateConfig, blender: Blender | None, on_image=Non
                     guidance_scale=cfg.cfg, height=cfg.height, width=cfg.width, num_images_per_prompt=len(seeds),
                     generator=gens, output_type="np",
                 ).images
+                _check_finite(arrays, p, seeds)
                 maps = _call_maps(blender, len(seeds))
                 for seed, array, image_maps in zip(seeds, arrays, maps, strict=True):
                     expanded = blender.call.prompts[0] if blender is not None else prompt
@@ -91,6 +84,22 @@ def run_prompts(pipe, cfg: GenerateConfig, blender: Blender | None, on_image=Non
                     records.append(record)
                     bar.update(1)
     return records
+
+
+def _check_negative(tokenizer, text: str) -> None:
+    """The negative prompt fits CLIP's 77 tokens (the pipeline would cut it silently)."""
+    if text and len(tokenizer(text).input_ids) > MAX_TOKENS:
+        raise LatexBlendError(f"negative prompt is {len(tokenizer(text).input_ids)} tokens, over CLIP's limit of "
+                              f"{MAX_TOKENS}: shorten it")
+
+
+def _check_finite(arrays, prompt_index: int, seeds: list[int]) -> None:
+    """Refuse images holding NaN or infinite values (they would be saved as black): nothing is reported as done."""
+    for seed, array in zip(seeds, arrays, strict=True):
+        if not np.isfinite(np.asarray(array, dtype=np.float32)).all():
+            raise LatexBlendError(f"image {samples.image_file(prompt_index, seed)} came out holding NaN or infinite "
+                                  "values (an overflow, e.g. in fp16, or a damaged model or bank); it was not saved "
+                                  "and the output folder is not marked finished; try --dtype fp32 or bf16")
 
 
 def _call_maps(blender: Blender | None, n: int) -> list:
@@ -133,15 +142,20 @@ def generate(cfg: GenerateConfig, pipe=None) -> Path:
 
     start = time.perf_counter()
     procs = Processes()
+    named = {n for p in cfg.prompts for n in placeholder_names(p)}  # a placeholder typo: before any file is read
     banks = load_banks(cfg.concepts, cfg.bank_dir)
-    placeholders = {n for p in cfg.prompts for n in placeholder_names(p)} - set(banks)
-    extra = load_banks(sorted(placeholders), cfg.bank_dir)
+    extra = load_banks(sorted(named - set(banks)), cfg.bank_dir)
     if procs.world > 1 and not cfg.out:
         raise LatexBlendError("give --out when generating with several processes (they share one folder)")
     device = None if pipe is not None else resolve_device(cfg.device or (str(procs.device) if procs.device else None))
-    with samples.claim_out(cfg.out, procs.rank) as out:
+    with samples.claim_out(cfg.out, procs.rank, run_identity(cfg)) as out:
         _generate_into(out, cfg, pipe or _load(cfg, device), procs, {**extra, **banks}, list(banks), start)
     return out
+
+
+def run_identity(cfg: GenerateConfig) -> dict:
+    """The settings that decide a generation's images (an unfinished output folder is continued only by the same)."""
+    return {k: v for k, v in flat(cfg).items() if k not in ("out", "device", "batch_size", "bank_dir", "grid")}
 
 
 def _load(cfg: GenerateConfig, device: str):
@@ -160,6 +174,7 @@ def _generate_into(out: Path, cfg: GenerateConfig, pipe, procs: Processes, banks
     try:
         for prompt in cfg.prompts:  # every process checks every prompt: all fail together, before sampling
             blender.prepare(prompt)
+        _check_negative(pipe.tokenizer, cfg.negative_prompt)
     except LatexBlendError:
         blender.remove()
         raise

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from latexblend.errors import LatexBlendError
-from latexblend.settings import check_range
+from latexblend.settings import check_range, check_seed, shown
 
 #: Guidance layer sets: whole UNet parts by name.
 BLOCKS = {"down": "down_blocks.", "mid": "mid_block.", "up": "up_blocks."}
@@ -49,8 +49,7 @@ class GuidanceOptions:
 
     def __post_init__(self) -> None:
         check_range("guidance_window", self.window, 0, 1)
-        if not self.step_size > 0:
-            raise LatexBlendError(f"guidance_step_size must be > 0, got {self.step_size}")
+        check_range("guidance_step_size", self.step_size, 0, 1e4, open_lo=True)
         check_layer_spec(self.layers)
 
 
@@ -66,6 +65,7 @@ class RectifyOptions:
     def __post_init__(self) -> None:
         check_range("rectify_start", self.start, 0, 1)
         check_range("rectify_clusters", self.clusters, 2, 64)
+        check_seed("rectify seed", self.seed)
 
 
 def check_layer_spec(spec: str) -> None:
@@ -76,6 +76,25 @@ def check_layer_spec(spec: str) -> None:
         if not (item in BLOCKS or item.isdigit() or item.startswith(("down_blocks", "mid_block", "up_blocks"))):
             raise LatexBlendError(f"unknown guidance layer set '{item}': use all, down, mid, up, an inner dim "
                                   "(e.g. 640) or a block prefix (e.g. up_blocks.0)")
+
+
+#: ``--scheduler`` names and the diffusers scheduler class each stands for (``default``: the model's own).
+SCHEDULERS = {
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "ddim": "DDIMScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+DTYPES = ("auto", "fp32", "fp16", "bf16", "float32", "float16", "bfloat16")
+#: Bounds of one run: prompts, images per prompt, images in all (each image is one record of metadata.json),
+#: and the image side in pixels.
+MAX_PROMPTS = 10_000
+MAX_IMAGES_PER_PROMPT = 10_000
+MAX_IMAGES = 100_000
+MAX_SIDE = 4096
+#: Longer prompts cannot fit CLIP's 77 tokens; refused before anything tokenizes them.
+MAX_PROMPT_CHARS = 4096
 
 
 @dataclass
@@ -118,11 +137,25 @@ class GenerateConfig:
     def __post_init__(self) -> None:
         if not self.prompts:
             raise LatexBlendError("no prompt given (use --prompt, --prompts-file or --config)")
-        check_range("num_images", self.num_images, 1)
-        check_range("batch_size", self.batch_size, 1)
+        check_range("number of prompts", len(self.prompts), 1, MAX_PROMPTS)
+        for i, text in enumerate([*self.prompts, self.negative_prompt]):
+            if len(text) > MAX_PROMPT_CHARS:
+                what = "negative prompt" if i == len(self.prompts) else f"prompt {i}"
+                raise LatexBlendError(f"{what} is {len(text):,} characters: CLIP reads at most 77 tokens (at most "
+                                      f"{MAX_PROMPT_CHARS:,} characters are accepted); shorten it")
+        check_range("num_images", self.num_images, 1, MAX_IMAGES_PER_PROMPT)
+        if len(self.prompts) * self.num_images > MAX_IMAGES:
+            raise LatexBlendError(f"{len(self.prompts):,} prompts x {self.num_images:,} images is over {MAX_IMAGES:,} "
+                                  f"images in one run; split the prompts over several runs")
+        check_range("batch_size", self.batch_size, 1, 1024)
+        check_seed("seed", self.seed, self.num_images)
         check_range("steps", self.steps, 1, 1000)
-        check_range("cfg", self.cfg, 0)
+        check_range("cfg", self.cfg, 0, 100)
         for side in ("height", "width"):
             value = getattr(self, side)
-            if value is not None and (value <= 0 or value % 8):
-                raise LatexBlendError(f"{side} must be a positive multiple of 8, got {value}")
+            if value is not None and (value % 8 or not 8 <= value <= MAX_SIDE):
+                raise LatexBlendError(f"{side} must be a multiple of 8 in [8, {MAX_SIDE}], got {value}")
+        if self.scheduler not in ("default", *SCHEDULERS):
+            raise LatexBlendError(f"unknown scheduler {shown(self.scheduler)}; choose default, {', '.join(SCHEDULERS)}")
+        if self.dtype not in DTYPES:
+            raise LatexBlendError(f"unknown dtype {shown(self.dtype)}; choose one of auto, fp32, fp16, bf16")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,8 +25,8 @@ from PIL.PngImagePlugin import PngInfo
 
 from latexblend import __version__
 from latexblend.errors import LatexBlendError
-from latexblend.fileio import atomic_path, claim_folder, write_text_atomic
-from latexblend.settings import safe_name
+from latexblend.fileio import LOCK_FILE, atomic_path, claim_folder, write_text_atomic
+from latexblend.settings import MAX_SETTINGS_BYTES, load_data, safe_name, shown
 
 FORMAT = "latexblend-samples"
 FORMAT_VERSION = 1
@@ -39,16 +40,26 @@ def metadata_path(folder: str | Path) -> Path:
 # --------------------------------------------------------------------------- writing
 
 
+#: Written into an output folder while a generation fills it (removed once metadata.json is written): the
+#: settings of that generation, so that a re-run continues only the same one.
+UNFINISHED = ".latexblend-unfinished.json"
+#: Every name a generation writes into its folder (images, maps, grids, records, its lock, temporary files).
+_OURS = re.compile(r"p\d{3,}_s\d{7,}(_map_[A-Za-z0-9_.\-]+)?\.png|p\d{3,}_grid\.png|\.records-\d+\.json|"
+                   r"\.write-test-\d+|\..+\.tmp|" + re.escape(LOCK_FILE) + "|" + re.escape(UNFINISHED))
+
+
 @contextlib.contextmanager
-def claim_out(out: str | Path | None, rank: int = 0) -> Iterator[Path]:
-    """Create (or accept an existing) output folder and hold it while the block runs; files of an earlier
-    run that did not finish (no metadata.json) are written over. Refuse a folder that already holds a
-    finished run or that another run is writing (the main process keeps a lock file with its pid there:
-    :func:`~latexblend.fileio.claim_folder`). A folder created here is removed again when the block
-    fails while it is still empty. Every process checks the same things, so all of them stop on a bad folder."""
+def claim_out(out: str | Path | None, rank: int = 0, settings: dict | None = None) -> Iterator[Path]:
+    """Create (or accept an existing) output folder and hold it while the block runs. Refused: a folder that
+    already holds a finished run, that another run is writing (the main process keeps a lock file there:
+    :func:`~latexblend.fileio.claim_folder`), that holds files a generation did not write, or an unfinished
+    generation of other ``settings`` (recorded in :data:`UNFINISHED`); an unfinished one of the same settings is
+    continued (its files are written again). A folder created here is removed again when the block fails while
+    it is still empty. Every process checks the same things, so all of them stop on a bad folder."""
     path = Path(out or f"out/generate-{time.strftime('%Y%m%d-%H%M%S')}")
     if metadata_path(path).exists():
         raise LatexBlendError(f"{path} already holds a generation (metadata.json); choose another --out")
+    _check_contents(path, settings or {})
     with claim_folder(path, "generate", lock=rank == 0) as path:
         if rank:  # the main process's lock file showed that it can write there
             try:
@@ -57,7 +68,40 @@ def claim_out(out: str | Path | None, rank: int = 0) -> Iterator[Path]:
             except (OSError, LatexBlendError) as err:
                 raise LatexBlendError(f"cannot write to output folder {path}: "
                                       f"{getattr(err, 'strerror', None) or err}") from err
-        yield path
+            yield path
+            return
+        write_text_atomic(path / UNFINISHED, json.dumps({"settings": settings or {}}, indent=2))
+        try:
+            yield path
+        except BaseException:
+            if not any(path.glob("*.png")):  # nothing written yet: the record goes, so the folder can go too
+                (path / UNFINISHED).unlink(missing_ok=True)
+            raise
+
+
+def _check_contents(path: Path, settings: dict) -> None:
+    """Refuse an existing folder holding files a generation did not write, or an unfinished generation of other
+    settings (see :func:`claim_out`)."""
+    if not path.is_dir():
+        return
+    names = sorted(p.name for p in path.iterdir())
+    foreign = [n for n in names if not _OURS.fullmatch(n)]
+    if foreign:
+        raise LatexBlendError(f"{path} holds files that latexblend generate did not write (e.g. '{foreign[0]}'); "
+                              "choose an empty or new --out")
+    images = [n for n in names if n.endswith(".png")]
+    if not images:  # at most a lock, records or temporary files: nothing to mix with
+        return
+    try:
+        recorded = load_data(path / UNFINISHED, "unfinished-generation record", MAX_SETTINGS_BYTES)["settings"]
+    except (LatexBlendError, KeyError, TypeError):
+        raise LatexBlendError(f"{path} holds images of an unknown generation (e.g. '{images[0]}'); choose an empty "
+                              "or new --out") from None
+    changed = sorted(k for k in {*recorded, *settings} if recorded.get(k) != settings.get(k)) \
+        if isinstance(recorded, dict) else ["all"]
+    if changed:
+        raise LatexBlendError(f"{path} holds an unfinished generation of other settings (different "
+                              f"{', '.join(changed)}); choose another --out, or delete the folder to start again")
 
 
 def image_file(prompt_index: int, seed: int) -> str:
@@ -124,7 +168,7 @@ def finish(out: Path, *, model: str, prompts: Sequence[str], settings: dict, con
 
     images = []
     for rank in range(world):
-        images += json.loads((out / f".records-{rank}.json").read_text(encoding="utf-8"))
+        images += load_data(out / f".records-{rank}.json", "image records")
     images.sort(key=lambda r: (r["prompt_index"], r["seed"]))
     grids = {}
     if grid:
@@ -138,6 +182,7 @@ def finish(out: Path, *, model: str, prompts: Sequence[str], settings: dict, con
     write_text_atomic(metadata_path(out), json.dumps(meta, indent=2))
     for rank in range(world):
         (out / f".records-{rank}.json").unlink(missing_ok=True)
+    (out / UNFINISHED).unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- reading
@@ -164,14 +209,13 @@ class Samples:
 
 def _read_metadata(folder: Path) -> dict:
     meta_path = metadata_path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise LatexBlendError(f"samples folder {folder} is a file, not a folder")
     if not folder.is_dir():
         raise LatexBlendError(f"samples folder {folder} does not exist")
     if not meta_path.is_file():
         raise LatexBlendError(f"{folder} has no metadata.json: not a `latexblend generate` output folder")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise LatexBlendError(f"cannot parse {meta_path}: {err}") from err
+    meta = load_data(meta_path, "samples metadata")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise LatexBlendError(f"{meta_path} is not a latexblend-samples metadata file (format field)")
     if not isinstance(meta.get("images"), list) or not meta["images"]:
@@ -189,16 +233,20 @@ def _inside(folder: Path, relative: str) -> Path:
 
 def _sample_image(folder: Path, entry: Any, concepts: Mapping[str, dict]) -> SampleImage:
     if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) or "prompt" not in entry:
-        raise LatexBlendError(f"{folder}/metadata.json: an image entry lacks 'file' or 'prompt': {entry!r:.80}")
-    names = list(entry.get("concepts") or [])
+        raise LatexBlendError(f"{folder}/metadata.json: an image entry lacks 'file' or 'prompt': {shown(entry, 80)}")
+    names, index, seed = entry.get("concepts") or [], entry.get("prompt_index", 0), entry.get("seed")
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise LatexBlendError(f"{folder}/metadata.json: image {entry['file']}: 'concepts' must be a list of names")
+    if type(index) is not int or index < 0 or not (seed is None or type(seed) is int):
+        raise LatexBlendError(f"{folder}/metadata.json: image {entry['file']}: prompt_index and seed must be whole "
+                              "numbers")
     unknown = [n for n in names if n not in concepts]
     if unknown:
         raise LatexBlendError(f"{folder}/metadata.json: image {entry['file']} uses concepts {unknown} "
                               "that are not in its 'concepts' section")
     return SampleImage(file=entry["file"], path=_inside(folder, entry["file"]),
-                       prompt_index=int(entry.get("prompt_index", 0)), prompt=str(entry["prompt"]),
-                       expanded_prompt=str(entry.get("expanded_prompt") or entry["prompt"]), concepts=names,
-                       seed=entry.get("seed"))
+                       prompt_index=index, prompt=str(entry["prompt"]),
+                       expanded_prompt=str(entry.get("expanded_prompt") or entry["prompt"]), concepts=names, seed=seed)
 
 
 def read_samples(folder: str | Path) -> Samples:

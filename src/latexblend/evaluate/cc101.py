@@ -25,7 +25,7 @@ from latexblend.errors import LatexBlendError
 from latexblend.evaluate import metrics as ev
 from latexblend.evaluate import report
 from latexblend.fileio import write_text_atomic
-from latexblend.settings import safe_name
+from latexblend.settings import load_data, read_text, safe_name, shown
 
 SINGLE_FILE = "dataset.json"
 PAIR_FILE = "dataset_multiconcept.json"
@@ -67,12 +67,9 @@ def _resolve(root: Path, relative: str, what: str) -> Path:
 
 
 def _read_json(path: Path) -> list:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LatexBlendError(f"{path} not found: is --root a CustomConcept101 folder?") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise LatexBlendError(f"cannot parse {path}: {err}") from err
+    if not path.exists() and not path.is_symlink():
+        raise LatexBlendError(f"{path} not found: is --root a CustomConcept101 folder?")
+    data = load_data(path, "benchmark file")
     if not isinstance(data, list):
         raise LatexBlendError(f"{path} must hold a JSON list")
     return data
@@ -80,7 +77,7 @@ def _read_json(path: Path) -> list:
 
 def _concept(root: Path, entry: object, where: str, need_prompts: bool) -> Concept:
     if not isinstance(entry, dict):
-        raise LatexBlendError(f"{where}: expected an object, got {entry!r:.60}")
+        raise LatexBlendError(f"{where}: expected an object, got {shown(entry)}")
     missing = [k for k in ("instance_data_dir", "class_prompt") if not entry.get(k)]
     if need_prompts and not entry.get("prompt_filename"):
         missing.append("prompt_filename")
@@ -88,7 +85,7 @@ def _concept(root: Path, entry: object, where: str, need_prompts: bool) -> Conce
         raise LatexBlendError(f"{where}: missing {', '.join(missing)}")
     for key in ("instance_data_dir", "class_prompt", "prompt_filename"):
         if key in entry and not isinstance(entry[key], str):
-            raise LatexBlendError(f"{where}: {key} must be a string, got {entry[key]!r:.60}")
+            raise LatexBlendError(f"{where}: {key} must be a string, got {shown(entry[key])}")
     name = _NAME.sub("_", Path(entry["instance_data_dir"]).name).lstrip("._-")
     prompt_file = entry.get("prompt_filename")
     return Concept(name=name, class_noun=str(entry["class_prompt"]).strip(),
@@ -146,10 +143,7 @@ def fill_prompt(template: str, names: Sequence[str]) -> str:
 
 def read_prompts(path: Path, names: Sequence[str]) -> list[str]:
     """The non-empty lines of a prompt file, slots filled with ``names``."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise LatexBlendError(f"cannot read prompt file {path}: {err}") from err
+    lines = read_text(path, "prompt file").splitlines()
     prompts = [fill_prompt(line.strip(), names) for line in lines if line.strip()]
     if not prompts:
         raise LatexBlendError(f"prompt file {path} has no prompts")
@@ -194,20 +188,18 @@ def write_jobs(jobs: Sequence[dict], path: str | Path) -> Path:
 def read_jobs(path: str | Path) -> list[dict]:
     """A jobs file written by :func:`write_jobs`, checked for the keys the runner needs."""
     path = Path(path)
-    try:
-        jobs = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise LatexBlendError(f"cannot read jobs file {path}: {err}") from err
+    jobs = load_data(path, "jobs file")
     keys = ("name", "concepts", "prompts", "references", "out")
     if not isinstance(jobs, list) or not all(isinstance(j, dict) and all(k in j for k in keys) for j in jobs):
         raise LatexBlendError(f"{path}: expected a list of jobs with keys {', '.join(keys)}")
     for i, job in enumerate(jobs):
         lists = all(isinstance(job[k], list) and all(isinstance(x, str) for x in job[k])
                     for k in ("concepts", "prompts"))
-        if not (isinstance(job["name"], str) and isinstance(job["out"], str) and lists
-                and isinstance(job["references"], dict)):
+        refs = job["references"]
+        if not (isinstance(job["name"], str) and isinstance(job["out"], str) and lists and isinstance(refs, dict)
+                and all(isinstance(k, str) and isinstance(v, str) for k, v in refs.items())):
             raise LatexBlendError(f"{path}: job {i} needs a string name and out, lists of strings concepts and "
-                                  "prompts, and a references mapping")
+                                  "prompts, and a references mapping of names to folders")
         for part in job["name"].split("+"):  # the name becomes a file name (<name>.prompts.txt)
             safe_name(part, f"{path}: job {i} name part")
     return jobs
@@ -225,10 +217,10 @@ def _fresh_metrics(job: Mapping) -> dict | None:
     if not metrics_path.is_file() or metrics_path.stat().st_mtime < meta.stat().st_mtime:
         return None
     try:
-        metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+        metrics = load_data(metrics_path, "metrics file")
         refs = metrics["settings"]["references"]
         used = {name: {Path(f).parent.resolve() for f in ref["files"]} for name, ref in refs.items()}
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+    except (LatexBlendError, KeyError, TypeError, AttributeError):
         return None
     wanted = {name: {Path(folder).resolve()} for name, folder in job["references"].items()}
     return metrics if used == wanted else None

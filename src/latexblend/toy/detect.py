@@ -17,6 +17,7 @@ from PIL import Image
 
 from latexblend.blend.samples import read_samples
 from latexblend.errors import LatexBlendError
+from latexblend.fileio import open_image
 from latexblend.toy.world import BACKGROUNDS, COLOURS, CONCEPT_KEYS, CONCEPTS, SIZE, parse_prompt, split_row, two_tone
 
 #: The world's colours: every pixel is read as the nearest of them (concepts use world colours too).
@@ -203,8 +204,7 @@ def score_samples(folder: str | Path) -> dict:
         if not img.path.is_file():
             raise LatexBlendError(f"image {img.path} listed in metadata.json does not exist")
         concepts = [c for c in img.concepts if c in CONCEPTS]
-        with Image.open(img.path) as im:
-            row = score(im.convert("RGB"), img.expanded_prompt, concepts)
+        row = score(open_image(img.path), img.expanded_prompt, concepts)
         rows.append({"file": img.file, "seed": img.seed, "concepts": concepts, "prompt": img.expanded_prompt} | row)
     return {"format": "latexblend-toy-metrics", "format_version": 1, "samples": str(samples.folder),
             "detector": "latexblend.toy.detect", "overall": summarise(rows), "images": rows}

@@ -64,6 +64,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--size", type=int, default=96)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    for flag, value, lo, hi in (("--num", args.num, 1, 10_000), ("--size", args.size, 8, 4096),
+                                ("--seed", args.seed, 0, 2**63 - 1)):
+        if not lo <= value <= hi:
+            ap.error(f"{flag} must be in [{lo}, {hi}], got {value}")
     folder = draw_concept(args.out, args.style, args.num, args.size, args.seed)
     print(f"drew {args.num} '{args.style}' images in {folder}/")
 

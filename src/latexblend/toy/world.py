@@ -301,6 +301,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prior", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    for flag, value, lo, hi in (("--num", args.num, 1, 10_000), ("--prior", args.prior, 0, 100_000),
+                                ("--seed", args.seed, 0, 2**63 - 1)):
+        if not lo <= value <= hi:
+            ap.error(f"{flag} must be in [{lo}, {hi}], got {value}")
     inst, prior = draw_data(Path(args.root), args.concept, args.num, args.prior, args.seed)
     print(f"drew {args.num} '{args.concept}' images in {inst}/ and {args.prior} prior images in {prior}/")
 

@@ -6,7 +6,7 @@ Every random draw takes an explicit ``torch.Generator``: the training loop seeds
 
 from __future__ import annotations
 
-import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +18,13 @@ from PIL import Image
 from latexblend.console import Progress
 from latexblend.errors import LatexBlendError
 from latexblend.fileio import atomic_path, list_images, open_image, write_text_atomic
-from latexblend.settings import safe_name
+from latexblend.settings import check_range, check_seed, read_text, safe_name
 from latexblend.train.options import SHRINK
+
+#: At most this many prior images per class (the paper uses 200), and instance images per concept (they are all
+#: kept in memory while training; Custom Diffusion uses 3-20).
+MAX_PRIOR = 100_000
+MAX_INSTANCE_IMAGES = 1_000
 
 #: The replace/instance template pool (METHOD section 2, step 1). Drawn independently per flow.
 TEMPLATES = ("{}", "a {}", "photo of {}", "a photo of {}", "a photo of a {}", "a fancy photo of a {}",
@@ -31,11 +36,8 @@ def template_pool(fixed: bool) -> tuple[str, ...]:
     return (FIXED_TEMPLATE,) if fixed else TEMPLATES
 
 
-def _read_lines(path: Path) -> list[str]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise LatexBlendError(f"{path} is not UTF-8 text: {err.reason} at byte {err.start}") from err
+def _read_lines(path: Path, what: str) -> list[str]:
+    text = read_text(path, what)
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
@@ -50,7 +52,9 @@ def load_prior(folder: str | Path, class_noun: str, captions: str | Path | None 
     folder = Path(folder)
     listing = folder / "images.txt"
     if listing.is_file():
-        paths = [p if p.is_absolute() else folder / p for p in map(Path, _read_lines(listing))]
+        paths = [p if p.is_absolute() else folder / p for p in map(Path, _read_lines(listing, "prior image list"))]
+        if len(paths) > MAX_PRIOR:
+            raise LatexBlendError(f"{listing} lists {len(paths):,} images; at most {MAX_PRIOR:,} are accepted")
         for p in paths:
             if not p.is_file():
                 raise LatexBlendError(f"{listing} lists {p}, which does not exist")
@@ -59,11 +63,11 @@ def load_prior(folder: str | Path, class_noun: str, captions: str | Path | None 
             raise LatexBlendError(f"{listing} lists no images")
         captions = captions or folder / "caption.txt"
     else:
-        paths = list_images(folder, "prior")
+        paths = list_images(folder, "prior", limit=MAX_PRIOR)
         captions = captions or folder / "captions.txt"
     texts = [class_noun] * len(paths)
-    if Path(captions).is_file():
-        texts = _read_lines(Path(captions))
+    if Path(captions).exists():
+        texts = _read_lines(Path(captions), "prior captions file")
         if len(texts) != len(paths):
             raise LatexBlendError(f"{captions} has {len(texts)} captions for {len(paths)} prior images")
     elif captions not in (folder / "caption.txt", folder / "captions.txt"):
@@ -172,15 +176,32 @@ def prior_complete(out: str | Path, num: int) -> bool:
     return not prior_missing(out, num) and (Path(out) / "captions.txt").is_file()
 
 
-def check_prior_request(class_noun: str, num: int, steps: int, cfg: float) -> None:
-    """The arguments of :func:`generate_prior` (and the ``prior`` command, before it loads a model)."""
+
+
+_PRIOR_FILES = re.compile(r"\d{5,}\.png|captions\.txt|\..+\.tmp")
+
+
+def check_prior_folder(out: str | Path) -> None:
+    """``out`` holds nothing but what :func:`generate_prior` writes (``00000.png``..., ``captions.txt``), so
+    that its images are never mixed with a user's files or written over them."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise LatexBlendError(f"prior folder {out} is a file; choose another --out")
+    foreign = sorted(p.name for p in out.iterdir() if not _PRIOR_FILES.fullmatch(p.name)) if out.is_dir() else []
+    if foreign:
+        raise LatexBlendError(f"prior folder {out} holds files that latexblend prior did not write (e.g. "
+                              f"'{foreign[0]}'); choose an empty or new --out")
+
+
+def check_prior_request(class_noun: str, num: int, steps: int, cfg: float, seed: int = 0) -> None:
+    """The arguments of :func:`generate_prior` (and the ``prior`` command, before it loads a model): ``--num`` in
+    [1, 100,000], ``--steps`` in [1, 1000], ``--cfg`` in [0, 100], image i's seed ``seed + i`` in [0, 2**63 - 1]."""
     if not class_noun.strip():
         raise LatexBlendError("class noun is empty: the prior images and their captions would have no subject")
-    for what, value in (("--num", num), ("--steps", steps)):
-        if value < 1:
-            raise LatexBlendError(f"{what} must be at least 1, got {value}")
-    if not (math.isfinite(cfg) and cfg >= 0):
-        raise LatexBlendError(f"--cfg must be a finite number >= 0, got {cfg}")
+    check_range("--num", num, 1, MAX_PRIOR)
+    check_range("--steps", steps, 1, 1000)
+    check_range("--cfg", cfg, 0, 100)
+    check_seed("--seed", seed, num)
 
 
 def generate_prior(pipe, class_noun: str, num: int, out: str | Path, seed: int = 0, steps: int = 50,
@@ -192,10 +213,11 @@ def generate_prior(pipe, class_noun: str, num: int, out: str | Path, seed: int =
     Returns ``(number generated now, out)``; 0 means the set was already complete.
     """
 
-    check_prior_request(class_noun, num, steps, cfg)
+    check_prior_request(class_noun, num, steps, cfg, seed)
     out = Path(out)
     if prior_complete(out, num):
         return 0, out
+    check_prior_folder(out)
     todo = prior_missing(out, num)
     size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     with Progress(len(todo), f"prior '{class_noun}'", "img", enabled=progress) as bar:

@@ -23,12 +23,12 @@ from latexblend.console import Progress
 from latexblend.device import device_name, environment, mfu, peak_memory, peak_tflops, resolve_mixed_precision
 from latexblend.errors import LatexBlendError
 from latexblend.settings import to_dict
-from latexblend.text import pipeline_text_side
+from latexblend.text import concept_span, pipeline_text_side
+from latexblend.tokens import token_ids
 from latexblend.train.options import TrainConfig
 from latexblend.train.runfolder import (
     NOT_HASHED,
     check_run_folder,
-    config_hash,
     prune_checkpoints,
     read_checkpoint,
     start_run_folder,
@@ -103,6 +103,7 @@ def train(cfg: TrainConfig, progress: bool = True, on_step=None) -> Path | None:
     summary_writer = _tensorboard() if cfg.log_tensorboard else None
     plan = schedule(cfg, acc.num_processes, acc.mixed_precision)
     setup = build_setup(cfg, images, prior, acc.device, dtype, plan)
+    check_extraction(setup)
     params = setup.flow.trainable()
     optimizer = acc.prepare(make_optimizer(cfg, params, plan.lr))
     start = load_checkpoint(setup, optimizer, resume_from) if resume_from else 0
@@ -185,12 +186,12 @@ def save_trainables(setup: Setup, folder: Path) -> None:
 def save_checkpoint(setup: Setup, optimizer, run: Path, step: int) -> Path:
     """``run/checkpoints/step_<step>/``: trainables, optimizer state (tensors and numbers only), state.json."""
     return write_checkpoint(run, step, lambda folder: save_trainables(setup, folder), optimizer.state_dict(),
-                            config_hash(setup.cfg))
+                            setup.cfg)
 
 
 def load_checkpoint(setup: Setup, optimizer, folder: Path) -> int:
     """Restore trainables and optimizer state from ``folder``; returns the step to continue from."""
-    step, kv, rows, state = read_checkpoint(folder, config_hash(setup.cfg))
+    step, kv, rows, state = read_checkpoint(folder, setup.cfg)
     setup.flow.load(kv, rows)
     optimizer.load_state_dict(state)
     return step
@@ -198,23 +199,48 @@ def load_checkpoint(setup: Setup, optimizer, folder: Path) -> int:
 
 def _finish(setup: Setup, run: Path, start: int, wall: float, loss: float, meter: Meter) -> None:
     """Final weights, the bank (Stage 2, no separate step), and ``run.json``: the run's schedule and measured
-    numbers, its resolved settings under ``config``."""
-    cfg, pipe, plan = setup.cfg, setup.pipe, setup.plan
+    numbers, its resolved settings under ``config``. Should the bank fail to be written (a full disk), the
+    weights are kept and the error says how to write it from them."""
+    cfg, plan = setup.cfg, setup.plan
     save_trainables(setup, run)
-    toks, encs = pipeline_text_side(pipe)
-    bank = extract_bank(toks, encs, setup.flow.weights(), name=cfg.name, class_noun=cfg.class_noun,
-                        token_id=setup.flow.token_id, prompt=cfg.extract_prompt.format(token=cfg.token,
-                                                                                        noun=cfg.class_noun),
-                        base_model=cfg.model, fingerprint=setup.fingerprint,
-                        training={**training_summary(setup), "final_loss": loss},
-                        dtype=bank_dtype(cfg.bank_dtype, pipe.device, setup.dtype))
-    bank_path = save_bank(bank, bank_dir(cfg.bank_dir) / f"{cfg.name}{SUFFIX}")
     rate = (plan.steps - start) / wall if wall > 0 else None
     measured = {"start_step": start, "steps_per_s": rate, "wall_s": wall, "tflop_per_step": meter.tflop,
                 "mfu": mfu(meter.tflop, rate, meter.peak) if rate else None,
                 "peak_memory_bytes": peak_memory(setup.device), "final_loss": loss}
     info = {"versions": environment(), "device": device_name(setup.device), "num_processes": plan.processes,
             "mixed_precision": plan.mixed_precision, "steps": plan.steps, "lr": plan.lr, **measured,
-            "bank": str(bank_path), "config": {k: v for k, v in to_dict(cfg).items() if k not in ("resume",
-                                                                                                 "overwrite")}}
+            "bank": None, "config": {k: v for k, v in to_dict(cfg).items() if k not in ("resume", "overwrite")}}
+    try:
+        info["bank"] = str(save_bank(_bank(setup, loss), bank_dir(cfg.bank_dir) / f"{cfg.name}{SUFFIX}"))
+    except (LatexBlendError, OSError) as err:
+        write_run_info(run, info)
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else err
+        raise LatexBlendError(f"trained '{cfg.name}' (its weights are in {run}/) but could not write its bank: "
+                              f"{reason}; fix that, then run `latexblend extract --run {run}`") from err
     write_run_info(run, info)
+
+
+def _bank(setup: Setup, loss: float):
+    """The concept's bank, read from the trained weights (Stage 2)."""
+    cfg, pipe = setup.cfg, setup.pipe
+    toks, encs = pipeline_text_side(pipe)
+    return extract_bank(toks, encs, setup.flow.weights(), name=cfg.name, class_noun=cfg.class_noun,
+                        token_id=setup.flow.token_id, prompt=extraction_prompt(cfg), base_model=cfg.model,
+                        fingerprint=setup.fingerprint, training={**training_summary(setup), "final_loss": loss},
+                        dtype=bank_dtype(cfg.bank_dtype, pipe.device, setup.dtype))
+
+
+def extraction_prompt(cfg: TrainConfig) -> str:
+    return cfg.extract_prompt.format(token=cfg.token, noun=cfg.class_noun)
+
+
+def check_extraction(setup: Setup) -> None:
+    """The bank can be extracted from this run (its extraction prompt holds the identifier right before the
+    class noun, and the bank dtype is known here): checked before step 0, not after the training."""
+    cfg, pipe = setup.cfg, setup.pipe
+    bank_dtype(cfg.bank_dtype, pipe.device, setup.dtype)
+    noun_ids = token_ids(pipe.tokenizer, cfg.class_noun)
+    try:
+        concept_span(pipe.tokenizer, extraction_prompt(cfg), setup.flow.token_id, noun_ids)
+    except LatexBlendError as err:
+        raise LatexBlendError(f"extract_prompt {extraction_prompt(cfg)!r} cannot be used: {err}") from None

@@ -7,7 +7,7 @@ import dataclasses
 from typing import Any
 
 from latexblend.errors import LatexBlendError
-from latexblend.settings import check_range, safe_name
+from latexblend.settings import check_range, check_seed, safe_name, shown
 
 SHRINK = 2 / 3  # Custom Diffusion's share of shrink-and-paste augmentations
 
@@ -68,6 +68,10 @@ class TrainConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
+        self._check_text()
+        self._check_numbers()
+
+    def _check_text(self) -> None:
         for key in ("name", "images", "class_noun"):
             if not getattr(self, key):
                 raise LatexBlendError(f"no {key.replace('_', ' ')} given (use --concept, or --images, "
@@ -75,29 +79,62 @@ class TrainConfig:
         safe_name(self.name, "concept name")
         if not str(self.class_noun).strip():
             raise LatexBlendError("class noun is empty")
+        if not self.token or any(c.isspace() for c in self.token):
+            raise LatexBlendError(f"token must be one word without spaces, got {shown(self.token)}")
         if self.token in self.class_noun:
             raise LatexBlendError(f"class noun '{self.class_noun}' holds the identifier {self.token}: the class noun "
                                   f"names the class (e.g. dog), the identifier is added in front of it")
-        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
-            raise LatexBlendError(f"resolution must be a positive multiple of 8, got {self.resolution}")
-        if self.steps is not None:
-            check_range("steps", self.steps, 1)
-        check_range("batch_size", self.batch_size, 1)
-        check_range("grad_accum", self.grad_accum, 1, 1024)
-        if self.peak_tflops is not None:
-            check_range("peak_tflops", self.peak_tflops, 1e-6)
-        check_range("lr", self.lr, 0)
-        check_range("kv_rank", self.kv_rank, 0)
-        check_range("checkpoint_every", self.checkpoint_every, 0)
-        check_range("keep_checkpoints", self.keep_checkpoints, 0)
-        check_range("log_every", self.log_every, 1)
-        check_range("prior_loss_weight", self.prior_loss_weight, 0)
-        check_range("augment_shrink", self.augment_shrink, 0, 1)
-        check_range("max_grad_norm", self.max_grad_norm, 0)
         if self.mixed_precision not in MIXED_PRECISION:
             raise LatexBlendError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}")
+        if self.bank_dtype not in BANK_DTYPES:
+            raise LatexBlendError(f"bank_dtype must be one of {', '.join(BANK_DTYPES)}, got {shown(self.bank_dtype)}")
         if "{token}" not in self.extract_prompt or "{noun}" not in self.extract_prompt:
             raise LatexBlendError("extract_prompt must contain {token} and {noun}")
+        try:
+            self.extract_prompt.format(token=self.token, noun=self.class_noun)
+        except (KeyError, IndexError, ValueError) as err:
+            raise LatexBlendError(f"extract_prompt {shown(self.extract_prompt)} may hold only the fields {{token}} "
+                                  f"and {{noun}} (write {{{{ and }}}} for braces): {type(err).__name__} {err}") \
+                from None
+
+    def _check_numbers(self) -> None:
+        """Each number in its documented range (:data:`RANGES`)."""
+        if self.resolution is not None and (self.resolution % 8 or not 8 <= self.resolution <= MAX_RESOLUTION):
+            raise LatexBlendError(f"resolution must be a multiple of 8 in [8, {MAX_RESOLUTION}], got "
+                                  f"{self.resolution}")
+        if self.steps is not None:
+            check_range("steps", self.steps, 1, MAX_STEPS)
+        if self.peak_tflops is not None:
+            check_range("peak_tflops", self.peak_tflops, 0, 1e6, open_lo=True)
+        for key, (lo, hi, open_lo, open_hi) in RANGES.items():
+            check_range(key, getattr(self, key), lo, hi, open_lo=open_lo, open_hi=open_hi)
+        check_seed("seed", self.seed)
+
+
+MAX_STEPS = 1_000_000
+MAX_RESOLUTION = 4096
+#: The documented range of every other number of :class:`TrainConfig`: ``key: (lo, hi, lo excluded, hi
+#: excluded)``. ``steps`` is in [1, 1,000,000], ``resolution`` a multiple of 8 in [8, 4096], ``peak_tflops``
+#: in (0, 1e6] and ``seed`` in [0, 2**63 - 1].
+RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "batch_size": (1, 1024, False, False),
+    "grad_accum": (1, 1024, False, False),
+    "lr": (0, 1, False, False),
+    "weight_decay": (0, 100, False, False),
+    "adam_beta1": (0, 1, False, True),
+    "adam_beta2": (0, 1, False, True),
+    "adam_eps": (0, 1, True, False),
+    "max_grad_norm": (0, 1e6, False, False),
+    "prior_loss_weight": (0, 1e3, False, False),
+    "augment_shrink": (0, 1, False, False),
+    "kv_rank": (0, 4096, False, False),
+    "checkpoint_every": (0, MAX_STEPS, False, False),
+    "keep_checkpoints": (0, 1_000_000, False, False),
+    "log_every": (1, MAX_STEPS, False, False),
+}
+
+#: What ``bank_dtype`` takes (``auto``: fp16 on CUDA, else the compute dtype).
+BANK_DTYPES = ("auto", "fp32", "fp16", "bf16", "float32", "float16", "bfloat16")
 
 
 #: Training defaults per base model (a registry name), between the dataclass defaults and YAML/flags.

@@ -21,16 +21,14 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 from latexblend.bank.extract import bank_dtype, extract_bank
 from latexblend.bank.format import SUFFIX, bank_dir, save_bank
 from latexblend.device import resolve_device
 from latexblend.errors import LatexBlendError
-from latexblend.fileio import save_safetensors, write_text_atomic
-from latexblend.models import attn2_modules, load_unet_and_tokenizer
-from latexblend.settings import load_mapping, merge, to_dict
+from latexblend.fileio import check_output_folder, read_safetensors, save_safetensors, write_text_atomic
+from latexblend.models import Fingerprint, attn2_modules, fingerprint, load_unet_and_tokenizer, model_fingerprint
+from latexblend.settings import MAX_SETTINGS_BYTES, load_data, load_mapping, merge, parse_json, shown, to_dict
 from latexblend.text import load_text_side, set_identifier_rows
 from latexblend.train.model import merge_lora
 from latexblend.train.options import TrainConfig
@@ -52,11 +50,15 @@ HASHED_WHEN_SET = {"crop_time_ids": TrainConfig.crop_time_ids, "augment_shrink":
                    "augment_enlarge": TrainConfig.augment_enlarge}
 
 
-def config_hash(cfg: TrainConfig) -> str:
-    """A digest of the settings that change what a training step computes (resume refuses a mismatch)."""
-    data = {k: v for k, v in to_dict(cfg).items()
+def hashed_settings(cfg: TrainConfig) -> dict:
+    """The settings that change what a training step computes (a checkpoint records them; resume refuses others)."""
+    return {k: v for k, v in to_dict(cfg).items()
             if k not in NOT_HASHED and not (k in HASHED_WHEN_SET and v == HASHED_WHEN_SET[k])}
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    """A digest of :func:`hashed_settings` (resume refuses a mismatch)."""
+    return hashlib.sha256(json.dumps(hashed_settings(cfg), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def check_run_folder(cfg: TrainConfig) -> tuple[Path, Path | None]:
@@ -64,18 +66,57 @@ def check_run_folder(cfg: TrainConfig) -> tuple[Path, Path | None]:
     folder without weights (stopped before its first checkpoint) holds nothing to keep or resume: it is
     started again from step 0, also under ``--resume latest``."""
 
-    run = Path(cfg.runs_dir) / cfg.name
+    run, bank = check_outputs(cfg)
     kept = _has_weights(run)
     if cfg.resume and (cfg.resume != "latest" or kept):
-        return run, find_checkpoint(run, cfg.resume)
+        checkpoint = find_checkpoint(run, cfg.resume)
+        read_state(checkpoint, cfg)  # other settings are refused before any model loads
+        return run, checkpoint
     if kept and not cfg.overwrite:
+        if _finished(run) and not _bank_written(run):
+            raise LatexBlendError(f"{run} holds a finished training whose bank was not written; write it with "
+                                  f"`latexblend extract --run {run}`, or pass --overwrite to train again")
         raise LatexBlendError(f"{run} already exists; continue it with --resume latest, or pass --overwrite")
-    bank = bank_dir(cfg.bank_dir) / f"{cfg.name}{SUFFIX}"
     if bank.exists() and not cfg.overwrite:
         raise LatexBlendError(f"{bank} already exists; pass --overwrite or choose another --name")
     if run.exists() and any(run.iterdir()) and not kept and not cfg.overwrite:
         print(f"{run} holds no checkpoint (an earlier run stopped before its first one): starting it from step 0")
     return run, None
+
+
+def check_outputs(cfg: TrainConfig) -> tuple[Path, Path]:
+    """``(run folder, bank file)``, once the runs folder and the bank folder are folders this process can write in
+    (or create) and the bank file is not a folder: checked before any work, so a run never trains for nothing."""
+    runs = check_output_folder(cfg.runs_dir, "runs folder")
+    folder = check_output_folder(bank_dir(cfg.bank_dir), "bank folder")
+    bank = folder / f"{cfg.name}{SUFFIX}"
+    if bank.is_dir():
+        raise LatexBlendError(f"{bank} is a folder, so the bank cannot be written there; move it or choose another "
+                              "--name")
+    run = runs / cfg.name
+    if run.exists() and not run.is_dir():
+        raise LatexBlendError(f"run folder {run} is a file; move it or choose another --name")
+    if run.is_dir() and any(run.iterdir()) and not (run / CONFIG_FILE).is_file():
+        raise LatexBlendError(f"{run} exists and is not a training run folder (no {CONFIG_FILE}); latexblend would "
+                              "replace it: choose another --name or --runs-dir")
+    return run, bank
+
+
+def _finished(run: Path) -> bool:
+    """Does ``run`` hold final weights (the training finished)?"""
+    return (run / KV_FILE).is_file() and (run / TOKENS_FILE).is_file()
+
+
+def _bank_written(run: Path) -> bool:
+    """Did the finished run write its bank? Its run.json names the bank once written; no run.json means it
+    stopped before (the weights are written first); a run.json that cannot be read counts as yes."""
+    if not (run / RUN_FILE).exists():
+        return False
+    try:
+        info = load_data(run / RUN_FILE, "run file", MAX_SETTINGS_BYTES)
+    except LatexBlendError:
+        return True
+    return not isinstance(info, dict) or info.get("bank") is not None
 
 
 def _has_weights(run: Path) -> bool:
@@ -97,6 +138,9 @@ def find_checkpoint(run: Path, which: str) -> Path:
     if (path / STATE_FILE).is_file():
         return path
     steps = _checkpoints(path, complete=True)
+    if not steps and _finished(path):
+        raise LatexBlendError(f"--resume {which}: {path} finished training and keeps no checkpoint to continue from; "
+                              f"if its bank is missing, write it with `latexblend extract --run {path}`")
     if not steps:
         raise LatexBlendError(f"--resume {which}: no checkpoint in {path} (looked for checkpoints/step_<N>/state.json)")
     return steps[-1]
@@ -136,16 +180,17 @@ def write_weights(folder: Path, kv: dict[str, torch.Tensor], kv_meta: dict[str, 
 def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """``(kv tensors, identifier rows)`` of a run folder or checkpoint."""
 
-    return load_file(str(folder / KV_FILE)), load_file(str(folder / TOKENS_FILE))
+    return tuple(read_safetensors(folder / name, "weights file")[0] for name in (KV_FILE, TOKENS_FILE))
 
 
 def checkpoint_path(run: Path, step: int) -> Path:
     return run / "checkpoints" / f"step_{step}"
 
 
-def write_checkpoint(run: Path, step: int, write, optimizer_state: dict, cfg_hash: str) -> Path:
+def write_checkpoint(run: Path, step: int, write, optimizer_state: dict, cfg: TrainConfig) -> Path:
     """``checkpoints/step_<step>/``: ``write(folder)`` writes the weights, then the optimizer state and
-    ``state.json``. Built in a temporary folder and renamed, so a checkpoint is complete or absent."""
+    ``state.json`` (the step, the settings a step depends on and their hash). Built in a temporary folder and
+    renamed, so a checkpoint is complete or absent."""
 
     final = checkpoint_path(run, step)
     tmp = final.with_name(f".{final.name}.tmp")
@@ -153,7 +198,8 @@ def write_checkpoint(run: Path, step: int, write, optimizer_state: dict, cfg_has
     tmp.mkdir(parents=True)
     write(tmp)
     torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
-    (tmp / STATE_FILE).write_text(json.dumps({"step": step, "config_hash": cfg_hash}))
+    state = {"step": step, "config_hash": config_hash(cfg), "settings": hashed_settings(cfg)}
+    (tmp / STATE_FILE).write_text(json.dumps(state))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
@@ -168,16 +214,35 @@ def prune_checkpoints(run: Path, keep: int) -> list[Path]:
     return old
 
 
-def read_checkpoint(folder: Path, cfg_hash: str) -> tuple[int, dict, dict, dict]:
-    """``(step, kv tensors, identifier rows, optimizer state)``; refuses a checkpoint of other settings."""
+def read_state(folder: Path, cfg: TrainConfig) -> int:
+    """The step of checkpoint ``folder``; refused, naming the settings that differ, when it was written with
+    other settings than ``cfg``'s (:func:`hashed_settings`)."""
+    state = load_data(folder / STATE_FILE, "checkpoint state", MAX_SETTINGS_BYTES)
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "config_hash" not in state:
+        raise LatexBlendError(f"{folder / STATE_FILE} is damaged (no step or config_hash); resume from another "
+                              "checkpoint")
+    if state["config_hash"] != config_hash(cfg):
+        recorded, ours = state.get("settings"), hashed_settings(cfg)
+        if isinstance(recorded, dict):
+            names = sorted(k for k in {*recorded, *ours} if recorded.get(k) != ours.get(k))
+            changed = ", ".join(f"{k} {shown(recorded.get(k), 30)} -> {shown(ours.get(k), 30)}" for k in names)
+        else:
+            changed = "this checkpoint does not record which"
+        raise LatexBlendError(f"{folder} was written with other training settings ({changed}); resume with the "
+                              f"settings of its run's {CONFIG_FILE}, or pass --overwrite to start again")
+    return state["step"]
 
-    state = json.loads((folder / STATE_FILE).read_text())
-    if state["config_hash"] != cfg_hash:
-        raise LatexBlendError(f"{folder} was written with different training settings; resume with the run's "
-                              f"own {CONFIG_FILE}")
+
+def read_checkpoint(folder: Path, cfg: TrainConfig) -> tuple[int, dict, dict, dict]:
+    """``(step, kv tensors, identifier rows, optimizer state)``; refuses a checkpoint of other settings."""
+    step = read_state(folder, cfg)
     kv, rows = read_weights(folder)
-    optimizer = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-    return int(state["step"]), kv, rows, optimizer
+    try:
+        optimizer = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+    except Exception as err:  # missing, truncated, or holding more than tensors: all mean a damaged checkpoint
+        raise LatexBlendError(f"{folder / OPTIMIZER_FILE} cannot be read ({type(err).__name__}); resume from "
+                              "another checkpoint") from None
+    return step, kv, rows, optimizer
 
 
 def checkpoint_folder(run: Path, checkpoint: int | None) -> Path:
@@ -195,21 +260,18 @@ def checkpoint_folder(run: Path, checkpoint: int | None) -> Path:
 def kv_metadata(path: Path) -> dict:
     """The safetensors metadata of a ``kv.safetensors`` (kind ``full`` or ``lora``, layers, fingerprint...)."""
 
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return f.metadata() or {}
-    except Exception as err:
-        raise LatexBlendError(f"{path} is not a readable safetensors file: {err}") from err
+    return read_safetensors(path, "weights file", tensors=False)[1]
 
 
 def kv_weights(path: Path, base_unet=None) -> tuple[dict, dict]:
     """``({layer: (W_k, W_v)}, metadata)`` from a ``kv.safetensors`` (full weights or LoRA factors; LoRA
     needs ``base_unet`` for ``W0``)."""
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
-    layers = json.loads(meta.get("layers") or "null") or list(dict.fromkeys(k.split(".to_")[0] for k in tensors))
+    tensors, meta = read_safetensors(path, "weights file")
+    layers = parse_json(meta.get("layers") or "null", f"{path}: metadata layers")
+    if layers is not None and not (isinstance(layers, list) and all(isinstance(x, str) for x in layers)):
+        raise LatexBlendError(f"{path}: metadata layers must be a list of layer names")
+    layers = layers or list(dict.fromkeys(k.split(".to_")[0] for k in tensors))
     kind = meta.get("kind")
     names = ("lora_A", "lora_B") if kind == "lora" else ("weight",)
     missing = [f"{layer}.{proj}.{n}" for layer in layers for proj in ("to_k", "to_v") for n in names
@@ -234,6 +296,28 @@ def kv_weights(path: Path, base_unet=None) -> tuple[dict, dict]:
 # --------------------------------------------------------------------------- re-extraction (Stage 2 of a run)
 
 
+def check_base_model(run: Path, model: str, kv_path: Path, meta: dict, base_unet=None) -> None:
+    """The weights in ``kv_path`` were trained on ``model`` as it is now: the base fingerprint they record
+    matches the model's (read from its weights file, or ``base_unet``). Otherwise the bank would carry the
+    model's name over rows of another model, and fail only later, at verify or generate."""
+    recorded = meta.get("base_fingerprint")
+    if not recorded:
+        raise LatexBlendError(f"{kv_path} records no base_fingerprint: not the weights of a latexblend run")
+    theirs = Fingerprint.from_json(recorded, f"{kv_path}: metadata base_fingerprint")
+    layers = parse_json(meta.get("layers") or "[]", f"{kv_path}: metadata layers")
+    if base_unet is not None:
+        ours = fingerprint(base_unet)
+    elif isinstance(layers, list) and len(layers) == len(theirs.norms):
+        ours = model_fingerprint(model, [str(layer) for layer in layers])
+    else:
+        ours = fingerprint(load_unet_and_tokenizer(model)[0])
+    if not theirs.matches(ours):
+        raise LatexBlendError(f"{run} was trained on another base model than '{model}' as it is now (fingerprint "
+                              f"{theirs.digest} in {kv_path.name}, {ours.digest} for '{model}'): a bank made now "
+                              f"would not fit the model; set 'model' in {run / CONFIG_FILE} to the model it was "
+                              "trained on")
+
+
 def extract_run(run: str | Path, checkpoint: int | None = None, prompt: str | None = None,
                 out: str | Path | None = None, device: str | None = None, dtype: str = "auto",
                 overwrite: bool = False) -> tuple:
@@ -245,16 +329,22 @@ def extract_run(run: str | Path, checkpoint: int | None = None, prompt: str | No
     path = Path(out) if out else bank_dir(cfg.bank_dir) / f"{cfg.name}{SUFFIX}"
     if path.exists() and not overwrite:
         raise LatexBlendError(f"{path} already exists; pass --overwrite to replace it, or --out FILE")
+    if path.is_dir():
+        raise LatexBlendError(f"{path} is a folder; --out names the bank file to write")
+    check_output_folder(path.parent, "bank folder")  # before any model loads
     device = resolve_device(device)
     rows_dtype = bank_dtype(dtype, device, None)  # a bad --dtype is refused before anything loads
     meta = kv_metadata(folder / KV_FILE)
     base_unet = load_unet_and_tokenizer(cfg.model, device="cpu")[0] if meta.get("kind") == "lora" else None
     weights, meta = kv_weights(folder / KV_FILE, base_unet)
+    check_base_model(run, cfg.model, folder / KV_FILE, meta, base_unet)
     weights = {k: (wk.to(device), wv.to(device)) for k, (wk, wv) in weights.items()}
     tokenizers, encoders = load_text_side(cfg.model, device, "fp32")
     token_id = set_identifier_rows(tokenizers, encoders, folder / TOKENS_FILE, cfg.token, cfg.init_token)
     prompt = prompt or cfg.extract_prompt.format(token=cfg.token, noun=cfg.class_noun)
-    training = json.loads(meta.get("training", "{}"))
+    training = parse_json(meta.get("training") or "{}", f"{folder / KV_FILE}: metadata training")
+    if not isinstance(training, dict):
+        raise LatexBlendError(f"{folder / KV_FILE}: metadata training must be a JSON object")
     training["checkpoint"] = "final" if checkpoint is None else checkpoint
     bank = extract_bank(tokenizers, encoders, weights, name=cfg.name, class_noun=cfg.class_noun, token_id=token_id,
                         prompt=prompt, base_model=cfg.model, fingerprint=meta["base_fingerprint"],

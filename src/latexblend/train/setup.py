@@ -17,7 +17,7 @@ from latexblend.fileio import list_images, open_image
 from latexblend.models import attn2_modules, fingerprint, load_pipeline
 from latexblend.text import concept_span, encode_prompts, pipeline_text_side
 from latexblend.tokens import Span, add_identifier_token, token_ids
-from latexblend.train.data import load_prior, prior_dir, template_pool
+from latexblend.train.data import MAX_INSTANCE_IMAGES, load_prior, prior_dir, template_pool
 from latexblend.train.model import ConceptFlow
 from latexblend.train.options import TrainConfig
 from latexblend.train.splice import SpliceProcessor, SpliceState
@@ -95,7 +95,7 @@ class Setup:
 
 def check_inputs(cfg: TrainConfig) -> tuple[list, list]:
     """Instance images (loaded) and prior ``(path, caption)`` pairs; clear errors before any work."""
-    images = [open_image(p) for p in list_images(cfg.images, "instance image")]
+    images = [open_image(p) for p in list_images(cfg.images, "instance image", limit=MAX_INSTANCE_IMAGES)]
     if not cfg.use_prior:
         return images, []
     folder = Path(cfg.prior) if cfg.prior else prior_dir(cfg.class_noun)
