@@ -15,14 +15,13 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import slim
 from benchmarks.counters import SavedBytes
 from latexblend.bank.format import ConceptBank
 from latexblend.device import (
     count_tflop,
     device_name,
     environment,
-    mfu,
-    peak_tflops,
     resolve_device,
     synchronize,
     timed,
@@ -44,7 +43,7 @@ def bench_pipeline(model: str, device: str | None, dtype: str):
     """``sdxl-random`` (full SDXL architecture, random weights, built on the device) or any ``--model``."""
     from latexblend.models import load_pipeline
 
-    return load_pipeline(model, device=device, dtype=dtype)
+    return load_pipeline(slim.resolve(model), device=device, dtype=dtype)
 
 
 def random_banks(pipe, count: int, seed: int = 0) -> list[ConceptBank]:
@@ -255,88 +254,14 @@ def _mode_rows(counts, modes, times, peaks, stats) -> list[dict]:
     return rows
 
 
-# --------------------------------------------------------------------------- training and extraction
-
-
-def _train_setup(model: str, size: int | None, tmp: Path, device: str | None = None, **overrides):
-    """``(Setup, Accelerator)`` of a training run on procedural images (instance: disc, prior: towers), the
-    device and precision as ``latexblend train`` picks them."""
-    from latexblend.toy.synthetic import draw_concept
-    from latexblend.train.data import load_prior
-    from latexblend.train.loop import accelerator
-    from latexblend.train.options import TrainConfig
-    from latexblend.train.setup import build_setup, check_inputs
-
-    draw_concept(tmp / "inst", "disc", num=4, size=256)
-    draw_concept(tmp / "prior", "towers", num=4, size=256, seed=1)
-    cfg = TrainConfig(name="bench", images=str(tmp / "inst"), class_noun="dog", prior=str(tmp / "prior"),
-                      model=model, resolution=size, **overrides)
-    acc, dtype = accelerator(cfg.mixed_precision, device)
-    images, _ = check_inputs(cfg)
-    return build_setup(cfg, images, load_prior(tmp / "prior", "dog"), acc.device, dtype), acc
-
-
-def _train_rows(setup, acc, steps: int, checkpointing: Sequence[bool], peak: float | None) -> list[dict]:
-    """A row per gradient-checkpointing setting, timing :func:`~latexblend.train.train_step` (the step of
-    ``latexblend train``) in the steady state of a long run: the prior cache filled first. FLOPs are
-    counted once, on step 0 (uncompiled: with ``compile_unet`` the UNet is compiled after it);
-    ``warmup_s`` is each setting's untimed first step (with ``compile_unet``, the compilation)."""
-    from latexblend.train.loop import make_optimizer
-    from latexblend.train.setup import compile_unet
-    from latexblend.train.step import fill_prior_cache, step_tflop, train_step
-
-    params = setup.flow.trainable()
-    optimizer = acc.prepare(make_optimizer(setup.cfg, params, setup.cfg.lr))
-    with acc.autocast():
-        fill_prior_cache(setup)
-    tflop = step_tflop(setup, acc, 0)
-    if setup.cfg.compile_unet:
-        compile_unet(setup.pipe.unet, setup.cfg.compile_backend)
-    device, rows = str(setup.device), []
-    samples = setup.cfg.batch_size * setup.cfg.grad_accum * (2 if setup.prior else 1)
-    for on in checkpointing:
-        unet = setup.pipe.unet
-        unet.enable_gradient_checkpointing() if on else unet.disable_gradient_checkpointing()
-        warmup, _ = timed(lambda: train_step(setup, optimizer, acc, 1, params), device)
-        seconds, peak_gib = timed(lambda: [train_step(setup, optimizer, acc, s, params) for s in range(2, 2 + steps)],
-                                  device)
-        rate = steps / seconds
-        rows.append({"gradient_checkpointing": on, "steps_per_s": round(rate, 4),
-                     "samples_per_s": round(samples * rate, 4), "peak_gib": round(peak_gib, 3),
-                     "tflop_per_step": float(f"{tflop:.5g}"), "tflop_per_s": round(tflop * rate, 4),
-                     "mfu": round(mfu(tflop, rate, peak), 4) if peak else None, "warmup_s": round(warmup, 2)})
-    return rows
-
-
-def bench_train(model: str = "tiny", steps: int = 5, size: int | None = None, device: str | None = None,
-                checkpointing: Sequence[bool] = (False, True), peak: float | None = None, **settings) -> dict:
-    """Steps/s, samples/s, peak memory and FLOP utilisation of the dual-flow training step (the one
-    ``latexblend train`` runs: :func:`~latexblend.train.train_step`, with clipping and gradient
-    averaging), per gradient-checkpointing setting. ``settings``: training settings
-    (:class:`~latexblend.config.TrainConfig`: ``cache_prior``, ``compile_unet``, ``grad_accum``,
-    ``batch_size``...). ``peak``: the device's TFLOP/s for MFU [default: the datasheet figure of known
-    GPUs; none on the CPU]."""
-    import tempfile
-
-    check_counts(steps=steps)
-    device = resolve_device(device)
-    with tempfile.TemporaryDirectory() as tmp:  # prior images are read on every cache miss
-        setup, acc = _train_setup(model, size, Path(tmp), device, **settings)
-        device = str(setup.device)
-        peak = peak_tflops(device_name(device), peak)
-        rows = _train_rows(setup, acc, steps, checkpointing, peak)
-    cfg = setup.cfg
-    return {"benchmark": "train", "model": model, "device": device, "device_name": device_name(device),
-            "dtype": str(setup.dtype).replace("torch.", ""), "size": setup.size, "steps": steps,
-            "batch": f"{cfg.batch_size} instance + {cfg.batch_size} prior", "grad_accum": cfg.grad_accum,
-            "cache_prior": cfg.cache_prior, "compile_unet": cfg.compile_unet, "peak_tflops": peak,
-            "trainable_params": sum(p.numel() for p in setup.flow.trainable()), "rows": rows, "env": environment()}
+# --------------------------------------------------------------------------- extraction
 
 
 def bench_extract(model: str = "tiny", device: str | None = None, repeats: int = 3) -> dict:
     """Wall time of Stage 2 (one text-side pass: encode, project, keep the span) and the bank's size."""
     import tempfile
 
+    from benchmarks.train_bench import train_setup
     from latexblend.bank.extract import extract_bank
     from latexblend.bank.format import save_bank
     from latexblend.text import pipeline_text_side
@@ -344,7 +269,7 @@ def bench_extract(model: str = "tiny", device: str | None = None, repeats: int =
     check_counts(repeats=repeats)
     device = resolve_device(device)
     with tempfile.TemporaryDirectory() as tmp:
-        setup, _ = _train_setup(model, None, Path(tmp), device)
+        setup, _ = train_setup(model, None, Path(tmp), device)
         device = str(setup.device)
         toks, encs = pipeline_text_side(setup.pipe)
         weights = setup.flow.weights()

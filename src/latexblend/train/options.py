@@ -12,6 +12,7 @@ from latexblend.settings import check_range, safe_name
 SHRINK = 2 / 3  # Custom Diffusion's share of shrink-and-paste augmentations
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+CUDA_GRAPH = ("auto", "on", "off")
 
 
 @dataclasses.dataclass
@@ -52,6 +53,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     compile_unet: bool = False  # torch.compile the UNet (the first step compiles)
     compile_backend: str = "inductor"  # torch.compile backend of compile_unet ("eager": graph capture only)
+    cuda_graph: str = "auto"  # replay each step as one CUDA graph (auto: on CUDA when it can; checked against eager)
     cache_prior: bool = True  # keep prior images' VAE moments and captions' text features after first use
     use_8bit_adam: bool = False
     mixed_precision: str = "auto"  # auto: bf16 on CUDA, none on CPU
@@ -94,6 +96,8 @@ class TrainConfig:
         check_range("prior_loss_weight", self.prior_loss_weight, 0)
         check_range("augment_shrink", self.augment_shrink, 0, 1)
         check_range("max_grad_norm", self.max_grad_norm, 0)
+        if self.cuda_graph not in CUDA_GRAPH:
+            raise LatexBlendError(f"cuda_graph must be one of {', '.join(CUDA_GRAPH)}, got '{self.cuda_graph}'")
         if self.mixed_precision not in MIXED_PRECISION:
             raise LatexBlendError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}")
         if "{token}" not in self.extract_prompt or "{noun}" not in self.extract_prompt:
