@@ -787,3 +787,28 @@ def test_a_graph_that_fails_or_differs_is_dropped_and_the_run_goes_on_eagerly(ti
     assert len(lines) == 1 and message in lines[0] and lines[0].endswith("training runs eagerly")
     assert all(torch.equal(a, b) for a, b in zip(ref_losses, losses, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(eager.flow.trainable(), graphed.flow.trainable(), strict=True))
+
+
+def test_a_checkpoint_with_one_optimizer_entry_per_kv_weight_resumes_into_the_flat_weight(setup):
+    """Checkpoints written before the flat K/V weight hold AdamW state per to_k/to_v weight: loading
+    concatenates it into the flat weight's state, element for element what the flat optimizer holds."""
+    from latexblend.train.loop import flat_optimizer_state
+
+    flow = setup.flow
+    g = torch.Generator().manual_seed(0)
+    grad = torch.randn(flow.weight.shape, generator=g)
+    old_params = [torch.nn.Parameter(w.detach().clone()) for w in flow.weight.detach().split(flow.sizes)]
+    old_params += [torch.nn.Parameter(r.detach().clone()) for r in flow.rows]
+    new_params = [torch.nn.Parameter(flow.weight.detach().clone())] + old_params[len(flow.sizes):]
+    for p, gr in zip(old_params, [*grad.split(flow.sizes), *(torch.ones_like(r) for r in flow.rows)], strict=True):
+        p.grad = gr.clone()
+    new_params[0].grad = grad.clone()
+    old, new = torch.optim.AdamW(old_params, lr=1e-3), torch.optim.AdamW(new_params, lr=1e-3)
+    old.step()
+    new.step()
+    converted = flat_optimizer_state(old.state_dict(), flow)
+    expected = new.state_dict()
+    assert converted["param_groups"] == expected["param_groups"]
+    for i, st in expected["state"].items():
+        assert all(torch.equal(converted["state"][i][k], v) for k, v in st.items())
+    assert flat_optimizer_state(expected, flow) is expected  # today's checkpoints load as they are

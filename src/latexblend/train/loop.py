@@ -194,8 +194,26 @@ def load_checkpoint(setup: Setup, optimizer, folder: Path) -> int:
     """Restore trainables and optimizer state from ``folder``; returns the step to continue from."""
     step, kv, rows, state = read_checkpoint(folder, config_hash(setup.cfg))
     setup.flow.load(kv, rows)
-    optimizer.load_state_dict(state)
+    optimizer.load_state_dict(flat_optimizer_state(state, setup.flow))
     return step
+
+
+def flat_optimizer_state(state: dict, flow) -> dict:
+    """An optimizer state saved when each ``to_k``/``to_v`` weight was its own parameter (one entry per weight,
+    then the rows), as the flat weight's one entry: each state tensor's rows concatenated in order. Any
+    other state is returned as it is."""
+    group = state["param_groups"][0]
+    kv = len(flow.names)
+    if flow.weight is None or len(state["param_groups"]) != 1 or len(group["params"]) != kv + len(flow.rows):
+        return state
+    per = [state["state"][i] for i in group["params"][:kv] if i in state["state"]]
+    merged = {}
+    if per:
+        merged[0] = {k: (per[0][k] if per[0][k].dim() == 0 else torch.cat([p[k] for p in per])) for k in per[0]}
+    for j, i in enumerate(group["params"][kv:], start=1):
+        if i in state["state"]:
+            merged[j] = state["state"][i]
+    return {"state": merged, "param_groups": [{**group, "params": list(range(1 + len(flow.rows)))}]}
 
 
 def _finish(setup: Setup, run: Path, start: int, wall: float, loss: float, meter: Meter, runner: Runner) -> None:
