@@ -172,8 +172,9 @@ def build_setup(cfg: TrainConfig, images: list, prior: list, device, dtype: torc
     fp = fingerprint(pipe.unet).to_json()
     torch.manual_seed(cfg.seed)  # LoRA initialisation, identical on every process
     flow = ConceptFlow(pipe.unet, encs, token_id, cfg.kv_rank)
-    splice = SpliceState()
-    install_processors(pipe.unet, lambda layer: SpliceProcessor(layer, splice))
+    splice = SpliceState(attn2_modules(pipe.unet))
+    processor = SpliceProcessor()
+    install_processors(pipe.unet, lambda layer: processor)
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -190,12 +191,14 @@ def noise_scales(scheduler: DDPMScheduler, device) -> tuple[torch.Tensor, torch.
 
 
 def compile_unet(unet, backend: str = "inductor") -> None:
-    """``torch.compile`` the UNet's forward in place with ``backend``; compiled at its first call (``train``
-    does it after counting the first step's FLOPs). One graph serves every template pair: the splice
-    reads span positions from a tensor."""
+    """Regional compilation: ``torch.compile`` each of the UNet's repeated transformer blocks in place with
+    ``backend`` (diffusers' ``compile_repeated_blocks``), compiled at their first call (``train`` does it
+    after counting the first step's FLOPs). The 70 blocks share their code: SDXL compiles 3 graphs (with
+    and without gradient at the input, then one with dynamic sizes), not one per layer, because the one
+    splice processor reads each layer's K/V from its module; and one graph serves every template pair."""
     import torch._dynamo  # only with compile_unet: its import alone takes about a second
 
     if backend not in torch._dynamo.list_backends(exclude_tags=()):
         raise LatexBlendError(f"unknown compile backend '{backend}' (known: "
                               f"{', '.join(torch._dynamo.list_backends(exclude_tags=()))})")
-    unet.compile(backend=backend)
+    unet.compile_repeated_blocks(backend=backend)

@@ -68,11 +68,14 @@ class SpliceTables:
 
 @dataclass
 class SpliceState:
-    """What the splice processors read during one UNet call: ``kv[layer]``, the ``(k, v)`` [B, 77, C] the
-    layer attends to (views of one tensor, set by :meth:`set`). ``record`` (tests, debugging): a dict that
-    receives every layer's ``(k, v)``."""
+    """Where the splice puts each layer's K/V for the UNet call: ``modules`` are the attn2 modules by name,
+    and :meth:`set` gives each one its ``(k, v)`` [B, 77, C] as the attribute ``spliced_kv`` (views of one
+    tensor), which the one :class:`SpliceProcessor` of all layers reads. A tensor attribute of the module, not
+    a per-layer processor, so that a compiled transformer block is one graph for every layer of its shape
+    (regional compilation: :func:`~latexblend.train.setup.compile_unet`). ``record`` (tests, debugging): a
+    dict that receives every layer's ``(k, v)``."""
 
-    kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    modules: dict = field(default_factory=dict)
     record: dict | None = None
 
     def set(self, tables: SpliceTables, projected: torch.Tensor, take: torch.Tensor, base_index: torch.Tensor | None,
@@ -86,17 +89,23 @@ class SpliceState:
             base = tables.base.index_select(0, base_index)
             other = base if n_instance == projected.shape[0] else torch.cat([base, other[n_instance:]])
         parts = torch.where(take, projected, other).split(tables.sizes, dim=-1)
-        self.kv = {layer: (parts[2 * i], parts[2 * i + 1]) for i, layer in enumerate(tables.layers)}
-        if self.record is not None:
-            self.record.update(self.kv)
+        for i, layer in enumerate(tables.layers):
+            self.modules[layer].spliced_kv = (parts[2 * i], parts[2 * i + 1])
+            if self.record is not None:
+                self.record[layer] = self.modules[layer].spliced_kv
+
+    def clear(self) -> None:
+        """Drop the step's K/V (kept until the backward: checkpointed blocks are recomputed there)."""
+        for attn in self.modules.values():
+            attn.spliced_kv = None
 
 
 class SpliceProcessor(KVProcessor):
-    """Dual-flow training: the layer attends to the K/V the step spliced for it (:meth:`SpliceState.set`)."""
+    """Dual-flow training, one instance for every attn2 layer: the layer attends to the K/V the step spliced
+    for it (:meth:`SpliceState.set`)."""
 
-    def __init__(self, layer: str, state: SpliceState):
-        super().__init__(layer)
-        self.state = state
+    def __init__(self):
+        super().__init__("attn2 (splice)")
 
     def kv(self, attn, context):
-        return self.state.kv[self.layer]
+        return attn.spliced_kv

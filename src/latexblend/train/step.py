@@ -292,7 +292,7 @@ def update(setup: Setup, optimizer, acc, batches: list[Batch], params: list[nn.P
         acc.backward(loss / len(batches))
         parts = torch.stack([loss.detach(), inst.detach(), prior.detach()])
         total = parts if total is None else total + parts
-    setup.splice.kv = {}  # the step's K/V, kept until now for checkpointed blocks recomputed in backward
+    setup.splice.clear()
     if acc.num_processes > 1:  # one process: the identity, skipping two copies of every gradient
         average_gradients(params, lambda flat: acc.reduce(flat, reduction="mean"))
     if setup.cfg.max_grad_norm:
