@@ -169,11 +169,16 @@ def bench_modes_cmd(
     out: BenchOutOpt = Path("bench_modes.json"),
     profile: Annotated[Path | None, typer.Option(
         help="Also write a torch.profiler operator table per mode (profile_<mode>_<n>.txt) into this folder.")] = None,
+    modes: Annotated[str, typer.Option(help="Comma-separated modes: plain, guidance, guidance_ckpt, rectify, "
+                                            "plain_graphs, guidance_eager, rectify_eager.")
+                     ] = "plain,guidance,guidance_ckpt,rectify",
 ) -> None:
     """Plain blending, blending guidance and rectification vs the stock pipeline (time, peak memory, FLOPs)."""
     counts = _counts(concepts, 2, 6)
     _quiet_libraries()
     from benchmarks.speed import bench_modes
 
+    chosen = [m.strip() for m in modes.split(",") if m.strip()]
     _bench_report(bench_modes(model, counts, steps=steps, repeats=repeats, size=size, device=device, dtype=dtype,
-                              profile_dir=profile), out)
+                              modes=chosen, profile_dir=profile, progress=lambda line: typer.echo(line, err=True)),
+                  out)
