@@ -100,7 +100,8 @@ def bench_train_cmd(
                               compile_unet=compile_unet, compile_backend=compile_backend, cuda_graph=cuda_graph,
                               grad_accum=grad_accum,
                               batch_size=batch_size,
-                              checkpointing=settings[checkpointing], peak=peak_tflops), out)
+                              checkpointing=settings[checkpointing], peak=peak_tflops,
+                              progress=lambda line: typer.echo(line, err=True)), out)
 
 
 @app.command("fidelity")
@@ -172,6 +173,7 @@ def bench_modes_cmd(
     modes: Annotated[str, typer.Option(help="Comma-separated modes: plain, guidance, guidance_ckpt, rectify, "
                                             "plain_graphs, guidance_eager, rectify_eager.")
                      ] = "plain,guidance,guidance_ckpt,rectify",
+    profile_modes: Annotated[str | None, typer.Option(help="The modes --profile profiles [all].")] = None,
 ) -> None:
     """Plain blending, blending guidance and rectification vs the stock pipeline (time, peak memory, FLOPs)."""
     counts = _counts(concepts, 2, 6)
@@ -180,5 +182,6 @@ def bench_modes_cmd(
 
     chosen = [m.strip() for m in modes.split(",") if m.strip()]
     _bench_report(bench_modes(model, counts, steps=steps, repeats=repeats, size=size, device=device, dtype=dtype,
-                              modes=chosen, profile_dir=profile, progress=lambda line: typer.echo(line, err=True)),
+                              modes=chosen, profile_dir=profile, progress=lambda line: typer.echo(line, err=True),
+                              profile_modes=profile_modes.split(",") if profile_modes else None),
                   out)

@@ -214,7 +214,8 @@ def _mode_warm_up(blender, call: Callable[[], object], device: str, profile: Pat
 def bench_modes(model: str = "tiny", counts: Sequence[int] = (2, 4), steps: int = 20, repeats: int = 3,
                 size: int | None = None, device: str | None = None, dtype: str = "auto", cfg: float = 6.0,
                 modes: Sequence[str] = DEFAULT_MODES, profile_dir: str | Path | None = None,
-                progress: Callable[[str], None] = lambda line: None) -> dict:
+                progress: Callable[[str], None] = lambda line: None,
+                profile_modes: Sequence[str] | None = None) -> dict:
     """Time and peak memory of plain blending, guidance and rectification (:data:`MODES`) against the stock
     pipeline with N concepts, in one process: per count, stock, then each mode (one Blender per mode, so its
     CUDA graphs serve every call), then stock again (the A/A noise floor), each timed ``repeats`` times after
@@ -223,7 +224,8 @@ def bench_modes(model: str = "tiny", counts: Sequence[int] = (2, 4), steps: int 
     The warm-up also counts each generation's FLOPs (``tflop``, ``flop_vs_plain``: what a mode costs in
     arithmetic, free of timing noise) and ``guidance_saved_mib``, the activations autograd keeps for the
     guidance pass's backward (weights excluded; any device), the part of its memory that checkpointing
-    reduces. ``profile_dir``: also write one profiler table per mode there. ``progress``: a line per mode.
+    reduces. ``profile_dir``: also write one profiler table per mode (of ``profile_modes``, default all) there.
+    ``progress``: a line per mode.
     """
     from latexblend.blend.blender import apply
 
@@ -251,7 +253,8 @@ def bench_modes(model: str = "tiny", counts: Sequence[int] = (2, 4), steps: int 
         times[f"stock@{n}"] = [timed_memory(lambda p=prompt: call(p), device) for _ in range(repeats)]
         for mode in modes:
             with apply(pipe, banks[:n], **MODES[mode]) as blender:
-                profile = Path(profile_dir) / f"profile_{mode}_{n}.txt" if profile_dir is not None else None
+                profile = Path(profile_dir) / f"profile_{mode}_{n}.txt" if profile_dir is not None and (
+                    profile_modes is None or mode in profile_modes) else None
                 stats[f"{mode}@{n}"] = _mode_warm_up(blender, lambda p=prompt: call(p), device, profile)
                 times[f"{mode}@{n}"] = [timed_memory(lambda p=prompt: call(p), device) for _ in range(repeats)]
             seconds = statistics.median(t["s"] for t in times[f"{mode}@{n}"])

@@ -142,7 +142,7 @@ def free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def _ours(setup, acc, steps: int, on: bool, device: str, params: list, optimizer) -> dict:
+def _ours(setup, acc, steps: int, device: str, params: list, optimizer, progress: Callable[[str], None]) -> dict:
     """Our step at one checkpointing setting: warm-up (and the graph's capture), one counted eager step,
     then ``steps`` timed runner steps and as many eager ones."""
     notes: list[str] = []
@@ -150,7 +150,9 @@ def _ours(setup, acc, steps: int, on: bool, device: str, params: list, optimizer
     start = time.perf_counter()
     for s in range(WARMUP + 1):
         runner.step(s)
-    synchronize(device)
+        synchronize(device)
+        progress(f"train: warm-up step {s + 1} of {WARMUP + 1} done at {time.perf_counter() - start:.1f} s "
+                 f"({runner.path})")
     warmup = time.perf_counter() - start
     ops = count_ops(lambda: train_step(setup, optimizer, acc, WARMUP + 1, params))
     timed = measure(runner.step, WARMUP + 2, steps, device)
@@ -199,7 +201,8 @@ def _row(on: bool, ours: dict, stock: dict, tflop: float, samples: int, peak: fl
             "ours_vs_stock_peak": ratio(mem(t), mem(s)), "eager_vs_stock_time": ratio(e["s"], s["s"])}
 
 
-def _rows(setup, acc, steps: int, checkpointing: Sequence[bool], peak: float | None) -> tuple[list[dict], dict]:
+def _rows(setup, acc, steps: int, checkpointing: Sequence[bool], peak: float | None,
+          progress: Callable[[str], None]) -> tuple[list[dict], dict]:
     """A row per gradient-checkpointing setting: ours (the runner's path, and eager) and the stock step."""
     params = setup.flow.trainable()
     optimizer = acc.prepare(make_optimizer(setup.cfg, params, setup.plan.lr))
@@ -214,9 +217,11 @@ def _rows(setup, acc, steps: int, checkpointing: Sequence[bool], peak: float | N
     ours = {}
     for on in checkpointing:
         unet.enable_gradient_checkpointing() if on else unet.disable_gradient_checkpointing()
-        ours[on] = _ours(setup, acc, steps, on, device, params, optimizer)
+        ours[on] = _ours(setup, acc, steps, device, params, optimizer, progress)
         if compile_s is not None and on == checkpointing[0]:
             compile_s = ours[on]["warmup_s"]  # the first steps compile the blocks
+        progress(f"train: ours, checkpointing {'on' if on else 'off'}: {ours[on]['path']} "
+                 f"{1 / ours[on]['timed']['s']:.2f} steps/s, eager {1 / ours[on]['eager']['s']:.2f} steps/s")
     optimizer.state.clear()  # ours is done: its AdamW state must not weigh on the stock step's memory
     del optimizer
     free(device)
@@ -224,6 +229,7 @@ def _rows(setup, acc, steps: int, checkpointing: Sequence[bool], peak: float | N
     for on in checkpointing:
         unet.enable_gradient_checkpointing() if on else unet.disable_gradient_checkpointing()
         stock[on] = _stock(setup, acc, steps, device)
+        progress(f"train: stock, checkpointing {'on' if on else 'off'}: {1 / stock[on]['timed']['s']:.2f} steps/s")
     samples = setup.cfg.batch_size * setup.cfg.grad_accum * (2 if setup.prior else 1)
     rows = [_row(on, ours[on], stock[on], tflop, samples, peak) for on in checkpointing]
     return rows, {"compile_s": compile_s, "graph": {on: {k: ours[on][k] for k in ("path_note", "check", "log")}
@@ -231,19 +237,21 @@ def _rows(setup, acc, steps: int, checkpointing: Sequence[bool], peak: float | N
 
 
 def bench_train(model: str = "tiny", steps: int = 5, size: int | None = None, device: str | None = None,
-                checkpointing: Sequence[bool] = (False, True), peak: float | None = None, **settings) -> dict:
+                checkpointing: Sequence[bool] = (False, True), peak: float | None = None,
+                progress: Callable[[str], None] = lambda line: None, **settings) -> dict:
     """Steps/s, samples/s, peak memory, FLOP utilisation and operators per step of our training step and of a
     stock diffusers Custom-Diffusion step on the same batches, per gradient-checkpointing setting, and their
     ratios. ``settings``: training settings (:class:`~latexblend.train.options.TrainConfig`: ``cache_prior``,
     ``compile_unet``, ``cuda_graph``, ``grad_accum``, ``batch_size``...). ``peak``: the device's TFLOP/s for
-    MFU [default: the datasheet figure of known GPUs; none on the CPU]."""
+    MFU [default: the datasheet figure of known GPUs; none on the CPU]. ``progress``: a line per part done."""
     check_counts(steps=steps)
     device = resolve_device(device)
     with tempfile.TemporaryDirectory() as tmp:  # prior images are read on every cache miss
         setup, acc = train_setup(model, size, Path(tmp), device, **settings)
         device = str(setup.device)
         peak = peak_tflops(device_name(device), peak)
-        rows, extra = _rows(setup, acc, steps, checkpointing, peak)
+        progress(f"train: set up {model} at {setup.size} px on {device}")
+        rows, extra = _rows(setup, acc, steps, checkpointing, peak, progress)
     cfg = setup.cfg
     return {"benchmark": "train", "model": model, "device": device, "device_name": device_name(device),
             "dtype": str(setup.dtype).replace("torch.", ""), "size": setup.size, "steps": steps,
