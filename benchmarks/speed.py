@@ -294,7 +294,7 @@ def bench_extract(model: str = "tiny", device: str | None = None, repeats: int =
     """Wall time of Stage 2 (one text-side pass: encode, project, keep the span) and the bank's size."""
     import tempfile
 
-    from benchmarks.train_bench import train_setup
+    from benchmarks.setups import train_setup
     from latexblend.bank.extract import extract_bank
     from latexblend.bank.format import save_bank
     from latexblend.text import pipeline_text_side

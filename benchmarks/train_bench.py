@@ -21,33 +21,16 @@ from pathlib import Path
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from benchmarks import slim
 from benchmarks.counters import OpCounter
+from benchmarks.setups import train_setup
 from benchmarks.speed import check_counts
 from latexblend.attention import install_processors
 from latexblend.device import device_name, environment, mfu, peak_tflops, resolve_device, synchronize
 from latexblend.text import encode_prompts, pipeline_text_side
-from latexblend.train.loop import accelerator, make_optimizer
+from latexblend.train.loop import make_optimizer
 from latexblend.train.runner import WARMUP, Runner
-from latexblend.train.setup import build_setup, check_inputs, compile_unet
+from latexblend.train.setup import compile_unet
 from latexblend.train.step import batch_latents, fill_prior_cache, micro_batches, step_tflop, train_step
-
-
-def train_setup(model: str, size: int | None, tmp: Path, device: str | None = None, **overrides):
-    """``(Setup, Accelerator)`` of a training run on procedural images (instance: disc, prior: towers), the
-    device and precision as ``latexblend train`` picks them."""
-    from latexblend.toy.synthetic import draw_concept
-    from latexblend.train.data import load_prior
-    from latexblend.train.options import TrainConfig
-
-    draw_concept(tmp / "inst", "disc", num=4, size=256)
-    draw_concept(tmp / "prior", "towers", num=4, size=256, seed=1)
-    cfg = TrainConfig(name="bench", images=str(tmp / "inst"), class_noun="dog", prior=str(tmp / "prior"),
-                      model=slim.resolve(model), resolution=size, **overrides)
-    acc, dtype = accelerator(cfg.mixed_precision, device)
-    images, _ = check_inputs(cfg)
-    return build_setup(cfg, images, load_prior(tmp / "prior", "dog"), acc.device, dtype), acc
-
 
 # --------------------------------------------------------------------------- the stock step
 
@@ -155,6 +138,7 @@ def _ours(setup, acc, steps: int, device: str, params: list, optimizer, progress
                  f"({runner.path})")
     warmup = time.perf_counter() - start
     ops = count_ops(lambda: train_step(setup, optimizer, acc, WARMUP + 1, params))
+    free(device)  # the eager steps' cached blocks: a graph's memory is its pool, reserved apart
     timed = measure(runner.step, WARMUP + 2, steps, device)
     eager = measure(lambda s: train_step(setup, optimizer, acc, s, params), WARMUP + 2 + steps, steps, device) \
         if runner.path != "eager" else timed
@@ -172,6 +156,7 @@ def _stock(setup, acc, steps: int, device: str) -> dict:
 
         step(0)
         ops = count_ops(lambda: step(1))
+        free(device)
         timed = measure(step, 2, steps, device)
     free(device)
     return {"ops": ops, "timed": timed}

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.counters import OpCounter
-from benchmarks.train_bench import train_setup
+from benchmarks.setups import train_setup
 from latexblend.train.loop import make_optimizer
 from latexblend.train.step import fill_prior_cache, step_tflop, train_step
 
