@@ -24,7 +24,6 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from benchmarks.counters import OpCounter
 from benchmarks.setups import train_setup
 from benchmarks.speed import check_counts
-from latexblend.attention import install_processors
 from latexblend.device import device_name, environment, mfu, peak_tflops, resolve_device, synchronize
 from latexblend.text import encode_prompts, pipeline_text_side
 from latexblend.train.loop import make_optimizer
@@ -67,7 +66,7 @@ def stock_step(setup, optimizer, acc, step: int, params: list) -> torch.Tensor:
 
 
 class StockMode:
-    """Within the block the pipeline trains as stock diffusers would: diffusers' attn2 processors, the
+    """Within the block the pipeline trains as stock diffusers would: diffusers' attention processors, the
     ``to_k``/``to_v`` weights themselves trainable (views of our flat weight), with their own optimizer."""
 
     def __init__(self, setup, acc):
@@ -80,7 +79,10 @@ class StockMode:
             w.requires_grad_(True)
         self.params = [*self.weights, *flow.rows] if self.weights else flow.trainable()
         self.optimizer = self.acc.prepare(make_optimizer(self.setup.cfg, self.params, self.setup.plan.lr))
-        self.restore = install_processors(self.setup.pipe.unet, lambda layer: AttnProcessor2_0())
+        unet = self.setup.pipe.unet
+        old = dict(unet.attn_processors)
+        unet.set_attn_processor(AttnProcessor2_0())  # diffusers' own, attn1 and attn2
+        self.restore = lambda: unet.set_attn_processor(old)
         return self
 
     def __exit__(self, *exc):

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 
-from latexblend.attention import install_processors, project_kv
+from latexblend.attention import fuse_self_attention, install_processors, project_kv
 from latexblend.errors import LatexBlendError
 from latexblend.fileio import list_images, open_image
 from latexblend.models import attn2_modules, fingerprint, load_pipeline
@@ -172,6 +172,7 @@ def build_setup(cfg: TrainConfig, images: list, prior: list, device, dtype: torc
     fp = fingerprint(pipe.unet).to_json()
     torch.manual_seed(cfg.seed)  # LoRA initialisation, identical on every process
     flow = ConceptFlow(pipe.unet, encs, token_id, cfg.kv_rank)
+    fuse_self_attention(pipe.unet)  # frozen attn1: q, k, v in one matmul
     splice = SpliceState(attn2_modules(pipe.unet))
     processor = SpliceProcessor()
     install_processors(pipe.unet, lambda layer: processor)
