@@ -24,7 +24,15 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from benchmarks.counters import OpCounter
 from benchmarks.setups import train_setup
 from benchmarks.speed import check_counts
-from latexblend.device import device_name, environment, mfu, peak_tflops, resolve_device, synchronize
+from latexblend.device import (
+    device_name,
+    environment,
+    gradient_checkpointing,
+    mfu,
+    peak_tflops,
+    resolve_device,
+    synchronize,
+)
 from latexblend.text import encode_prompts, pipeline_text_side
 from latexblend.train.loop import make_optimizer
 from latexblend.train.runner import WARMUP, Runner
@@ -203,7 +211,7 @@ def _rows(setup, acc, steps: int, checkpointing: Sequence[bool], peak: float | N
     device, unet = str(setup.device), setup.pipe.unet
     ours = {}
     for on in checkpointing:
-        unet.enable_gradient_checkpointing() if on else unet.disable_gradient_checkpointing()
+        gradient_checkpointing(unet, on)
         ours[on] = _ours(setup, acc, steps, device, params, optimizer, progress)
         if compile_s is not None and on == checkpointing[0]:
             compile_s = ours[on]["warmup_s"]  # the first steps compile the blocks
@@ -214,7 +222,7 @@ def _rows(setup, acc, steps: int, checkpointing: Sequence[bool], peak: float | N
     free(device)
     stock = {}
     for on in checkpointing:
-        unet.enable_gradient_checkpointing() if on else unet.disable_gradient_checkpointing()
+        gradient_checkpointing(unet, on)
         stock[on] = _stock(setup, acc, steps, device)
         progress(f"train: stock, checkpointing {'on' if on else 'off'}: {1 / stock[on]['timed']['s']:.2f} steps/s")
     samples = setup.cfg.batch_size * setup.cfg.grad_accum * (2 if setup.prior else 1)

@@ -12,6 +12,7 @@ import torch
 from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 
 from latexblend.attention import fuse_self_attention, install_processors, project_kv
+from latexblend.device import gradient_checkpointing
 from latexblend.errors import LatexBlendError
 from latexblend.fileio import list_images, open_image
 from latexblend.models import attn2_modules, fingerprint, load_pipeline
@@ -177,7 +178,7 @@ def build_setup(cfg: TrainConfig, images: list, prior: list, device, dtype: torc
     processor = SpliceProcessor()
     install_processors(pipe.unet, lambda layer: processor)
     if cfg.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
+        gradient_checkpointing(pipe.unet, True)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     return Setup(cfg, pipe, flow, images, prior, templates, splice, tables, scheduler, fp, size, dtype, pipe.device,
                  pipe.unet.dtype, pipe.vae.dtype, PriorCache(cfg.cache_prior), plan or schedule(cfg),
