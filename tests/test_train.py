@@ -770,7 +770,8 @@ def test_the_step_replays_as_a_graph_would_and_trains_exactly_as_eager_steps(tin
 
 
 @pytest.mark.parametrize("fault, message", [("raise", "capture failed (RuntimeError: boom)"),
-                                            ("differ", "its step differed from the eager step")])
+                                            ("differ", "its step differed from the eager step"),
+                                            ("replay", "a replay failed (RuntimeError: boom)")])
 def test_a_graph_that_fails_or_differs_is_dropped_and_the_run_goes_on_eagerly(tiny_dir, concept_dir, prior_dir,
                                                                                monkeypatch, fault, message):
     from latexblend.train import runner as runner_module
@@ -786,10 +787,23 @@ def test_a_graph_that_fails_or_differs_is_dropped_and_the_run_goes_on_eagerly(ti
             raise RuntimeError("boom\nsecond line")
         return real(*args, **kwargs) * 1.5
 
-    monkeypatch.setattr(runner_module, "update", faulty)
+    if fault == "replay":  # the check's replay passes, the next one fails
+        replays = []
+        real_replay = runner_module.Emulated.replay
+
+        def replay(self):
+            replays.append(1)
+            if len(replays) == 2:
+                raise RuntimeError("boom")
+            return real_replay(self)
+
+        monkeypatch.setattr(runner_module.Emulated, "replay", replay)
+    else:
+        monkeypatch.setattr(runner_module, "update", faulty)
     runner, _, losses, lines = _run_steps(graphed, steps, emulate=True)
     assert runner.path == "eager" and runner.graph is None and runner.note.startswith("cuda graph dropped")
-    assert len(lines) == 1 and message in lines[0] and lines[0].endswith("training runs eagerly")
+    assert len(lines) == (2 if fault == "replay" else 1)  # a graph that failed later was captured first
+    assert message in lines[-1] and lines[-1].endswith("training runs eagerly")
     assert all(torch.equal(a, b) for a, b in zip(ref_losses, losses, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(eager.flow.trainable(), graphed.flow.trainable(), strict=True))
 

@@ -71,7 +71,13 @@ class CallGraphs:
         if entry.broken is not None:
             return fn(*inputs)
         if entry.graph is not None:
-            return self._replay(entry, inputs)
+            try:
+                return self._replay(entry, inputs)
+            except Exception as err:  # noqa: BLE001 - a replay that fails: this key runs eagerly from now on
+                entry.graph, entry.inputs, entry.outputs = None, (), ()
+                name = key[0] if isinstance(key, tuple) else key
+                return self._refuse(entry, name, f"replay failed ({type(err).__name__}: {_first_line(err)})", fn,
+                                    inputs)
         entry.seen += 1
         if entry.seen == 1:
             return self._warm_up(fn, inputs)
@@ -112,16 +118,19 @@ class CallGraphs:
                 entry.graph = lambda: fn(*entry.inputs)
             else:
                 torch.cuda.synchronize(self.device)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    entry.outputs = fn(*entry.inputs)
-                entry.graph = lambda: graph.replay()
+                graph, stream = torch.cuda.CUDAGraph(), torch.cuda.current_stream(self.device)
+                try:
+                    with torch.cuda.graph(graph):
+                        entry.outputs = fn(*entry.inputs)
+                finally:  # a capture that fails at its end leaves its side stream current
+                    torch.cuda.set_stream(stream)
+                entry.graph = graph.replay
             got = self._replay(entry, inputs)
             expected = fn(*inputs)
         except Exception as err:  # noqa: BLE001 - any failure means: this key stays eager
             entry.graph, entry.inputs, entry.outputs = None, (), ()
-            first = (str(err).strip().splitlines() or [""])[0][:160]
-            return self._refuse(entry, name, f"capture failed ({type(err).__name__}: {first})", fn, inputs)
+            return self._refuse(entry, name, f"capture failed ({type(err).__name__}: {_first_line(err)})", fn,
+                                inputs)
         worst = max((_distance(a, b) for a, b in zip(got, expected, strict=True)), default=0.0)
         if worst > RTOL:
             entry.graph, entry.inputs, entry.outputs = None, (), ()
@@ -141,6 +150,10 @@ class CallGraphs:
     def _event(self, line: str) -> None:
         self.events.append(f"cuda graph {line}")
         log.info("cuda graph %s", line)
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [""])[0][:160]
 
 
 def _distance(a: torch.Tensor, b: torch.Tensor) -> float:

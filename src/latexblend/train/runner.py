@@ -81,7 +81,10 @@ class Runner:
     def step(self, step: int) -> torch.Tensor:
         """Optimizer step ``step``; ``[loss, instance loss, prior loss]`` on the device (unread)."""
         if self.graph is not None:
-            return self._replay(step)
+            try:
+                return self._replay(step)
+            except Exception as err:  # noqa: BLE001 - the step runs eagerly, and every one after it
+                self._drop(f"a replay failed ({type(err).__name__}: {_first_line(err)})")
         if self.pending and self.eager_steps >= WARMUP:
             self.pending = False
             losses = self._capture_and_check(step)
@@ -119,9 +122,12 @@ class Runner:
             self.graph = Emulated(fn, self.optimizer)
             return
         torch.cuda.synchronize(self.setup.device)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.out = fn()
+        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.current_stream(self.setup.device)
+        try:
+            with torch.cuda.graph(graph):
+                self.out = fn()
+        finally:  # a capture that fails at its end leaves its side stream current
+            torch.cuda.set_stream(stream)
         self.graph = graph
 
     def _replay(self, step: int) -> torch.Tensor:
@@ -145,7 +151,7 @@ class Runner:
             graph = self._replay(step)
             self.check = _compare(eager, graph, before["params"], eager_params, self.params)
         except Exception as err:  # noqa: BLE001 - any failure means: no graph, the run goes on eagerly
-            self._drop(f"capture failed ({type(err).__name__}: {str(err).strip().splitlines()[0][:160]})")
+            self._drop(f"capture failed ({type(err).__name__}: {_first_line(err)})")
             if "before" in locals():
                 self._restore(before)
             return None
@@ -184,6 +190,10 @@ class Runner:
                     if isinstance(t, torch.Tensor) and id(t) in snapshot["state"]:
                         t.copy_(snapshot["state"][id(t)])
         self.optimizer.zero_grad(set_to_none=True)
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [""])[0][:160]
 
 
 def _compare(eager: torch.Tensor, graph: torch.Tensor, before: list, after_eager: list, params: list) -> dict:
