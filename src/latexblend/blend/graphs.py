@@ -10,10 +10,11 @@ every value that changes between calls (the latent, the timestep, the prompt emb
 strength) is an input tensor, copied into the graph's static input before each replay. What a call reads
 besides its inputs must stay where it is (weights, bank rows, :class:`~latexblend.blend.steering.Steering`'s
 persistent coefficient buffers). A key's first call runs eagerly (on a side stream: the warm-up capture
-needs); its second is captured, replayed and checked against an eager run of the same call; from then on
-it is only replayed, in this pipeline call and the next ones. Whatever goes wrong (the capture, the check,
-too little free memory) leaves that key eager, with one line in :attr:`CallGraphs.events`: a graph never
-changes what a call computes, only how fast.
+needs); its second is captured and replayed, and the first graph of each kind of call (denoising step,
+guidance pass) is checked against an eager run of the same call; from then on a key is only replayed, in
+this pipeline call and the next ones, with at most :data:`MAX_LIVE` graphs kept. Whatever goes wrong (the
+capture, the check, too little free memory) leaves that key eager, with one line in
+:attr:`CallGraphs.events`: a graph never changes what a call computes, only how fast.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ GRAPHS = ("auto", "off", "steering", "all")
 MIN_FREE = 0.2
 #: The check of a new graph against the eager call: relative distance of each output.
 RTOL = 2e-2
+#: Graphs kept at once (each holds its memory): the least recently used goes first (captured again if needed).
+MAX_LIVE = 6
 
 
 def resolve_graphs(setting: str, device: torch.device) -> str:
@@ -52,6 +55,7 @@ class Entry:
     outputs: tuple = ()
     broken: str | None = None
     replays: int = 0
+    used: int = 0
 
 
 @dataclass
@@ -64,10 +68,14 @@ class CallGraphs:
     emulate: bool = False
     entries: dict = field(default_factory=dict)
     events: list[str] = field(default_factory=list)
+    checked: dict = field(default_factory=dict)  # per kind of call: whether its first graph matched eager
+    clock: int = 0
 
     def run(self, key, fn: Callable[..., tuple], inputs: Sequence[torch.Tensor]) -> tuple:
         """``fn(*inputs)``, a tuple of tensors: eagerly, or replayed from the key's graph."""
         entry = self.entries.setdefault(key, Entry())
+        self.clock += 1
+        entry.used = self.clock
         if entry.broken is not None:
             return fn(*inputs)
         if entry.graph is not None:
@@ -107,11 +115,17 @@ class CallGraphs:
         return tuple(t.clone() for t in (out if out is not None else entry.outputs))
 
     def _capture(self, entry: Entry, key, fn, inputs) -> tuple:
+        """Capture the key's graph and replay it. The first graph of each kind of call (the key's first item)
+        is checked against an eager run of the same call; the others of its kind are the same code with
+        other shapes or spans, and are trusted once it matched (a kind whose check failed is not graphed)."""
         name = key[0] if isinstance(key, tuple) else key
+        if self.checked.get(name) is False:
+            return self._refuse(entry, name, "its kind differed from eager", fn, inputs)
         if not self.emulate:
             free, total = torch.cuda.mem_get_info(self.device)
             if free < MIN_FREE * total:
                 return self._refuse(entry, name, f"{free / 2**30:.1f} GiB free of {total / 2**30:.0f}", fn, inputs)
+        self._evict()
         try:
             entry.inputs = tuple(t.detach().clone() for t in inputs)
             if self.emulate:
@@ -126,12 +140,16 @@ class CallGraphs:
                     torch.cuda.set_stream(stream)
                 entry.graph = graph.replay
             got = self._replay(entry, inputs)
-            expected = fn(*inputs)
+            expected = None if self.checked.get(name) else fn(*inputs)
         except Exception as err:  # noqa: BLE001 - any failure means: this key stays eager
             entry.graph, entry.inputs, entry.outputs = None, (), ()
             return self._refuse(entry, name, f"capture failed ({type(err).__name__}: {_first_line(err)})", fn,
                                 inputs)
+        if expected is None:
+            self._event(f"{name}: captured (its kind matched eager)")
+            return got
         worst = max((_distance(a, b) for a, b in zip(got, expected, strict=True)), default=0.0)
+        self.checked[name] = worst <= RTOL
         if worst > RTOL:
             entry.graph, entry.inputs, entry.outputs = None, (), ()
             entry.broken = f"differs from eager by {worst:.2e}"
@@ -139,6 +157,14 @@ class CallGraphs:
             return expected
         self._event(f"{name}: captured, same outputs as eager (largest relative distance {worst:.1e})")
         return got
+
+    def _evict(self) -> None:
+        """Free the least recently used graph while :data:`MAX_LIVE` are kept (it is captured again if needed)."""
+        live = [e for e in self.entries.values() if e.graph is not None]
+        while len(live) >= MAX_LIVE:
+            oldest = min(live, key=lambda e: e.used)
+            oldest.graph, oldest.inputs, oldest.outputs, oldest.seen = None, (), (), 1
+            live.remove(oldest)
 
     def _refuse(self, entry: Entry, name: str, why: str, fn, inputs) -> tuple:
         entry.broken = why
