@@ -65,8 +65,8 @@ def modes_lines(data: dict) -> list[str]:
 
 def summary(folder: Path) -> list[str]:
     lines = []
-    for name, label in (("bench_train.json", "train"), ("bench_train_compiled.json", "train compiled"),
-                        ("bench_train_batch.json", "train batch 4")):
+    for name, label in (("bench_train.json", "train"), ("bench_train_1024.json", "train 1024 px"),
+                        ("bench_train_compiled.json", "train compiled"), ("bench_train_batch.json", "train batch 4")):
         data = _load(folder, name)
         if data:
             lines += train_lines(data, label)

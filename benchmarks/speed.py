@@ -160,6 +160,8 @@ MODES = {
 }
 #: The modes measured by default (the last three differ from others only in their CUDA graphs: on a GPU).
 DEFAULT_MODES = ("plain", "guidance", "guidance_ckpt", "rectify")
+#: Modes whose arithmetic is another mode's (only their CUDA graphs differ): FLOPs counted once.
+SAME_FLOPS = {"plain_graphs": "plain", "guidance_eager": "guidance", "rectify_eager": "rectify"}
 
 
 def _steering_columns(stats: dict | None) -> dict:
@@ -192,14 +194,20 @@ def timed_memory(fn: Callable[[], object], device: str) -> dict:
     return {"s": seconds, "alloc": alloc, "reserved": reserved}
 
 
-def _mode_warm_up(blender, call: Callable[[], object], device: str, profile: Path | None) -> dict:
+def _mode_warm_up(blender, call: Callable[[], object], device: str, profile: Path | None,
+                  counted: dict | None = None) -> dict:
     """The untimed calls of one mode: the first counts FLOPs and saved activations with graphs off (their
-    replays would escape the counting), the next two let the graphs warm up and be captured."""
+    replays would escape the counting; ``counted``: the same mode's counts, taken instead), the next two
+    let the graphs warm up and be captured."""
     mode = blender.graph_mode
     blender.use_graphs("off")
-    with SavedBytes(blender.pipe.unet) as saved:
-        tflop = count_tflop(call)
-    stats = {"tflop": tflop, "guidance_saved_bytes": saved.nbytes,
+    if counted is None:
+        with SavedBytes(blender.pipe.unet) as saved:
+            tflop = count_tflop(call)
+        counted = {"tflop": tflop, "guidance_saved_bytes": saved.nbytes}
+    else:
+        call()
+    stats = {**{k: counted[k] for k in ("tflop", "guidance_saved_bytes")},
              **(dict(blender.steering.stats) if blender.steering is not None else {})}
     blender.use_graphs(mode)
     if blender.graphs is not None:
@@ -255,7 +263,8 @@ def bench_modes(model: str = "tiny", counts: Sequence[int] = (2, 4), steps: int 
             with apply(pipe, banks[:n], **MODES[mode]) as blender:
                 profile = Path(profile_dir) / f"profile_{mode}_{n}.txt" if profile_dir is not None and (
                     profile_modes is None or mode in profile_modes) else None
-                stats[f"{mode}@{n}"] = _mode_warm_up(blender, lambda p=prompt: call(p), device, profile)
+                stats[f"{mode}@{n}"] = _mode_warm_up(blender, lambda p=prompt: call(p), device, profile,
+                                                     stats.get(f"{SAME_FLOPS.get(mode)}@{n}"))
                 times[f"{mode}@{n}"] = [timed_memory(lambda p=prompt: call(p), device) for _ in range(repeats)]
             seconds = statistics.median(t["s"] for t in times[f"{mode}@{n}"])
             progress(f"modes: {mode} with {n} concepts done, {seconds:.3f} s per call")

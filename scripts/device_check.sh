@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One GPU measurement session in under 8 minutes (issue 24): our training step (one CUDA graph per step, eager)
 # against a stock diffusers Custom-Diffusion step, with and without gradient checkpointing; plain blending,
-# guidance and rectification with and without CUDA graphs; the regional compile's time; batch 4; the eager
-# step's profile; blended against stock generation.
+# guidance and rectification with and without CUDA graphs; the step at 1024 px (MFU); the regional compile's
+# time; batch 4; the eager step's profile; blended against stock generation.
 #
 #   bash scripts/device_check.sh                 # full SDXL architecture, random weights (a CUDA machine)
 #   bash scripts/device_check.sh --model tiny    # the same commands at toy sizes (a CPU rehearsal, ~2-3 min)
@@ -63,10 +63,10 @@ import diffusers, transformers; print('diffusers', diffusers.__version__, 'trans
 summary "env: $(tail -2 "$DEST/env.txt" | tr '\n' ' ')"
 
 if [ "$MODEL" = tiny ]; then  # toy sizes: a rehearsal of every command, not a measurement
-  TRAIN=(--steps 2) MODES=(--steps 5 --repeats 1) COMPILE=(--steps 2 --compile-backend eager)
+  TRAIN=(--steps 2) MODES=(--steps 5 --repeats 1) COMPILE=(--steps 2 --compile-backend eager) BIG_SIZE=(--steps 1)
   BIG=(--steps 1 --batch-size 2) PROFILE=(--steps 1) GEN=(--steps 2 --repeats 1)
 else
-  TRAIN=(--size 512 --steps 10) MODES=(--size 1024 --steps 20 --repeats 2 --dtype bf16)
+  TRAIN=(--size 512 --steps 10) MODES=(--size 1024 --steps 20 --repeats 2 --dtype bf16) BIG_SIZE=(--size 1024 --steps 5)
   COMPILE=(--size 512 --steps 5) BIG=(--size 512 --steps 5 --batch-size 4) PROFILE=(--size 512 --steps 2)
   GEN=(--size 1024 --steps 20 --repeats 1 --dtype bf16)
 fi
@@ -95,6 +95,8 @@ step train 150 "${BENCH[@]}" train --model "$MODEL" "${TRAIN[@]}" --checkpointin
 step modes 190 "${BENCH[@]}" modes --model "$MODEL" "${MODES[@]}" --concepts 2 \
   --modes plain,guidance,rectify,plain_graphs,guidance_eager,rectify_eager --profile "$DEST/modes_profile" \
   --profile-modes plain,guidance,guidance_eager --out "$DEST/bench_modes.json"
+step train_1024 90 "${BENCH[@]}" train --model "$MODEL" "${BIG_SIZE[@]}" --checkpointing off \
+  --out "$DEST/bench_train_1024.json"
 step train_compiled 110 "${BENCH[@]}" train --model "$MODEL" "${COMPILE[@]}" --compile-unet --checkpointing off \
   --out "$DEST/bench_train_compiled.json"
 step train_batch4 70 "${BENCH[@]}" train --model "$MODEL" "${BIG[@]}" --checkpointing off \

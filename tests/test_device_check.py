@@ -35,13 +35,14 @@ def test_device_check_runs_every_step_on_the_tiny_model_and_leaves_two_files(tmp
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("device_check.")] == []  # work folder removed
     lines = (out / "summary.txt").read_text().splitlines()
     steps = [line.split(":")[0] for line in lines if "rc=" in line]
-    assert steps == ["train", "modes", "train_compiled", "train_batch4", "train_profile", "generate"]
+    assert steps == ["train", "modes", "train_1024", "train_compiled", "train_batch4", "train_profile", "generate"]
     assert all("rc=0," in line for line in lines if "rc=" in line), lines
     assert "--- key figures" in lines and any(line.startswith("  ours/stock: time") for line in lines)
     with tarfile.open(out / "device_check.tar.gz") as tar:
         tar.extractall(tmp_path / "x", filter="data")
     folder = tmp_path / "x" / "device_check"
     for name, bench in [("bench_train", "train"), ("bench_train_batch", "train"), ("bench_train_compiled", "train"),
+                        ("bench_train_1024", "train"),
                         ("bench_modes", "modes"), ("bench_generate", "generate")]:
         assert json.loads((folder / f"{name}.json").read_text())["benchmark"] == bench
     train = json.loads((folder / "bench_train.json").read_text())
