@@ -831,3 +831,11 @@ def test_a_checkpoint_with_one_optimizer_entry_per_kv_weight_resumes_into_the_fl
     for i, st in expected["state"].items():
         assert all(torch.equal(converted["state"][i][k], v) for k, v in st.items())
     assert flat_optimizer_state(expected, flow) is expected  # today's checkpoints load as they are
+
+
+def test_cuda_graph_setting_takes_auto_on_off_and_yaml_booleans():
+    base = dict(name="c", images="i", class_noun="dog")
+    assert [TrainConfig(**base, cuda_graph=v).cuda_graph for v in ("auto", "on", "off", True, False)] == [
+        "auto", "on", "off", "on", "off"]
+    with pytest.raises(LatexBlendError, match="cuda_graph must be one of auto, on, off, got 'always'"):
+        TrainConfig(**base, cuda_graph="always")

@@ -53,7 +53,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     compile_unet: bool = False  # torch.compile the UNet (the first step compiles)
     compile_backend: str = "inductor"  # torch.compile backend of compile_unet ("eager": graph capture only)
-    cuda_graph: str = "auto"  # replay each step as one CUDA graph (auto: on CUDA when it can; checked against eager)
+    cuda_graph: bool | str = "auto"  # each step as one CUDA graph: auto (on CUDA when it can), on/true, off/false
     cache_prior: bool = True  # keep prior images' VAE moments and captions' text features after first use
     use_8bit_adam: bool = False
     mixed_precision: str = "auto"  # auto: bf16 on CUDA, none on CPU
@@ -96,6 +96,8 @@ class TrainConfig:
         check_range("prior_loss_weight", self.prior_loss_weight, 0)
         check_range("augment_shrink", self.augment_shrink, 0, 1)
         check_range("max_grad_norm", self.max_grad_norm, 0)
+        if isinstance(self.cuda_graph, bool):  # YAML and --set read on/off as booleans
+            self.cuda_graph = "on" if self.cuda_graph else "off"
         if self.cuda_graph not in CUDA_GRAPH:
             raise LatexBlendError(f"cuda_graph must be one of {', '.join(CUDA_GRAPH)}, got '{self.cuda_graph}'")
         if self.mixed_precision not in MIXED_PRECISION:
