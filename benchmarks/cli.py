@@ -78,6 +78,7 @@ def bench_train_cmd(
     no_cache_prior: Annotated[bool, typer.Option("--no-cache-prior", help="Encode prior data every step.")] = False,
     compile_unet: Annotated[bool, typer.Option("--compile-unet", help="torch.compile the UNet.")] = False,
     compile_backend: Annotated[str, typer.Option(help="torch.compile backend of --compile-unet.")] = "inductor",
+    cuda_graph: Annotated[str, typer.Option(help="Each step as one CUDA graph: auto (on CUDA), on or off.")] = "auto",
     grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
     batch_size: Annotated[int, typer.Option(help="Instance (and prior) images per micro-batch.")] = 1,
     checkpointing: Annotated[str, typer.Option(
@@ -86,19 +87,21 @@ def bench_train_cmd(
         help="The device's peak TFLOP/s for MFU [known GPUs: datasheet bf16; CPU: n/a].")] = None,
     out: BenchOutOpt = Path("bench_train.json"),
 ) -> None:
-    """Training step: steps/s, samples/s, peak memory, FLOPs and utilisation, with/without checkpointing."""
+    """Training step vs a stock diffusers Custom-Diffusion step: time, operators, memory, FLOPs, utilisation."""
     settings = {"off": (False,), "on": (True,), "both": (False, True)}
     if steps < 1 or grad_accum < 1 or batch_size < 1:
         raise LatexBlendError("--steps, --grad-accum and --batch-size must be at least 1")
     if checkpointing not in settings:
         raise LatexBlendError(f"--checkpointing must be off, on or both, got '{checkpointing}'")
     _quiet_libraries()
-    from benchmarks.speed import bench_train
+    from benchmarks.train_bench import bench_train
 
     _bench_report(bench_train(model, steps=steps, size=size, device=device, cache_prior=not no_cache_prior,
-                              compile_unet=compile_unet, compile_backend=compile_backend, grad_accum=grad_accum,
+                              compile_unet=compile_unet, compile_backend=compile_backend, cuda_graph=cuda_graph,
+                              grad_accum=grad_accum,
                               batch_size=batch_size,
-                              checkpointing=settings[checkpointing], peak=peak_tflops), out)
+                              checkpointing=settings[checkpointing], peak=peak_tflops,
+                              progress=lambda line: typer.echo(line, err=True)), out)
 
 
 @app.command("fidelity")
@@ -167,11 +170,18 @@ def bench_modes_cmd(
     out: BenchOutOpt = Path("bench_modes.json"),
     profile: Annotated[Path | None, typer.Option(
         help="Also write a torch.profiler operator table per mode (profile_<mode>_<n>.txt) into this folder.")] = None,
+    modes: Annotated[str, typer.Option(help="Comma-separated modes: plain, guidance, guidance_ckpt, rectify, "
+                                            "plain_graphs, guidance_eager, rectify_eager.")
+                     ] = "plain,guidance,guidance_ckpt,rectify",
+    profile_modes: Annotated[str | None, typer.Option(help="The modes --profile profiles [all].")] = None,
 ) -> None:
     """Plain blending, blending guidance and rectification vs the stock pipeline (time, peak memory, FLOPs)."""
     counts = _counts(concepts, 2, 6)
     _quiet_libraries()
     from benchmarks.speed import bench_modes
 
+    chosen = [m.strip() for m in modes.split(",") if m.strip()]
     _bench_report(bench_modes(model, counts, steps=steps, repeats=repeats, size=size, device=device, dtype=dtype,
-                              profile_dir=profile), out)
+                              modes=chosen, profile_dir=profile, progress=lambda line: typer.echo(line, err=True),
+                              profile_modes=profile_modes.split(",") if profile_modes else None),
+                  out)

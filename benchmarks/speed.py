@@ -15,14 +15,13 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import slim
 from benchmarks.counters import SavedBytes
 from latexblend.bank.format import ConceptBank
 from latexblend.device import (
     count_tflop,
     device_name,
     environment,
-    mfu,
-    peak_tflops,
     resolve_device,
     synchronize,
     timed,
@@ -44,7 +43,7 @@ def bench_pipeline(model: str, device: str | None, dtype: str):
     """``sdxl-random`` (full SDXL architecture, random weights, built on the device) or any ``--model``."""
     from latexblend.models import load_pipeline
 
-    return load_pipeline(model, device=device, dtype=dtype)
+    return load_pipeline(slim.resolve(model), device=device, dtype=dtype)
 
 
 def random_banks(pipe, count: int, seed: int = 0) -> list[ConceptBank]:
@@ -146,20 +145,31 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-#: bench_modes: Blender keyword arguments per mode, at the release's settings (METHOD sections 5, 6).
+_GUIDANCE = {"window": 0.8, "step_size": 1.0, "layers": "all"}
+_RECTIFY = {"start": 0.8, "clusters": 8}
+#: bench_modes: Blender keyword arguments per mode, at the release's settings (METHOD sections 5, 6), with the
+#: default CUDA graphs (``auto``: the guidance passes and the rectified steps), all steps graphed, or none.
 MODES = {
     "plain": {},
-    "guidance": {"guidance": {"window": 0.8, "step_size": 1.0, "layers": "all"}},
-    "guidance_ckpt": {"guidance": {"window": 0.8, "step_size": 1.0, "layers": "all", "checkpointing": True}},
-    "rectify": {"rectify": {"start": 0.8, "clusters": 8}},
+    "guidance": {"guidance": _GUIDANCE},
+    "guidance_ckpt": {"guidance": {**_GUIDANCE, "checkpointing": True}},
+    "rectify": {"rectify": _RECTIFY},
+    "plain_graphs": {"graphs": "all"},
+    "guidance_eager": {"guidance": _GUIDANCE, "graphs": "off"},
+    "rectify_eager": {"rectify": _RECTIFY, "graphs": "off"},
 }
+#: The modes measured by default (the last three differ from others only in their CUDA graphs: on a GPU).
+DEFAULT_MODES = ("plain", "guidance", "guidance_ckpt", "rectify")
+#: Modes whose arithmetic is another mode's (only their CUDA graphs differ): FLOPs counted once.
+SAME_FLOPS = {"plain_graphs": "plain", "guidance_eager": "guidance", "rectify_eager": "rectify"}
 
 
 def _steering_columns(stats: dict | None) -> dict:
     stats = stats or {}
     saved = stats.get("guidance_saved_bytes")
     return {"guided_steps": stats.get("guidance_passes"), "rectify_passes": stats.get("rectify_passes"),
-            "guidance_saved_mib": round(saved / 2**20, 2) if saved else None}
+            "guidance_saved_mib": round(saved / 2**20, 2) if saved else None,
+            "graphs": "{graphs} used, {refused} refused".format(**stats["graphs"]) if stats.get("graphs") else None}
 
 
 def _profiled(fn: Callable[[], object], device: str, path: Path) -> None:
@@ -176,20 +186,61 @@ def _profiled(fn: Callable[[], object], device: str, path: Path) -> None:
     write_text_atomic(path, table + "\n")
 
 
+def timed_memory(fn: Callable[[], object], device: str) -> dict:
+    """Seconds of one call and its peak memory (GiB) allocated and reserved (CUDA; 0 elsewhere): a CUDA
+    graph's memory is reserved for it, not allocated again at each replay."""
+    seconds, alloc = timed(fn, device)
+    reserved = torch.cuda.max_memory_reserved(device) / 2**30 if device.startswith("cuda") else 0.0
+    return {"s": seconds, "alloc": alloc, "reserved": reserved}
+
+
+def _mode_warm_up(blender, call: Callable[[], object], device: str, profile: Path | None,
+                  counted: dict | None = None) -> dict:
+    """The untimed calls of one mode: the first counts FLOPs and saved activations with graphs off (their
+    replays would escape the counting; ``counted``: the same mode's counts, taken instead), the next two
+    let the graphs warm up and be captured."""
+    mode = blender.graph_mode
+    blender.use_graphs("off")
+    if counted is None:
+        with SavedBytes(blender.pipe.unet) as saved:
+            tflop = count_tflop(call)
+        counted = {"tflop": tflop, "guidance_saved_bytes": saved.nbytes}
+    else:
+        call()
+    stats = {**{k: counted[k] for k in ("tflop", "guidance_saved_bytes")},
+             **(dict(blender.steering.stats) if blender.steering is not None else {})}
+    blender.use_graphs(mode)
+    if blender.graphs is not None:
+        call()
+        call()
+        stats["graphs"] = {**blender.graphs.stats(), "events": list(blender.graphs.events)}
+    if profile is not None:
+        _profiled(call, device, profile)
+    return stats
+
+
 def bench_modes(model: str = "tiny", counts: Sequence[int] = (2, 4), steps: int = 20, repeats: int = 3,
                 size: int | None = None, device: str | None = None, dtype: str = "auto", cfg: float = 6.0,
-                modes: Sequence[str] = tuple(MODES), profile_dir: str | Path | None = None) -> dict:
-    """Time and peak memory of plain blending, guidance and rectification against the stock pipeline,
-    with N concepts, in one process (stock / each mode / stock again per round, after a warm-up round).
+                modes: Sequence[str] = DEFAULT_MODES, profile_dir: str | Path | None = None,
+                progress: Callable[[str], None] = lambda line: None,
+                profile_modes: Sequence[str] | None = None) -> dict:
+    """Time and peak memory of plain blending, guidance and rectification (:data:`MODES`) against the stock
+    pipeline with N concepts, in one process: per count, stock, then each mode (one Blender per mode, so its
+    CUDA graphs serve every call), then stock again (the A/A noise floor), each timed ``repeats`` times after
+    untimed warm-up calls.
 
-    The untimed warm-up round also counts each generation's FLOPs (``tflop``, ``flop_vs_plain``: what a
-    mode costs in arithmetic, free of timing noise) and ``guidance_saved_mib``, the activations
-    autograd keeps for the guidance pass's backward (weights excluded; any device), the part of its
-    memory that checkpointing reduces. ``profile_dir``: also write one profiler table per mode there.
+    The warm-up also counts each generation's FLOPs (``tflop``, ``flop_vs_plain``: what a mode costs in
+    arithmetic, free of timing noise) and ``guidance_saved_mib``, the activations autograd keeps for the
+    guidance pass's backward (weights excluded; any device), the part of its memory that checkpointing
+    reduces. ``profile_dir``: also write one profiler table per mode (of ``profile_modes``, default all) there.
+    ``progress``: a line per mode.
     """
     from latexblend.blend.blender import apply
 
     check_counts(steps=steps, repeats=repeats)
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise LatexBlendError(f"unknown mode {', '.join(unknown) or '(none given)'}; modes: {', '.join(MODES)}")
     if profile_dir is not None and Path(profile_dir).exists() and not Path(profile_dir).is_dir():
         raise LatexBlendError(f"--profile {profile_dir} exists and is not a folder")
     pipe = bench_pipeline(model, device, dtype)
@@ -203,140 +254,56 @@ def bench_modes(model: str = "tiny", counts: Sequence[int] = (2, 4), steps: int 
              output_type="latent")
 
     stats: dict[str, dict] = {}
-
-    def ours(n: int, mode: str, prompt: str, warm_up: bool):
-        with apply(pipe, banks[:n], **MODES[mode]) as blender:
-            if not warm_up:
-                return timed(lambda: call(prompt), device)
-            with SavedBytes(pipe.unet) as saved:  # the warm-up counts (untimed: the counting costs time)
-                tflop = count_tflop(lambda: call(prompt))
-            stats[f"{mode}@{n}"] = {"tflop": tflop, "guidance_saved_bytes": saved.nbytes,
-                                    **(blender.steering.stats if blender.steering is not None else {})}
-            if profile_dir is not None:
-                _profiled(lambda: call(prompt), device, Path(profile_dir) / f"profile_{mode}_{n}.txt")
-            return 0.0, 0.0
-
-    def stock_b(n: int, prompt: str, warm_up: bool):
-        if not warm_up:
-            return timed(lambda: call(prompt), device)
-        stats[f"stock_b@{n}"] = {"tflop": count_tflop(lambda: call(prompt))}
-        return 0.0, 0.0
-
-    def runs(warm_up: bool):  # stock, each mode, stock again (the A/A noise floor) per count
-        out = []
-        for n in counts:
-            prompt = " and ".join(f"a {noun}" for noun in NOUNS[:n])
-            out.append((f"stock@{n}", lambda p=prompt: timed(lambda: call(p), device)))
-            out += [(f"{m}@{n}", lambda n=n, m=m, p=prompt: ours(n, m, p, warm_up)) for m in modes]
-            out.append((f"stock_b@{n}", lambda n=n, p=prompt: stock_b(n, p, warm_up)))
-        return out
-
-    times, peaks = rounds(repeats, runs)
+    times: dict[str, list[dict]] = {}
+    for n in counts:
+        prompt = " and ".join(f"a {noun}" for noun in NOUNS[:n])
+        stats[f"stock_b@{n}"] = {"tflop": count_tflop(lambda p=prompt: call(p))}
+        times[f"stock@{n}"] = [timed_memory(lambda p=prompt: call(p), device) for _ in range(repeats)]
+        for mode in modes:
+            with apply(pipe, banks[:n], **MODES[mode]) as blender:
+                profile = Path(profile_dir) / f"profile_{mode}_{n}.txt" if profile_dir is not None and (
+                    profile_modes is None or mode in profile_modes) else None
+                stats[f"{mode}@{n}"] = _mode_warm_up(blender, lambda p=prompt: call(p), device, profile,
+                                                     stats.get(f"{SAME_FLOPS.get(mode)}@{n}"))
+                times[f"{mode}@{n}"] = [timed_memory(lambda p=prompt: call(p), device) for _ in range(repeats)]
+            seconds = statistics.median(t["s"] for t in times[f"{mode}@{n}"])
+            progress(f"modes: {mode} with {n} concepts done, {seconds:.3f} s per call")
+        times[f"stock_b@{n}"] = [timed_memory(lambda p=prompt: call(p), device) for _ in range(repeats)]
     return {"benchmark": "modes", "model": model, "device": device, "device_name": device_name(device),
             "dtype": str(pipe.unet.dtype).replace("torch.", ""), "size": size, "steps": steps, "cfg": cfg,
             "repeats": repeats, "modes": {m: MODES[m] for m in modes},
-            "rows": _mode_rows(counts, modes, times, peaks, stats), "env": environment()}
+            "graph_events": {k: v["graphs"]["events"] for k, v in stats.items() if v.get("graphs")},
+            "rows": _mode_rows(counts, modes, times, stats), "env": environment()}
 
 
-def _mode_rows(counts, modes, times, peaks, stats) -> list[dict]:
+def _mode_rows(counts, modes, times, stats) -> list[dict]:
     rows = []
     for n in counts:
-        med = {m: statistics.median(times[f"{m}@{n}"]) for m in ("stock", "stock_b", *modes)}
+        med = {m: statistics.median(t["s"] for t in times[f"{m}@{n}"]) for m in ("stock", "stock_b", *modes)}
+        peak = {m: max(t["alloc"] for t in times[f"{m}@{n}"]) for m in ("stock", "stock_b", *modes)}
+        reserved = {m: max(t["reserved"] for t in times[f"{m}@{n}"]) for m in ("stock", "stock_b", *modes)}
         plain_tflop = stats.get(f"plain@{n}", {}).get("tflop")
         for m in ("stock_b", *modes):
             tflop = stats.get(f"{m}@{n}", {}).get("tflop")
             rows.append({"concepts": n, "mode": "stock (A/A)" if m == "stock_b" else m, "seconds": round(med[m], 4),
                          "vs_stock": round(med[m] / med["stock"], 4),
                          "vs_plain": round(med[m] / med["plain"], 4) if "plain" in med else None,
-                         "peak_gib": round(peaks[f"{m}@{n}"], 3), "stock_peak_gib": round(peaks[f"stock@{n}"], 3),
+                         "peak_gib": round(peak[m], 3), "reserved_gib": round(reserved[m], 3),
+                         "stock_peak_gib": round(peak["stock"], 3),
                          "tflop": round(tflop, 6) if tflop is not None else None,
                          "flop_vs_plain": round(tflop / plain_tflop, 4) if tflop and plain_tflop else None,
                          **_steering_columns(stats.get(f"{m}@{n}"))})
     return rows
 
 
-# --------------------------------------------------------------------------- training and extraction
-
-
-def _train_setup(model: str, size: int | None, tmp: Path, device: str | None = None, **overrides):
-    """``(Setup, Accelerator)`` of a training run on procedural images (instance: disc, prior: towers), the
-    device and precision as ``latexblend train`` picks them."""
-    from latexblend.toy.synthetic import draw_concept
-    from latexblend.train.data import load_prior
-    from latexblend.train.loop import accelerator
-    from latexblend.train.options import TrainConfig
-    from latexblend.train.setup import build_setup, check_inputs
-
-    draw_concept(tmp / "inst", "disc", num=4, size=256)
-    draw_concept(tmp / "prior", "towers", num=4, size=256, seed=1)
-    cfg = TrainConfig(name="bench", images=str(tmp / "inst"), class_noun="dog", prior=str(tmp / "prior"),
-                      model=model, resolution=size, **overrides)
-    acc, dtype = accelerator(cfg.mixed_precision, device)
-    images, _ = check_inputs(cfg)
-    return build_setup(cfg, images, load_prior(tmp / "prior", "dog"), acc.device, dtype), acc
-
-
-def _train_rows(setup, acc, steps: int, checkpointing: Sequence[bool], peak: float | None) -> list[dict]:
-    """A row per gradient-checkpointing setting, timing :func:`~latexblend.train.train_step` (the step of
-    ``latexblend train``) in the steady state of a long run: the prior cache filled first. FLOPs are
-    counted once, on step 0 (uncompiled: with ``compile_unet`` the UNet is compiled after it);
-    ``warmup_s`` is each setting's untimed first step (with ``compile_unet``, the compilation)."""
-    from latexblend.train.loop import make_optimizer
-    from latexblend.train.setup import compile_unet
-    from latexblend.train.step import fill_prior_cache, step_tflop, train_step
-
-    params = setup.flow.trainable()
-    optimizer = acc.prepare(make_optimizer(setup.cfg, params, setup.cfg.lr))
-    with acc.autocast():
-        fill_prior_cache(setup)
-    tflop = step_tflop(setup, acc, 0)
-    if setup.cfg.compile_unet:
-        compile_unet(setup.pipe.unet, setup.cfg.compile_backend)
-    device, rows = str(setup.device), []
-    samples = setup.cfg.batch_size * setup.cfg.grad_accum * (2 if setup.prior else 1)
-    for on in checkpointing:
-        unet = setup.pipe.unet
-        unet.enable_gradient_checkpointing() if on else unet.disable_gradient_checkpointing()
-        warmup, _ = timed(lambda: train_step(setup, optimizer, acc, 1, params), device)
-        seconds, peak_gib = timed(lambda: [train_step(setup, optimizer, acc, s, params) for s in range(2, 2 + steps)],
-                                  device)
-        rate = steps / seconds
-        rows.append({"gradient_checkpointing": on, "steps_per_s": round(rate, 4),
-                     "samples_per_s": round(samples * rate, 4), "peak_gib": round(peak_gib, 3),
-                     "tflop_per_step": float(f"{tflop:.5g}"), "tflop_per_s": round(tflop * rate, 4),
-                     "mfu": round(mfu(tflop, rate, peak), 4) if peak else None, "warmup_s": round(warmup, 2)})
-    return rows
-
-
-def bench_train(model: str = "tiny", steps: int = 5, size: int | None = None, device: str | None = None,
-                checkpointing: Sequence[bool] = (False, True), peak: float | None = None, **settings) -> dict:
-    """Steps/s, samples/s, peak memory and FLOP utilisation of the dual-flow training step (the one
-    ``latexblend train`` runs: :func:`~latexblend.train.train_step`, with clipping and gradient
-    averaging), per gradient-checkpointing setting. ``settings``: training settings
-    (:class:`~latexblend.config.TrainConfig`: ``cache_prior``, ``compile_unet``, ``grad_accum``,
-    ``batch_size``...). ``peak``: the device's TFLOP/s for MFU [default: the datasheet figure of known
-    GPUs; none on the CPU]."""
-    import tempfile
-
-    check_counts(steps=steps)
-    device = resolve_device(device)
-    with tempfile.TemporaryDirectory() as tmp:  # prior images are read on every cache miss
-        setup, acc = _train_setup(model, size, Path(tmp), device, **settings)
-        device = str(setup.device)
-        peak = peak_tflops(device_name(device), peak)
-        rows = _train_rows(setup, acc, steps, checkpointing, peak)
-    cfg = setup.cfg
-    return {"benchmark": "train", "model": model, "device": device, "device_name": device_name(device),
-            "dtype": str(setup.dtype).replace("torch.", ""), "size": setup.size, "steps": steps,
-            "batch": f"{cfg.batch_size} instance + {cfg.batch_size} prior", "grad_accum": cfg.grad_accum,
-            "cache_prior": cfg.cache_prior, "compile_unet": cfg.compile_unet, "peak_tflops": peak,
-            "trainable_params": sum(p.numel() for p in setup.flow.trainable()), "rows": rows, "env": environment()}
+# --------------------------------------------------------------------------- extraction
 
 
 def bench_extract(model: str = "tiny", device: str | None = None, repeats: int = 3) -> dict:
     """Wall time of Stage 2 (one text-side pass: encode, project, keep the span) and the bank's size."""
     import tempfile
 
+    from benchmarks.setups import train_setup
     from latexblend.bank.extract import extract_bank
     from latexblend.bank.format import save_bank
     from latexblend.text import pipeline_text_side
@@ -344,7 +311,7 @@ def bench_extract(model: str = "tiny", device: str | None = None, repeats: int =
     check_counts(repeats=repeats)
     device = resolve_device(device)
     with tempfile.TemporaryDirectory() as tmp:
-        setup, _ = _train_setup(model, None, Path(tmp), device)
+        setup, _ = train_setup(model, None, Path(tmp), device)
         device = str(setup.device)
         toks, encs = pipeline_text_side(setup.pipe)
         weights = setup.flow.weights()

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.counters import OpCounter
-from benchmarks.speed import _train_setup
+from benchmarks.setups import train_setup
 from latexblend.train.loop import make_optimizer
 from latexblend.train.step import fill_prior_cache, step_tflop, train_step
 
@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="folder for the profiler table and the JSON")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        setup, acc = _train_setup(args.model, args.size, Path(tmp), grad_accum=args.grad_accum)
+        setup, acc = train_setup(args.model, args.size, Path(tmp), grad_accum=args.grad_accum)
         params = setup.flow.trainable()
         optimizer = acc.prepare(make_optimizer(setup.cfg, params, setup.cfg.lr))
         with acc.autocast():

@@ -25,12 +25,14 @@ def project_kv(attn, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def attend(attn, hidden_states: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-           attention_mask: torch.Tensor | None = None, sdpa: Callable | None = None) -> torch.Tensor:
+           attention_mask: torch.Tensor | None = None, sdpa: Callable | None = None,
+           query: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-attention of ``hidden_states`` [B, N, C_q] over given ``key``/``value`` [B, 77, C].
 
     The same computation as diffusers' ``AttnProcessor2_0`` once K and V are known (SDPA, output
     projection, residual and rescale as configured on ``attn``). ``sdpa`` replaces
-    ``F.scaled_dot_product_attention`` (same signature), e.g. by :func:`explicit_attention`.
+    ``F.scaled_dot_product_attention`` (same signature), e.g. by :func:`explicit_attention`. ``query``:
+    ``to_q`` of ``hidden_states`` when already computed (:class:`FusedSelfProcessor`).
     """
     residual = hidden_states
     input_ndim = hidden_states.ndim
@@ -43,7 +45,8 @@ def attend(attn, hidden_states: torch.Tensor, key: torch.Tensor, value: torch.Te
         attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
     if attn.group_norm is not None:
         hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-    query = attn.to_q(hidden_states)
+    if query is None:
+        query = attn.to_q(hidden_states)
     head_dim = key.shape[-1] // attn.heads
     query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
     key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
@@ -60,7 +63,9 @@ def attend(attn, hidden_states: torch.Tensor, key: torch.Tensor, value: torch.Te
         out = out.transpose(-1, -2).reshape(b, ch, h, w)
     if attn.residual_connection:
         out = out + residual
-    return out / attn.rescale_output_factor
+    if attn.rescale_output_factor != 1.0:  # x / 1.0 is x: an operator (and its backward) for nothing
+        out = out / attn.rescale_output_factor
+    return out
 
 
 class KVProcessor:
@@ -91,6 +96,40 @@ def install_processors(unet, factory: Callable[[str], object]) -> Callable[[], N
     attn2_modules(unet)  # raises a clear error for a UNet without cross-attention
     unet.set_attn_processor(new)
     return lambda: unet.set_attn_processor(old)
+
+
+def fuse_self_attention(unet) -> int:
+    """Give every plain ``attn1`` layer of a frozen ``unet`` one ``[3C, C]`` weight for q, k and v (its
+    ``to_q``/``to_k``/``to_v`` weights become views of it: no more memory) and :class:`FusedSelfProcessor`.
+    Only for a UNet whose self-attention weights never change (training's). Returns the layers fused."""
+    processor, fused = FusedSelfProcessor(), {}
+    for name, attn in unet.named_modules():
+        if not name.endswith("attn1") or attn.group_norm is not None or attn.spatial_norm is not None:
+            continue
+        projections = (attn.to_q, attn.to_k, attn.to_v)
+        if any(p.bias is not None for p in projections) or attn.is_cross_attention:
+            continue
+        weight = torch.cat([p.weight.detach() for p in projections])
+        for p, rows in zip(projections, weight.split([p.weight.shape[0] for p in projections]), strict=True):
+            p.weight = torch.nn.Parameter(rows, requires_grad=False)
+        attn.fused_qkv = weight
+        fused[f"{name}.processor"] = processor
+    if fused:
+        unet.set_attn_processor({**unet.attn_processors, **fused})
+    return len(fused)
+
+
+class FusedSelfProcessor:
+    """Self-attention (``attn1``) with q, k and v from one matmul on the layer's fused weight
+    (:func:`fuse_self_attention`), then :func:`attend`: the same arithmetic as diffusers' processor, with
+    one kernel (and one backward) where there were three."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        if encoder_hidden_states is not None or hidden_states.ndim != 3:
+            raise RuntimeError("the fused self-attention processor takes self-attention on [B, N, C] tokens")
+        query, key, value = F.linear(hidden_states, attn.fused_qkv).chunk(3, dim=-1)
+        return attend(attn, hidden_states, key, value, attention_mask, query=query)
 
 
 # --------------------------------------------------------------------------- explicit attention (METHOD sections 5, 6)

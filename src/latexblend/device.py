@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 import accelerate
 import diffusers
 import torch
+import torch.utils.checkpoint
 import transformers
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
@@ -126,6 +127,20 @@ def environment() -> dict:
     return {"latexblend": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "diffusers": diffusers.__version__, "transformers": transformers.__version__,
             "accelerate": accelerate.__version__, "threads": torch.get_num_threads()}
+
+
+def _checkpoint(module, *args):
+    return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False, preserve_rng_state=False)
+
+
+def gradient_checkpointing(model, on: bool) -> None:
+    """Gradient checkpointing of a diffusers model on or off. As diffusers' own (non-reentrant), without
+    stashing the random generators' states for the recomputation: our frozen models draw no random numbers
+    (no dropout in eval mode), and reading the CUDA generator's state is refused inside a CUDA graph capture."""
+    if on:
+        model.enable_gradient_checkpointing(_checkpoint)
+    else:
+        model.disable_gradient_checkpointing()
 
 
 # --------------------------------------------------------------------------- FLOP counting

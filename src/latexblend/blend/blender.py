@@ -14,8 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from latexblend.bank.format import ConceptBank, bank_path, load_bank, verify_bank
+from latexblend.blend.graphs import GRAPHS, CallGraphs, resolve_graphs
 from latexblend.blend.options import BlendOptions, GuidanceOptions, RectifyOptions
 from latexblend.blend.processor import BlendProcessor, BlendState, SelfMapProcessor
 from latexblend.blend.steering import Steering
@@ -54,15 +57,17 @@ class Blender:
     ``required`` concepts must appear in every prompt (by noun or placeholder); any other loaded
     concept is blended where a prompt names it as ``<name>``. The Blender is the one owner of what it
     changes in the pipeline (:meth:`_install`, undone by :meth:`remove`): the ``attn2`` processors (and the
-    ``attn1`` ones while rectification is on), one UNet pre-forward hook, ``pipe.encode_prompt`` and, with
-    guidance, ``scheduler.step``.
+    ``attn1`` ones while rectification is on), one UNet pre-forward hook, ``pipe.encode_prompt``, with
+    guidance ``scheduler.step``, and with CUDA graphs the UNet's ``forward`` (:meth:`use_graphs`).
     """
 
     def __init__(self, pipe, banks: dict[str, ConceptBank], required: Sequence[str] = (),
                  options: BlendOptions | None = None, guidance: GuidanceOptions | None = None,
-                 rectify: RectifyOptions | None = None, save_maps: bool = False):
+                 rectify: RectifyOptions | None = None, save_maps: bool = False, graphs: str = "auto"):
         if getattr(pipe, "_latexblend", None) is not None:
             raise LatexBlendError("latexblend is already applied to this pipeline; remove() it first")
+        if graphs not in GRAPHS:
+            raise LatexBlendError(f"graphs must be one of {', '.join(GRAPHS)}, got '{graphs}'")
         self.pipe, self.banks, self.required = pipe, dict(banks), list(required)
         for name in self.required:
             if name not in self.banks:
@@ -78,9 +83,23 @@ class Blender:
         self.state = BlendState(rows=rows, options=options or BlendOptions())
         self.steering = Steering(pipe.unet, self.state, guidance, rectify, save_maps) \
             if guidance or rectify or save_maps else None
+        self.graph_mode, self.graphs = "off", None
         self.call: Call | None = None  # the current (or last) pipeline call
         self._num_train = int(pipe.scheduler.config.num_train_timesteps)
         self._install()
+        self.use_graphs(resolve_graphs(graphs, device))
+
+    def use_graphs(self, mode: str, emulate: bool = False) -> None:
+        """Set which UNet calls CUDA graphs replay (``off``, ``steering``, ``all``; see :func:`apply`), with new
+        graphs (``emulate``: their CPU stand-in, for tests). The UNet's forward is wrapped while any are on."""
+        self.graph_mode = mode
+        self.graphs = CallGraphs(self.pipe.unet.device, emulate) if mode != "off" else None
+        if self.steering is not None:
+            self.steering.graphs = self.graphs
+        if self.graphs is None:
+            self.pipe.unet.__dict__.pop("forward", None)
+        else:
+            self.pipe.unet.forward = self._forward
 
     def _install(self) -> None:
         """Every change to the pipeline, in one place. ``scheduler.step`` is wrapped only with guidance: its
@@ -100,6 +119,7 @@ class Blender:
         self._step = self._scheduler.step
         if self.steering is not None and self.steering.guidance:
             self._scheduler.step = self._scheduler_step
+        self._unet_forward = unet.forward  # wrapped by use_graphs: the steps CUDA graphs may replay
         pipe._latexblend = self
 
     def _processor(self, layer: str, old, capture: bool):
@@ -110,6 +130,7 @@ class Blender:
     def remove(self) -> None:
         """Undo everything :meth:`_install` changed."""
         self.pipe.unet.set_attn_processor(self._processors)
+        self.pipe.unet.__dict__.pop("forward", None)
         self._hook.remove()
         self._scheduler.__dict__.pop("step", None)
         self.pipe.__dict__.pop("encode_prompt", None)
@@ -135,6 +156,31 @@ class Blender:
         args, kwargs = list(args), dict(kwargs)
         self.steering.before_unet(module, self._scheduler, args, kwargs)
         return tuple(args), kwargs
+
+    def _forward(self, *args, **kwargs):
+        """The UNet's forward while graphs are on: a denoising step the graph setting covers (every step with
+        ``all``; with ``steering`` the rectified ones) is replayed from its CUDA graph, keyed by what the host
+        decides in it; steering's own passes, map saving and anything unusual run eagerly."""
+        state, steering = self.state, self.steering
+        covered = self.graph_mode == "all" or state.edit is not None
+        if not covered or state.sink is not None or state.self_sink is not None or (steering and steering.busy):
+            return self._unet_forward(*args, **kwargs)
+        leaves, spec = tree_flatten((args, kwargs))
+        key = ("denoising step", str(spec), tuple(x for x in leaves if not isinstance(x, torch.Tensor)),
+               tuple(tuple(x.shape) for x in leaves if isinstance(x, torch.Tensor)), state.active,
+               state.edit is not None, state.plain, tuple(tuple(spans) for spans in state.row_spans))
+        try:
+            hash(key)
+        except TypeError:  # an argument the key cannot hold: not a call to replay
+            return self._unet_forward(*args, **kwargs)
+
+        def run(*values):
+            it = iter(values)
+            a, k = tree_unflatten([next(it) if isinstance(x, torch.Tensor) else x for x in leaves], spec)
+            return (self._unet_forward(*a, **{**k, "return_dict": False})[0],)
+
+        (sample,) = self.graphs.run(key, run, [x for x in leaves if isinstance(x, torch.Tensor)])
+        return UNet2DConditionOutput(sample=sample) if kwargs.get("return_dict", True) else (sample,)
 
     def _scheduler_step(self, model_output, timestep, sample, *args, **kwargs):
         return self._step(model_output, timestep, self.steering.step_sample(sample), *args, **kwargs)
@@ -205,7 +251,7 @@ def load_banks(names: Sequence[str | Path | ConceptBank],
 def apply(pipe, concepts: Sequence[str | Path | ConceptBank], blend_start: float = 0.9, bind: bool | str = True,
           bank_dir: str | Path | None = None, optional: Sequence[str | Path | ConceptBank] = (),
           guidance: GuidanceOptions | dict | bool | None = None, rectify: RectifyOptions | dict | bool | None = None,
-          save_maps: bool = False) -> Blender:
+          save_maps: bool = False, graphs: str = "auto") -> Blender:
     """Blend concept banks into an existing SDXL pipeline; call it as usual afterwards.
 
     >>> blender = latexblend.apply(pipe, ["corgi", "castle"])   # doctest: +SKIP
@@ -218,11 +264,13 @@ def apply(pipe, concepts: Sequence[str | Path | ConceptBank], blend_start: float
     ``guidance`` (blending guidance, METHOD section 5) and ``rectify``
     (self-attention rectification, section 6) take ``True`` for the defaults, a dict of
     :class:`~latexblend.guidance.GuidanceOptions` / :class:`~latexblend.rectify.RectifyOptions` fields,
-    or an instance; ``save_maps`` keeps per-concept cross-attention maps (``blender.steering``).
+    or an instance; ``save_maps`` keeps per-concept cross-attention maps (``blender.steering``). ``graphs``:
+    CUDA graphs of the UNet calls (:mod:`~latexblend.blend.graphs`): ``auto`` (``steering`` on CUDA: the
+    guidance passes and the rectified steps), ``all`` (every denoising step too) or ``off``.
     """
     options = BlendOptions(blend_start, bind)
     guidance, rectify = _options(GuidanceOptions, guidance), _options(RectifyOptions, rectify)
     required = load_banks(concepts, bank_dir)
     extra = load_banks(optional, bank_dir)
     return Blender(pipe, {**extra, **required}, required=list(required), options=options, guidance=guidance,
-                   rectify=rectify, save_maps=save_maps)
+                   rectify=rectify, save_maps=save_maps, graphs=graphs)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from latexblend.blend.options import BLOCKS
 from latexblend.blend.processor import BlendState
+from latexblend.device import gradient_checkpointing
 from latexblend.errors import LatexBlendError
 from latexblend.tokens import Span
 
@@ -144,12 +145,12 @@ def frozen_unet(unet, checkpointing: bool = False) -> Iterator[None]:
     unet.requires_grad_(False)
     was_ckpt = bool(getattr(unet, "is_gradient_checkpointing", False))
     if checkpointing and not was_ckpt:
-        unet.enable_gradient_checkpointing()
+        gradient_checkpointing(unet, True)
     try:
         yield
     finally:
         if checkpointing and not was_ckpt:
-            unet.disable_gradient_checkpointing()
+            gradient_checkpointing(unet, False)
         for p, flag in flags:
             p.requires_grad_(flag)
 

@@ -28,12 +28,18 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from latexblend.blend.graphs import CallGraphs
 from latexblend.blend.guidance import collector, guidance_pass, layer_hw, recording, select_layers, token_maps
 from latexblend.blend.options import GuidanceOptions, RectifyOptions
 from latexblend.blend.processor import BlendState
 from latexblend.blend.rectify import coefficients, concept_masks, modulate, resize_masks
 from latexblend.models import attn2_shapes
+
+
+def _spans_key(row_spans) -> tuple:
+    return tuple(tuple(spans) for spans in row_spans)
 
 
 def _cut(value, batch: int, offset: int):
@@ -53,7 +59,6 @@ class SteeredCall:
     latent_hw: tuple[int, int] | None = None  # the UNet's input latent grid
     pending: torch.Tensor | None = None  # this step's guidance update, for this step's scheduler.step
     masks: list | None = None  # per conditional sample once rectification has captured: [C, h, w] or None
-    coef: dict = field(default_factory=dict)  # rectification coefficients per (batch, tokens, width, device)
     acc: dict = field(default_factory=dict)  # save_maps: each layer's conditional maps summed over steps
     steps: int = 0  # save_maps: main passes summed in ``acc``
 
@@ -72,6 +77,11 @@ class Steering:
         self.history: list[dict] = []  # with guidance.history, per pass of the last call: t_frac, loss [B], delta
         self.call = SteeredCall([])
         self.busy = False
+        self.graphs: CallGraphs | None = None  # set by the Blender: CUDA graphs of the guidance passes
+        # rectification's coefficient maps per (batch, tokens, width, device) and tau = (t/T)^5: tensors that
+        # stay where they are across steps and calls (refilled, never replaced), so a captured step reads them
+        self.coef: dict = {}
+        self.tau: torch.Tensor | None = None
 
     def begin(self, call) -> None:
         """A new pipeline call (a :class:`~latexblend.blend.blender.Call`) begins."""
@@ -81,6 +91,8 @@ class Steering:
 
     def before_unet(self, unet, scheduler, args: list, kwargs: dict) -> None:
         """Run this step's extra passes; ``args``/``kwargs`` (the main UNet call's) get the guided input."""
+        if self.tau is not None:  # this step's rectification strength, for every pass of the step
+            self.tau.fill_(self.state.t_frac**5)
         sample = args[0] if args else kwargs["sample"]
         offset = sample.shape[0] - len(self.call.row_spans)
         self.call.latent_hw = tuple(sample.shape[-2:])
@@ -118,9 +130,7 @@ class Steering:
         t = rest[0][0] if rest[0] else rest[1]["timestep"]
         scale = scheduler.scale_model_input(torch.ones_like(sample[:1], dtype=torch.float32), t)
         z = sample[offset:].float() / scale
-        grad, loss = guidance_pass(unet, z, scale, lambda x: self._run(unet, x, rest), self.state,
-                                   self.guide_layers, self.call.row_spans, self.call.latent_hw,
-                                   self.guidance.checkpointing)
+        grad, loss = self._guidance_pass(unet, z, scale, rest)
         delta = -self.guidance.step_size * grad
         self.call.pending = delta
         self.stats["guidance_passes"] += 1
@@ -128,6 +138,25 @@ class Steering:
             self.history.append({"t_frac": self.state.t_frac, "loss": loss, "delta": delta})
         repeats = sample.shape[0] // delta.shape[0]
         return (sample.float() + (scale * delta).repeat(repeats, 1, 1, 1)).to(sample.dtype)
+
+    def _guidance_pass(self, unet, z: torch.Tensor, scale: torch.Tensor, rest) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`~latexblend.blend.guidance.guidance_pass` at ``z``: eagerly, or from its CUDA graph (one per
+        latent size, spans, blend activity and layer set: what the host decides in a pass)."""
+        leaves, spec = tree_flatten(rest)
+        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+
+        def run(z, scale, *values):
+            it = iter(values)
+            args, kwargs = tree_unflatten([next(it) if isinstance(x, torch.Tensor) else x for x in leaves], spec)
+            return guidance_pass(unet, z, scale, lambda x: self._run(unet, x, (args, kwargs)), self.state,
+                                 self.guide_layers, self.call.row_spans, self.call.latent_hw,
+                                 self.guidance.checkpointing)
+
+        if self.graphs is None:
+            return run(z, scale, *tensors)
+        key = ("guidance pass", str(spec), tuple(x for x in leaves if not isinstance(x, torch.Tensor)),
+               tuple(z.shape), self.state.active, self.state.edit is not None, _spans_key(self.call.row_spans))
+        return self.graphs.run(key, run, (z, scale, *tensors))
 
     # ---- rectification
 
@@ -159,6 +188,7 @@ class Steering:
             nouns = torch.stack([maps[i, s.start + 1 : s.stop].mean(0) for s in spans]) if spans else None
             self.call.masks.append(None if nouns is None else concept_masks(
                 affinity[i], nouns, hw, self.rectify.clusters, self.rectify.seed))
+        self._refresh_coefficients({(m.shape[1], m.shape[2]) for m in cross.values()}, cond.device)
 
     def masks(self, sample: int) -> torch.Tensor | None:
         """Boolean concept masks ``[C, h, w]`` of conditional sample ``sample`` (after the capture step)."""
@@ -167,9 +197,36 @@ class Steering:
     def _edit(self, layer: str, scores: torch.Tensor) -> torch.Tensor:
         """Modulate the conditional rows of ``scores`` [B, heads, N, K] (METHOD section 6)."""
         key = (scores.shape[0], scores.shape[2], scores.shape[3], scores.device)
-        if key not in self.call.coef:
-            self.call.coef[key] = self._coefficients(*key)
-        return modulate(scores, *self.call.coef[key], self.state.t_frac ** 5)
+        if key not in self.coef:
+            self.coef[key] = self._coefficients(*key)
+        return modulate(scores, *self.coef[key], self._tau(scores.device))
+
+    def _tau(self, device) -> torch.Tensor:
+        """``(t/T)^5`` of the current step as a 0-d fp32 tensor on ``device`` (the same buffer every step)."""
+        if self.tau is None or self.tau.device != torch.device(device):
+            self.tau = torch.zeros((), device=device)
+            self.tau.fill_(self.state.t_frac**5)
+        return self.tau
+
+    def _refresh_coefficients(self, shapes: set[tuple[int, int]], device) -> None:
+        """This call's coefficient maps into the kept buffers: every buffer that fits this call (refilled in
+        place: a captured step reads them) and those of the main pass's ``(tokens, width)`` ``shapes``."""
+        n = len(self.call.row_spans)
+        keys = {(b, tokens, width, torch.device(device)) for b in (n, 2 * n) for tokens, width in shapes}
+        for key in keys | set(self.coef):
+            batch, tokens = key[0], key[1]
+            try:
+                layer_hw(tokens, self.call.latent_hw)
+            except RuntimeError:
+                continue  # a buffer of another latent size: refreshed by the calls of that size
+            if batch not in (n, 2 * n):
+                continue
+            own, other = self._coefficients(*key)
+            if key in self.coef:
+                self.coef[key][0].copy_(own)
+                self.coef[key][1].copy_(other)
+            else:
+                self.coef[key] = (own, other)
 
     def _coefficients(self, batch: int, tokens: int, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Both coefficient maps of a layer for the whole batch, ``[batch, 1, tokens, width]``: zero for

@@ -36,8 +36,9 @@ from latexblend.train.runfolder import (
     write_run_info,
     write_weights,
 )
+from latexblend.train.runner import Runner
 from latexblend.train.setup import Setup, build_setup, check_inputs, compile_unet, schedule
-from latexblend.train.step import step_tflop, train_step
+from latexblend.train.step import step_tflop
 
 
 def accelerator(mixed_precision: str, device: str | None = None):
@@ -61,8 +62,8 @@ def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter], lr: float):
         except ImportError as err:
             raise LatexBlendError("--use-8bit-adam needs bitsandbytes (pip install bitsandbytes)") from err
         return bnb.optim.AdamW8bit(params, **kwargs)
-    if params and params[0].device.type in ("cuda", "cpu"):
-        return torch.optim.AdamW(params, fused=True, **kwargs)
+    if params and params[0].device.type in ("cuda", "cpu"):  # capturable: a CUDA graph may replay it (runner)
+        return torch.optim.AdamW(params, fused=True, capturable=params[0].device.type == "cuda", **kwargs)
     return torch.optim.AdamW(params, foreach=True, **kwargs)
 
 
@@ -115,6 +116,7 @@ def train(cfg: TrainConfig, progress: bool = True, on_step=None) -> Path | None:
         start_run_folder(cfg, run, resume_from)
     writer = summary_writer(str(run / "tb")) if summary_writer and main else None
     meter = Meter(peak_tflops(device_name(setup.device), cfg.peak_tflops), last_step=start)
+    runner = Runner(setup, optimizer, acc, params, log=bar.write if main else lambda line: None)
     t0, loss = time.perf_counter(), float("nan")
     with bar:
         for step in range(start, plan.steps):
@@ -122,7 +124,7 @@ def train(cfg: TrainConfig, progress: bool = True, on_step=None) -> Path | None:
                 meter.tflop = step_tflop(setup, acc, step)
                 if cfg.compile_unet:
                     compile_unet(setup.pipe.unet, cfg.compile_backend)
-            losses = train_step(setup, optimizer, acc, step, params)
+            losses = runner.step(step)
             done = step + 1
             bar.update()
             if done % cfg.log_every == 0 or done == plan.steps:
@@ -134,7 +136,7 @@ def train(cfg: TrainConfig, progress: bool = True, on_step=None) -> Path | None:
                 on_step(done, losses, setup)
     wall = time.perf_counter() - t0
     if main:
-        _finish(setup, run, start, wall, loss, meter)
+        _finish(setup, run, start, wall, loss, meter, runner)
     acc.wait_for_everyone()
     return run if main else None
 
@@ -193,11 +195,29 @@ def load_checkpoint(setup: Setup, optimizer, folder: Path) -> int:
     """Restore trainables and optimizer state from ``folder``; returns the step to continue from."""
     step, kv, rows, state = read_checkpoint(folder, setup.cfg)
     setup.flow.load(kv, rows)
-    optimizer.load_state_dict(state)
+    optimizer.load_state_dict(flat_optimizer_state(state, setup.flow))
     return step
 
 
-def _finish(setup: Setup, run: Path, start: int, wall: float, loss: float, meter: Meter) -> None:
+def flat_optimizer_state(state: dict, flow) -> dict:
+    """An optimizer state saved when each ``to_k``/``to_v`` weight was its own parameter (one entry per weight,
+    then the rows), as the flat weight's one entry: each state tensor's rows concatenated in order. Any
+    other state is returned as it is."""
+    group = state["param_groups"][0]
+    kv = len(flow.names)
+    if flow.weight is None or len(state["param_groups"]) != 1 or len(group["params"]) != kv + len(flow.rows):
+        return state
+    per = [state["state"][i] for i in group["params"][:kv] if i in state["state"]]
+    merged = {}
+    if per:
+        merged[0] = {k: (per[0][k] if per[0][k].dim() == 0 else torch.cat([p[k] for p in per])) for k in per[0]}
+    for j, i in enumerate(group["params"][kv:], start=1):
+        if i in state["state"]:
+            merged[j] = state["state"][i]
+    return {"state": merged, "param_groups": [{**group, "params": list(range(1 + len(flow.rows)))}]}
+
+
+def _finish(setup: Setup, run: Path, start: int, wall: float, loss: float, meter: Meter, runner: Runner) -> None:
     """Final weights, the bank (Stage 2, no separate step), and ``run.json``: the run's schedule and measured
     numbers, its resolved settings under ``config``. Should the bank fail to be written (a full disk), the
     weights are kept and the error says how to write it from them."""
@@ -206,7 +226,8 @@ def _finish(setup: Setup, run: Path, start: int, wall: float, loss: float, meter
     rate = (plan.steps - start) / wall if wall > 0 else None
     measured = {"start_step": start, "steps_per_s": rate, "wall_s": wall, "tflop_per_step": meter.tflop,
                 "mfu": mfu(meter.tflop, rate, meter.peak) if rate else None,
-                "peak_memory_bytes": peak_memory(setup.device), "final_loss": loss}
+                "peak_memory_bytes": peak_memory(setup.device), "final_loss": loss, "step_path": runner.path,
+                "step_path_note": runner.note, "capture_s": runner.capture_s}
     info = {"versions": environment(), "device": device_name(setup.device), "num_processes": plan.processes,
             "mixed_precision": plan.mixed_precision, "steps": plan.steps, "lr": plan.lr, **measured,
             "bank": None, "config": {k: v for k, v in to_dict(cfg).items() if k not in ("resume", "overwrite")}}

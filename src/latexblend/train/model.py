@@ -39,8 +39,9 @@ class LowRankLinear(nn.Module):
 class ConceptFlow(nn.Module):
     """The trainables of one concept, taken out of (and still used inside) a frozen pipeline.
 
-    ``projections[i]`` is the ``to_k`` or ``to_v`` of attn2 layer ``names[i]`` (``"<layer>.to_k"``), made
-    trainable in fp32 in its place in the UNet, or replaced there by a :class:`LowRankLinear` (``rank`` > 0).
+    ``projections[i]`` is the ``to_k`` or ``to_v`` of attn2 layer ``names[i]`` (``"<layer>.to_k"``); their
+    weights are rows of one trainable fp32 ``weight`` (views in their place in the UNet), or each is replaced
+    there by a :class:`LowRankLinear` (``rank`` > 0).
     ``rows[j]`` is the identifier's embedding row of text encoder ``j`` (fp32), put in place of the frozen
     row by a forward hook on the input embedding (``[B, 77] ids -> [B, 77, D]``), so no other row can change.
     """
@@ -58,16 +59,36 @@ class ConceptFlow(nn.Module):
                 if rank:
                     mod = LowRankLinear(mod, rank)
                     setattr(attn, proj, mod)
-                else:
-                    mod.to(torch.float32).weight.requires_grad_(True)
                 self.names.append(f"{layer}.{proj}")
                 self.projections.append(mod)
+        #: output width of every projection, in order: ``project`` returns them side by side
+        self.sizes = [int((mod.base if rank else mod).weight.shape[0]) for mod in self.projections]
+        self.weight = None if rank else self._flat_weight()
         self.rows = nn.ParameterList()
         for encoder in encoders:
             emb = encoder.get_input_embeddings()
             row = nn.Parameter(emb.weight[token_id].detach().float().clone())
             emb.register_forward_hook(self._put_row(row))
             self.rows.append(row)
+
+    def _flat_weight(self) -> nn.Parameter:
+        """Every ``to_k``/``to_v`` weight as one fp32 parameter ``[sum of widths, D]``; each module's weight
+        becomes a frozen view of its rows (the UNet, checkpoints and extraction read them there), so the
+        optimizer, clipping and the projection of a step each see one tensor instead of 2 per layer."""
+        flat = nn.Parameter(torch.cat([mod.weight.detach().float() for mod in self.projections]))
+        for mod, rows in zip(self.projections, flat.detach().split(self.sizes), strict=True):
+            mod.weight = nn.Parameter(rows, requires_grad=False)
+        return flat
+
+    def project(self, context: torch.Tensor) -> torch.Tensor:
+        """The concept flow's K and V of every attn2 layer in one tensor: ``context`` [B, 77, D] ->
+        ``[B, 77, sum of widths]``, the widths in the order of ``names`` (one matmul for all layers)."""
+        if self.weight is None:
+            return torch.cat([mod(context) for mod in self.projections], dim=-1)
+        weight = self.weight
+        if not torch.is_autocast_enabled(context.device.type):
+            weight = weight.to(context.dtype)
+        return F.linear(context, weight)
 
     def _put_row(self, row: nn.Parameter):
         def hook(module, inputs, output):
@@ -76,14 +97,18 @@ class ConceptFlow(nn.Module):
 
         return hook
 
-    def kv_parameters(self) -> dict[str, nn.Parameter]:
-        """The trainable K/V tensors by name (``<layer>.to_k.weight``, or ``.lora_A`` / ``.lora_B``)."""
+    def kv_parameters(self) -> dict[str, torch.Tensor]:
+        """The trained K/V tensors by name (``<layer>.to_k.weight``: views of the flat weight; or ``.lora_A`` /
+        ``.lora_B``): what checkpoints and ``kv.safetensors`` hold."""
+        if self.weight is not None:
+            return {f"{name}.weight": mod.weight for name, mod in zip(self.names, self.projections, strict=True)}
         return {f"{name}.{pname}": p for name, mod in zip(self.names, self.projections, strict=True)
                 for pname, p in mod.named_parameters() if p.requires_grad}
 
     def trainable(self) -> list[nn.Parameter]:
-        """Every trainable tensor, in a fixed order: the K/V tensors, then the rows."""
-        return [*self.kv_parameters().values(), *self.rows]
+        """Every trainable tensor, in a fixed order: the flat K/V weight (or the LoRA factors), then the rows."""
+        kv = [self.weight] if self.weight is not None else list(self.kv_parameters().values())
+        return [*kv, *self.rows]
 
     def row_tensors(self) -> dict[str, torch.Tensor]:
         """The identifier rows by text encoder (the keys of ``tokens.safetensors``), on the CPU."""

@@ -12,6 +12,7 @@ from latexblend.settings import check_range, check_seed, safe_name, shown
 SHRINK = 2 / 3  # Custom Diffusion's share of shrink-and-paste augmentations
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+CUDA_GRAPH = ("auto", "on", "off")
 
 
 @dataclasses.dataclass
@@ -52,6 +53,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     compile_unet: bool = False  # torch.compile the UNet (the first step compiles)
     compile_backend: str = "inductor"  # torch.compile backend of compile_unet ("eager": graph capture only)
+    cuda_graph: bool | str = "auto"  # each step as one CUDA graph: auto (on CUDA when it can), on/true, off/false
     cache_prior: bool = True  # keep prior images' VAE moments and captions' text features after first use
     use_8bit_adam: bool = False
     mixed_precision: str = "auto"  # auto: bf16 on CUDA, none on CPU
@@ -84,6 +86,10 @@ class TrainConfig:
         if self.token in self.class_noun:
             raise LatexBlendError(f"class noun '{self.class_noun}' holds the identifier {self.token}: the class noun "
                                   f"names the class (e.g. dog), the identifier is added in front of it")
+        if isinstance(self.cuda_graph, bool):  # YAML and --set read on/off as booleans
+            self.cuda_graph = "on" if self.cuda_graph else "off"
+        if self.cuda_graph not in CUDA_GRAPH:
+            raise LatexBlendError(f"cuda_graph must be one of {', '.join(CUDA_GRAPH)}, got {shown(self.cuda_graph)}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise LatexBlendError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}")
         if self.bank_dtype not in BANK_DTYPES:

@@ -43,7 +43,7 @@ OPTIMIZER_FILE = "optimizer.pt"
 #: Settings that do not change what a step computes (may differ when resuming).
 NOT_HASHED = ("steps", "resume", "overwrite", "checkpoint_every", "keep_checkpoints", "log_every", "log_tensorboard",
               "runs_dir", "bank_dir", "bank_dtype", "extract_prompt", "gradient_checkpointing", "cache_prior",
-              "compile_unet", "compile_backend", "peak_tflops")
+              "compile_unet", "compile_backend", "peak_tflops", "cuda_graph")
 #: Settings added after runs existed, with their defaults: hashed only when set otherwise, so a run
 #: started before they existed still resumes.
 HASHED_WHEN_SET = {"crop_time_ids": TrainConfig.crop_time_ids, "augment_shrink": TrainConfig.augment_shrink,

@@ -11,28 +11,31 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 
-from latexblend.attention import install_processors, project_kv
+from latexblend.attention import fuse_self_attention, install_processors, project_kv
+from latexblend.device import gradient_checkpointing
 from latexblend.errors import LatexBlendError
 from latexblend.fileio import list_images, open_image
 from latexblend.models import attn2_modules, fingerprint, load_pipeline
 from latexblend.text import concept_span, encode_prompts, pipeline_text_side
-from latexblend.tokens import Span, add_identifier_token, token_ids
+from latexblend.tokens import MAX_TOKENS, Span, add_identifier_token, token_ids
 from latexblend.train.data import MAX_INSTANCE_IMAGES, load_prior, prior_dir, template_pool
 from latexblend.train.model import ConceptFlow
 from latexblend.train.options import TrainConfig
-from latexblend.train.splice import SpliceProcessor, SpliceState
+from latexblend.train.splice import SpliceProcessor, SpliceState, SpliceTables
 
 
 @dataclass
 class Template:
-    """One template of the pool: the instance prompt and its span; the replace prompt's span, pooled
-    embedding [P] and frozen base-flow ``(k, v)`` [77, C] per layer."""
+    """One template of the pool: the instance prompt, its token ids (both tokenizers) and span; the replace
+    prompt's span, pooled embedding [P] and frozen base-flow ``(k, v)`` [77, C] per layer (views of the
+    run's :attr:`SpliceTables.base`)."""
 
     instance: str
     concept_span: Span
     replace_span: Span
     pooled: torch.Tensor
     base_kv: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    ids: tuple[list[int], list[int]] = ((), ())
 
 
 class PriorCache:
@@ -80,6 +83,7 @@ class Setup:
     prior: list  # prior (path, caption) pairs
     templates: list[Template]
     splice: SpliceState
+    tables: SpliceTables
     scheduler: DDPMScheduler  # the training noising (DDPM forward process)
     fingerprint: str  # the base model's to_k fingerprint (JSON)
     size: int  # the training resolution
@@ -91,6 +95,7 @@ class Setup:
     vae_dtype: torch.dtype
     prior_cache: PriorCache
     plan: Schedule
+    noise_scales: tuple[torch.Tensor, torch.Tensor]  # sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t) per timestep
 
 
 def check_inputs(cfg: TrainConfig) -> tuple[list, list]:
@@ -117,20 +122,30 @@ def _check_resolution(pipe, size: int) -> None:
                               f"downsampling)")
 
 
-def _templates(pipe, cfg: TrainConfig, token_id: int, noun_ids: list[int]) -> list[Template]:
-    """The pool's prompts with spans, and the frozen base flow of each replace prompt (pretrained weights)."""
+def _templates(pipe, cfg: TrainConfig, token_id: int, noun_ids: list[int]) -> tuple[list[Template], SpliceTables]:
+    """The pool's prompts with token ids and spans, and the frozen base flow of each replace prompt
+    (pretrained weights, all layers side by side: :class:`SpliceTables`)."""
 
-    out = []
+    templates, bases = [], []
     toks, encs = pipeline_text_side(pipe)
+    layers = attn2_modules(pipe.unet)
     for template in template_pool(cfg.fixed_template):
         instance, replace = template.format(f"{cfg.token} {cfg.class_noun}"), template.format(f"a {cfg.class_noun}")
         with torch.no_grad():
             context, pooled = encode_prompts(toks, encs, [replace], pipe.device)
-            base = {layer: tuple(t[0] for t in project_kv(attn, context)) for layer, attn in
-                    attn2_modules(pipe.unet).items()}
-        out.append(Template(instance, concept_span(toks[0], instance, token_id, noun_ids),
-                            concept_span(toks[0], replace, "a", noun_ids), pooled[0], base))
-    return out
+            bases.append(torch.cat([t[0] for attn in layers.values() for t in project_kv(attn, context)], dim=-1))
+        ids = tuple(tok(instance, padding="max_length", max_length=MAX_TOKENS, truncation=True).input_ids
+                    for tok in toks)
+        templates.append(Template(instance, concept_span(toks[0], instance, token_id, noun_ids),
+                                  concept_span(toks[0], replace, "a", noun_ids), pooled[0], {}, ids))
+    sizes = [int(getattr(attn, proj).weight.shape[0]) for attn in layers.values() for proj in ("to_k", "to_v")]
+    base = torch.stack(bases) if cfg.base_flow else None
+    pooled = torch.stack([t.pooled for t in templates]) if cfg.base_flow else None
+    for i, template in enumerate(templates if base is not None else []):
+        parts = base[i].split(sizes, dim=-1)
+        template.base_kv = {layer: (parts[2 * j], parts[2 * j + 1]) for j, layer in enumerate(layers)}
+    rows, take = SpliceTables.pairs([t.concept_span for t in templates], [t.replace_span for t in templates])
+    return templates, SpliceTables(list(layers), sizes, base, pooled, rows, take)
 
 
 def schedule(cfg: TrainConfig, processes: int = 1, mixed_precision: str = "no") -> Schedule:
@@ -154,26 +169,38 @@ def build_setup(cfg: TrainConfig, images: list, prior: list, device, dtype: torc
     _check_resolution(pipe, size)
     toks, encs = pipeline_text_side(pipe)
     token_id = add_identifier_token(toks, encs, cfg.token, init_token=cfg.init_token)
-    templates = _templates(pipe, cfg, token_id, token_ids(pipe.tokenizer, cfg.class_noun))
+    templates, tables = _templates(pipe, cfg, token_id, token_ids(pipe.tokenizer, cfg.class_noun))
     fp = fingerprint(pipe.unet).to_json()
     torch.manual_seed(cfg.seed)  # LoRA initialisation, identical on every process
     flow = ConceptFlow(pipe.unet, encs, token_id, cfg.kv_rank)
-    splice = SpliceState()
-    install_processors(pipe.unet, lambda layer: SpliceProcessor(layer, splice))
+    fuse_self_attention(pipe.unet)  # frozen attn1: q, k, v in one matmul
+    splice = SpliceState(attn2_modules(pipe.unet))
+    processor = SpliceProcessor()
+    install_processors(pipe.unet, lambda layer: processor)
     if cfg.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
-    return Setup(cfg, pipe, flow, images, prior, templates, splice, DDPMScheduler.from_config(pipe.scheduler.config),
-                 fp, size, dtype, pipe.device, pipe.unet.dtype, pipe.vae.dtype, PriorCache(cfg.cache_prior),
-                 plan or schedule(cfg))
+        gradient_checkpointing(pipe.unet, True)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    return Setup(cfg, pipe, flow, images, prior, templates, splice, tables, scheduler, fp, size, dtype, pipe.device,
+                 pipe.unet.dtype, pipe.vae.dtype, PriorCache(cfg.cache_prior), plan or schedule(cfg),
+                 noise_scales(scheduler, pipe.device))
+
+
+def noise_scales(scheduler: DDPMScheduler, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sqrt(alpha_bar), sqrt(1 - alpha_bar))`` of every training timestep on ``device``: computed as
+    ``scheduler.add_noise`` computes them, once instead of every step."""
+    alphas = scheduler.alphas_cumprod.to(device, torch.float32)
+    return alphas**0.5, (1 - alphas) ** 0.5
 
 
 def compile_unet(unet, backend: str = "inductor") -> None:
-    """``torch.compile`` the UNet's forward in place with ``backend``; compiled at its first call (``train``
-    does it after counting the first step's FLOPs). One graph serves every template pair: the splice
-    reads span positions from a tensor."""
+    """Regional compilation: ``torch.compile`` each of the UNet's repeated transformer blocks in place with
+    ``backend`` (diffusers' ``compile_repeated_blocks``), compiled at their first call (``train`` does it
+    after counting the first step's FLOPs). The 70 blocks share their code: SDXL compiles 3 graphs (with
+    and without gradient at the input, then one with dynamic sizes), not one per layer, because the one
+    splice processor reads each layer's K/V from its module; and one graph serves every template pair."""
     import torch._dynamo  # only with compile_unet: its import alone takes about a second
 
     if backend not in torch._dynamo.list_backends(exclude_tags=()):
         raise LatexBlendError(f"unknown compile backend '{backend}' (known: "
                               f"{', '.join(torch._dynamo.list_backends(exclude_tags=()))})")
-    unet.compile(backend=backend)
+    unet.compile_repeated_blocks(backend=backend)
