@@ -1,7 +1,7 @@
 """Fidelity benchmark on the toy world: does a trained concept appear in new scenes, and does the
 rest of the prompt survive? Scored by the exact detectors of :mod:`latexblend.toy.world`.
 
-For each concept of :data:`latexblend.toy.CONCEPTS` (a two-toned object of one class, in a colour pair
+For each concept of :data:`latexblend.toy.world.CONCEPTS` (a two-toned object of one class, in a colour pair
 the toy model never saw) it draws instance images and a prior set (world objects of the class with
 their captions), trains the variants (:data:`VARIANTS`: the paper's ablations and the authors'
 release's choices; variants that differ only in blending share one training) with the toy recipe,

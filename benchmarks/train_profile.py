@@ -1,5 +1,5 @@
 """Where a training step's work goes: ops dispatched, scalar reads (device syncs on a GPU) by caller, FLOPs,
-and a torch.profiler operator table, for ``latexblend.train.train_step`` on any model and size.
+and a torch.profiler operator table, for ``latexblend.train.step.train_step`` on any model and size.
 
 Counts are free of timing noise, so the CPU can measure them on the full SDXL architecture at a small
 size. A scalar read (``aten::_local_scalar_dense``: ``.item()``, ``float()``, ``.tolist()``) of a device

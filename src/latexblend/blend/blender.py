@@ -263,7 +263,7 @@ def apply(pipe, concepts: Sequence[str | Path | ConceptBank], blend_start: float
     (True), also before ``blend_start`` as in the authors' release (``"always"``), or never (False).
     ``guidance`` (blending guidance, METHOD section 5) and ``rectify``
     (self-attention rectification, section 6) take ``True`` for the defaults, a dict of
-    :class:`~latexblend.guidance.GuidanceOptions` / :class:`~latexblend.rectify.RectifyOptions` fields,
+    :class:`~latexblend.blend.options.GuidanceOptions` / :class:`~latexblend.blend.options.RectifyOptions` fields,
     or an instance; ``save_maps`` keeps per-concept cross-attention maps (``blender.steering``). ``graphs``:
     CUDA graphs of the UNet calls (:mod:`~latexblend.blend.graphs`): ``auto`` (``steering`` on CUDA: the
     guidance passes and the rectified steps), ``all`` (every denoising step too) or ``off``.

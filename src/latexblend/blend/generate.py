@@ -1,7 +1,7 @@
 """Stage 3 as a command: prompts and settings in, an output folder (docs/OUTPUT_FORMAT.md) out.
 
-The method itself (:class:`~latexblend.blend.Blender`, :func:`~latexblend.blend.apply`) is in
-``blend.py``; the output folder is written by ``samples.py``.
+The method itself (:class:`~latexblend.blend.blender.Blender`, :func:`~latexblend.blend.blender.apply`) is in
+``blender.py``; the output folder is written by ``samples.py``.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def generate(cfg: GenerateConfig, pipe=None) -> Path:
     ``metadata.json``. Seeds do not depend on the process, so the images are a single-process run's up
     to float rounding (batch composition and kernels differ; tested: at most 1/255 in a few pixels).
     Inputs (banks, device, then the prompts) are checked before sampling; the output folder is held by
-    one run at a time (:func:`~latexblend.samples.claim_out`) and removed again if a check fails in it
+    one run at a time (:func:`~latexblend.blend.samples.claim_out`) and removed again if a check fails in it
     while it is still empty.
     """
 
