@@ -808,6 +808,9 @@ BEHAVIOURS = [
      "how_to_finish"),
     ("silent", "bank rows over 100 times the model's own are refused by verify and every Blender",
      "tests/test_generate.py::test_bank_rows_far_larger_than_the_models_own_are_refused"),
+    ("no traceback", "a process of a multi-process generate failing while sampling stops every process with one "
+     "line; a re-run finishes the folder",
+     "tests/test_generate.py::test_a_process_failing_while_sampling_stops_the_others"),
     ("silent", "an image holding NaN is an error and the folder is not marked finished",
      "tests/test_generate.py::test_an_image_holding_nan_is_an_error_and_the_folder_is_not_finished"),
     ("silent", "an interrupted generation is continued only with the same settings",

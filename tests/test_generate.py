@@ -415,6 +415,49 @@ def test_generate_output_feeds_evaluate(tiny_pipe, tmp_path, eval_model_dirs):
     assert sum(1 for row in rows if row.get("concept") == "corgi") == 2  # the two <corgi> images
 
 
+RANK_ONE_FAILS = """
+import os
+
+import latexblend.blend.generate as generate
+from latexblend.errors import LatexBlendError
+
+check = generate._check_finite
+
+
+def fail_on_rank_one(arrays, prompt_index, seeds):
+    if os.environ.get("RANK") == "1":
+        raise LatexBlendError("rank 1 failed on purpose")
+    return check(arrays, prompt_index, seeds)
+
+
+generate._check_finite = fail_on_rank_one
+from latexblend.cli import main  # noqa: E402
+
+main()
+"""
+
+
+def test_a_process_failing_while_sampling_stops_the_others(tiny_dir, banks_dir, tmp_path):
+    """accelerate launch (2 CPU processes), the second fails at its first image: each process stops with one clear
+    line (not a traceback from a barrier whose peer has gone, nor a wait for it), no metadata.json, and a re-run
+    finishes the folder."""
+    from conftest import launch_two
+
+    script = tmp_path / "rank_one_fails.py"
+    script.write_text(RANK_ONE_FAILS)
+    out = tmp_path / "out"
+    args = ["generate", "-p", "<corgi> on a beach", "-p", "a dog at a castle", "--num-images", "2", "--steps", "2",
+            "--model", tiny_dir, "--dir", banks_dir, "--batch-size", "1", "--out", out]
+    r = launch_two(args, script=script, timeout=150)
+    assert r.returncode != 0
+    assert "rank 1 failed on purpose" in r.stderr and "another process failed" in r.stderr, r.stderr[-2000:]
+    assert "[rank0]: Traceback" not in r.stderr and "[rank1]: Traceback" not in r.stderr
+    assert not (out / "metadata.json").exists() and (out / ".latexblend-unfinished.json").exists()
+    r = launch_two(args, timeout=150)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(json.loads((out / "metadata.json").read_text())["images"]) == 4
+
+
 def test_two_processes_share_the_images_of_one_folder(tiny_dir, banks_dir, tmp_path):
     """accelerate launch (2 CPU processes): no image lost or duplicated, the same pixels as one process."""
     from conftest import launch_two

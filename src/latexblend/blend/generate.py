@@ -127,6 +127,15 @@ class Processes:
         if self.state is not None:
             self.state.wait_for_everyone()
 
+    def any_failed(self, failed: bool) -> bool:
+        """Whether this or any other process failed. Every process calls it (a collective), so a process whose
+        sampling raised does not leave the others waiting for it forever at the next barrier."""
+        if self.state is None:
+            return failed
+        flag = torch.tensor([int(failed)], device=self.state.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
 
 def generate(cfg: GenerateConfig, pipe=None) -> Path:
     """Run Stage 3 as configured and write the output folder of ``docs/OUTPUT_FORMAT.md``.
@@ -187,10 +196,18 @@ def _generate_into(out: Path, cfg: GenerateConfig, pipe, procs: Processes, banks
             record["maps"] = samples.save_heatmaps(out, record, pil, maps)
         samples.save_image(out, record, pil, settings)
 
+    error = None
     try:
         images = run_prompts(pipe, cfg, blender, on_image=save, units=work_units(cfg, procs.rank, procs.world))
+    except Exception as err:  # noqa: BLE001 - raised again below, once every process knows
+        error = err
     finally:
         blender.remove()
+    if procs.any_failed(error is not None):
+        if error is not None:
+            raise error
+        raise LatexBlendError("stopped: another process failed while sampling (its message is above); "
+                              "run the same command again to continue the folder")
     samples.write_records(out, procs.rank, images)
     procs.wait()
     if procs.main:
