@@ -424,6 +424,15 @@ def user_folder(tmp: Path, *names: str) -> Path:
     return folder
 
 
+def stopped_prior(tmp: Path) -> Path:
+    """A prior folder of ``prior --class-noun dog --num 1`` (seed 0, the tiny model) stopped after its record."""
+    folder = tmp / "prior"
+    write_png(folder / "00001.png")
+    settings = {"class_noun": "dog", "model": "tiny", "seed": 0, "steps": 50, "cfg": 6.0, "resolution": None}
+    (folder / ".latexblend-prior.json").write_text(json.dumps({"settings": settings}))
+    return folder
+
+
 def unfinished_out(tmp: Path) -> list[str]:
     """An output folder left by an interrupted generation of seed 0 (its record of settings and one image)."""
     from latexblend.blend.generate import run_identity
@@ -474,6 +483,15 @@ _SILENT_CASES = [
          lambda t, p: _prior(t)[:-2] + ["--out", str(user_folder(t, "holiday.png"))],
          "error: prior folder {tmp}/mine holds files that latexblend prior did not write (e.g. 'holiday.png'); "
          "choose an empty or new --out"),
+    Case("prior-out-unrecorded-images", "silent", "`prior --out DIR` where DIR holds the user's own `00000.png` "
+         "(used to be kept as the first prior image)",
+         lambda t, p: _prior(t)[:-2] + ["--out", str(user_folder(t, "00000.png"))],
+         "error: prior folder {tmp}/mine holds images with no record of what made them (.latexblend-prior.json): "
+         "they may be another tool's or an earlier run's; choose an empty or new --out"),
+    Case("prior-resume-other-seed", "silent", "`prior --seed 5` continuing a stopped run of seed 0 (used to mix "
+         "the two)", lambda t, p: (stopped_prior(t), _prior(t, "--seed", "5", "--num", "2"))[1],
+         "error: prior folder {tmp}/prior holds images made with other settings (different seed); choose another "
+         "--out, or delete the folder to start again"),
     Case("extract-other-base-model", "silent", "`extract` of a run whose weights were trained on another base model",
          lambda t, p: ["extract", "--run", str(other_model_run(t))],
          "error: {tmp}/runs/rex was trained on another base model than 'tiny' as it is now (fingerprint … in "

@@ -591,9 +591,15 @@ def test_cli_prior_train_extract(tmp_path, tiny_dir, concept_dir):
     args = ["prior", "--class-noun", "dog", "--num", "2", "--steps", "2", "--model", str(tiny_dir), "--out", str(prior)]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in prior.iterdir()) == ["00000.png", "00001.png", "captions.txt"]
+    assert sorted(p.name for p in prior.iterdir()) == [".latexblend-prior.json", "00000.png", "00001.png",
+                                                       "captions.txt"]
     r = runner.invoke(app, args)
     assert r.exit_code == 0 and "nothing to do" in r.output
+    first = (prior / "00000.png").read_bytes()
+    (prior / "00001.png").unlink()  # a stopped run: the same settings continue it
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0 and "generated 1 prior images" in r.output, r.output
+    assert (prior / "00000.png").read_bytes() == first and (prior / "00001.png").is_file()
     runs, banks = tmp_path / "runs", tmp_path / "banks"
     r = runner.invoke(app, ["train", "--images", str(concept_dir), "--class-noun", "dog", "--name", "corgi",
                             "--model", str(tiny_dir), "--prior", str(prior), "--steps", "2", "--runs-dir", str(runs),

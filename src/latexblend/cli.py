@@ -544,6 +544,7 @@ def prior_cmd(
         generate_prior,
         prior_complete,
         prior_dir,
+        prior_settings,
     )
 
     check_prior_request(class_noun, num, steps, cfg, seed)
@@ -551,13 +552,13 @@ def prior_cmd(
     if prior_complete(out, num):
         typer.echo(f"{out}: all {num} prior images exist; nothing to do")
         return
-    check_prior_folder(out)  # before the model loads
+    check_prior_folder(out, prior_settings(class_noun, model, seed, steps, cfg))  # before the model loads
     check_output_folder(out, "prior folder")
     _quiet_libraries()
     from latexblend.models import load_pipeline
 
     made, _ = generate_prior(load_pipeline(model, device=device), class_noun, num, out, seed=seed, steps=steps,
-                             cfg=cfg)
+                             cfg=cfg, model=model)
     typer.echo(f"generated {made} prior images of '{class_noun}' in {out}/ ({num} in all)")
 
 

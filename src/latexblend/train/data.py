@@ -6,6 +6,7 @@ Every random draw takes an explicit ``torch.Generator``: the training loop seeds
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from PIL import Image
 from latexblend.console import Progress
 from latexblend.errors import LatexBlendError
 from latexblend.fileio import atomic_path, list_images, open_image, write_text_atomic
-from latexblend.settings import check_range, check_seed, read_text, safe_name
+from latexblend.settings import check_range, check_seed, load_data, read_text, safe_name
 from latexblend.train.options import SHRINK
 
 #: At most this many prior images per class (the paper uses 200), and instance images per concept (they are all
@@ -176,21 +177,44 @@ def prior_complete(out: str | Path, num: int) -> bool:
     return not prior_missing(out, num) and (Path(out) / "captions.txt").is_file()
 
 
+#: The record :func:`generate_prior` keeps in its folder of the settings that make its images, so that a stopped
+#: run is continued only by the same settings and images it did not make are never taken for its own.
+PRIOR_RECORD = ".latexblend-prior.json"
+_PRIOR_FILES = re.compile(r"\d{5,}\.png|captions\.txt|\..+\.tmp|" + re.escape(PRIOR_RECORD))
 
 
-_PRIOR_FILES = re.compile(r"\d{5,}\.png|captions\.txt|\..+\.tmp")
+def prior_settings(class_noun: str, model: str | None, seed: int, steps: int, cfg: float,
+                   resolution: int | None = None) -> dict:
+    """What decides the prior images of :func:`generate_prior` (``resolution`` None: the model's own)."""
+    return {"class_noun": class_noun, "model": model, "seed": seed, "steps": steps, "cfg": cfg,
+            "resolution": resolution}
 
 
-def check_prior_folder(out: str | Path) -> None:
-    """``out`` holds nothing but what :func:`generate_prior` writes (``00000.png``..., ``captions.txt``), so
-    that its images are never mixed with a user's files or written over them."""
+def check_prior_folder(out: str | Path, settings: dict | None = None) -> None:
+    """``out`` holds nothing but what :func:`generate_prior` writes (``00000.png``..., ``captions.txt``, its
+    record), so that its images are never mixed with a user's files or written over them; images already there
+    were made by :func:`generate_prior` with ``settings`` (as its record says)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise LatexBlendError(f"prior folder {out} is a file; choose another --out")
-    foreign = sorted(p.name for p in out.iterdir() if not _PRIOR_FILES.fullmatch(p.name)) if out.is_dir() else []
+    names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    foreign = [n for n in names if not _PRIOR_FILES.fullmatch(n)]
     if foreign:
         raise LatexBlendError(f"prior folder {out} holds files that latexblend prior did not write (e.g. "
                               f"'{foreign[0]}'); choose an empty or new --out")
+    if not any(n.endswith(".png") for n in names):
+        return
+    if PRIOR_RECORD not in names:
+        raise LatexBlendError(f"prior folder {out} holds images with no record of what made them ({PRIOR_RECORD}): "
+                              "they may be another tool's or an earlier run's; choose an empty or new --out")
+    recorded = load_data(out / PRIOR_RECORD, "prior record")
+    recorded = recorded.get("settings") if isinstance(recorded, dict) else None
+    if not isinstance(recorded, dict):
+        raise LatexBlendError(f"{out / PRIOR_RECORD} is not a prior record; choose an empty or new --out")
+    differ = [k for k in settings or {} if recorded.get(k) != settings[k]]
+    if differ:
+        raise LatexBlendError(f"prior folder {out} holds images made with other settings (different "
+                              f"{', '.join(differ)}); choose another --out, or delete the folder to start again")
 
 
 def check_prior_request(class_noun: str, num: int, steps: int, cfg: float, seed: int = 0) -> None:
@@ -205,11 +229,13 @@ def check_prior_request(class_noun: str, num: int, steps: int, cfg: float, seed:
 
 
 def generate_prior(pipe, class_noun: str, num: int, out: str | Path, seed: int = 0, steps: int = 50,
-                   cfg: float = 6.0, resolution: int | None = None, progress: bool = True) -> tuple[int, Path]:
-    """Generate ``num`` class images ``00000.png``... into ``out`` with the base model.
+                   cfg: float = 6.0, resolution: int | None = None, progress: bool = True,
+                   model: str | None = None) -> tuple[int, Path]:
+    """Generate ``num`` class images ``00000.png``... into ``out`` with the base model (named ``model`` in the
+    folder's record, :data:`PRIOR_RECORD`).
 
-    Image ``i`` uses seed ``seed + i``, so the set is deterministic and a stopped run resumes: existing
-    images are kept. ``captions.txt`` (the class noun per image) is written once all exist.
+    Image ``i`` uses seed ``seed + i``, so the set is deterministic and a stopped run resumes with the same
+    settings: existing images are kept. ``captions.txt`` (the class noun per image) is written once all exist.
     Returns ``(number generated now, out)``; 0 means the set was already complete.
     """
 
@@ -217,7 +243,9 @@ def generate_prior(pipe, class_noun: str, num: int, out: str | Path, seed: int =
     out = Path(out)
     if prior_complete(out, num):
         return 0, out
-    check_prior_folder(out)
+    settings = prior_settings(class_noun, model, seed, steps, cfg, resolution)
+    check_prior_folder(out, settings)
+    write_text_atomic(out / PRIOR_RECORD, json.dumps({"settings": settings}, indent=1))
     todo = prior_missing(out, num)
     size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     with Progress(len(todo), f"prior '{class_noun}'", "img", enabled=progress) as bar:
