@@ -29,7 +29,7 @@ app = typer.Typer(
 bank_app = typer.Typer(no_args_is_help=True, help="List, inspect, verify and import concept banks.")
 app.add_typer(bank_app, name="bank")
 
-ModelOpt = Annotated[str, typer.Option("--model", help="'tiny', 'sdxl', a diffusers folder, or a hub id.")]
+ModelOpt = Annotated[str, typer.Option("--model", help="'tiny', 'toy', 'sdxl', a diffusers folder, or a hub id.")]
 BankDirOpt = Annotated[
     Path | None, typer.Option("--dir", help="Bank folder [default: $LATEXBLEND_BANK or ./concept_bank].")
 ]
@@ -86,7 +86,8 @@ def _root(
 @app.command("tiny-model")
 @friendly
 def tiny_model(out_dir: Annotated[Path, typer.Argument(help="Folder to write (must not exist or be empty).")],
-               seed: int = 0) -> None:
+               seed: Annotated[int, typer.Option(help="Seed of the random weights (UNet, VAE and text encoders: "
+                                                      "seed + 0..3).")] = 0) -> None:
     """Write the embedded tiny SDXL-architecture model as a diffusers folder."""
     from latexblend.settings import check_seed
 
@@ -430,7 +431,8 @@ IndexOpt = Annotated[int | None, Opt(help="Farm: train the INDEX-th concept of -
                                           "$SLURM_ARRAY_TASK_ID); a complete bank is skipped.")]
 TrainModelOpt = Annotated[str | None, Opt(help=f"'tiny', 'toy', 'sdxl', a diffusers folder, or a hub id [default: "
                                                f"{T.model}].")]
-StepsOpt = Annotated[int | None, Opt(help=f"Optimizer steps [default: 3000 / processes; toy: {TOY['steps']}].")]
+StepsOpt = Annotated[int | None, Opt(help=f"Optimizer steps [default: 3000 / (processes x grad_accum); toy: "
+                                          f"{TOY['steps']}].")]
 LrOpt = Annotated[float | None, Opt(help=f"Base learning rate [default: {T.lr:g}; toy: {TOY['lr']:g}].")]
 ScaleLrOpt = Annotated[bool | None, Opt("--scale-lr/--no-scale-lr", help="Scale lr by the effective batch [on].")]
 TrainBatchOpt = Annotated[int | None, Opt(help=f"Instance (and prior) images per process [default: {T.batch_size}].")]

@@ -30,7 +30,7 @@ class TrainConfig:
     use_prior: bool = True
     model: str = "tiny"
     resolution: int | None = None  # None: min(512, the UNet's native size)
-    steps: int | None = None  # None: 3000 // processes
+    steps: int | None = None  # None: 3000 // (processes x grad_accum)
     batch_size: int = 1  # instance images per process (and as many prior images)
     grad_accum: int = 1  # micro-batches per optimizer step (effective batch: batch x processes x grad_accum)
     lr: float = 1e-5
