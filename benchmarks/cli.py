@@ -111,7 +111,9 @@ def bench_fidelity_cmd(
     concepts: Annotated[str, typer.Option(help="Comma-separated toy concepts.")] = "patchdog,stripecar",
     variants: Annotated[str, typer.Option(help="Method variants (no bank and the concept in words always "
                                                "run): full, no-base-flow, fixed-template, release-loss-weights, "
-                                               "fixed-time-ids, bind-always, no-bind, enlarge.")
+                                               "fixed-time-ids, bind-always, no-bind, enlarge, guidance, rectify, "
+                                               "guidance-rectify (blending-only variants also get a two-concept "
+                                               "row).")
                         ] = "full,no-base-flow,fixed-template",
     steps: Annotated[int | None, typer.Option(help="Training steps per concept [toy recipe].")] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate before batch scaling [toy recipe].")] = None,

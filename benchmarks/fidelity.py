@@ -6,7 +6,8 @@ the toy model never saw) it draws instance images and a prior set (world objects
 their captions), trains the variants (:data:`VARIANTS`: the paper's ablations and the authors'
 release's choices; variants that differ only in blending share one training) with the toy recipe,
 then generates new-scene prompts (:data:`PROMPTS`) x seeds with no bank, with the concept described in
-words (no bank: a reference), and with each variant's bank, plus two-concept prompts. Per variant:
+words (no bank: a reference), and with each variant's bank, plus two-concept prompts (no bank, both concepts
+in words, both full banks, and with each blending-only variant's options). Per variant:
 concept-present %, prompt-fidelity % (background and the other named objects right), their product,
 the per-image joint rate, standard errors; JSON and one grid PNG per variant.
 """
@@ -45,6 +46,9 @@ VARIANTS = {
     "bind-always": Variant(blend=(("bind", "always"),)),  # the release binds before blend_start too
     "no-bind": Variant(blend=(("bind", False),)),
     "enlarge": Variant(train=(("augment_enlarge", True),)),  # Custom Diffusion's 1.2-1.4x enlarge-and-crop
+    "guidance": Variant(blend=(("guidance", True),)),  # blending guidance, its defaults (made for many concepts)
+    "rectify": Variant(blend=(("rectify", True),)),  # self-attention rectification, its defaults
+    "guidance-rectify": Variant(blend=(("guidance", True), ("rectify", True))),
 }
 DEFAULT_VARIANTS = ["full", "no-base-flow", "fixed-template"]
 #: Prompts with the concept's class noun; the other objects and backgrounds vary (none is an instance prompt).
@@ -93,6 +97,12 @@ def in_words(prompt: str, concept: str) -> str:
     if not found:
         raise ValueError(f"prompt '{prompt}' has no bare 'a {style.cls}' to describe")
     return described
+
+
+def pair_in_words(pair: list[str]) -> list[str]:
+    """:data:`PAIR_PROMPTS` with both concepts described in words (no bank): what the toy model paints when told
+    both looks, the reference for two banks at once."""
+    return [in_words(in_words(p, pair[0]), pair[1]) for p in PAIR_PROMPTS]
 
 
 def toy_recipe(settings: FidelitySettings) -> dict:
@@ -217,8 +227,13 @@ def run_fidelity(out: str | Path, settings: FidelitySettings | None = None, prog
         progress(f"{variant}: {_line(result['variants'][variant])}")
     if settings.two_concept and len(settings.concepts) >= 2 and () in banks:  # the full method's banks
         pair = settings.concepts[:2]
-        for variant, chosen in (("two-concept-no-bank", None), ("two-concept", [banks[()][c] for c in pair])):
-            rows, images = generate_rows(pipe, PAIR_PROMPTS, settings.seeds, settings, pair, chosen)
+        full = [banks[()][c] for c in pair]
+        blended = [(f"two-concept-{v}", PAIR_PROMPTS, full, VARIANTS[v].blend) for v in settings.variants
+                   if v != "full" and not VARIANTS[v].train]  # blending options on the full banks
+        for variant, prompts, chosen, blend in (("two-concept-no-bank", PAIR_PROMPTS, None, ()),
+                                                ("two-concept-in-words", pair_in_words(pair), None, ()),
+                                                ("two-concept", PAIR_PROMPTS, full, ()), *blended):
+            rows, images = generate_rows(pipe, prompts, settings.seeds, settings, pair, chosen, blend)
             result["variants"][variant] = summarise(rows)
             save_grid(images, out / f"grid-{variant}.png", cols=settings.seeds * 2)
             progress(f"{variant}: {_line(result['variants'][variant])}")

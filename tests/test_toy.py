@@ -203,6 +203,15 @@ def test_toy_model_folder_loads_with_stock_diffusers_and_draws_the_prompt(tmp_pa
         save_toy_model(folder)
 
 
+def test_two_concept_prompts_in_words_describe_both_concepts_in_both_orders():
+    from benchmarks.fidelity import PAIR_PROMPTS, pair_in_words
+
+    described = pair_in_words(["patchdog", "stripecar"])
+    assert described[0] == "a red and yellow dog next to a blue and purple car on the beach"
+    assert described[2] == "a blue and purple car next to a red and yellow dog at night"
+    assert len(described) == len(PAIR_PROMPTS) and all(toy.parse_prompt(p) for p in described)
+
+
 def test_in_words_describes_only_the_concepts_bare_noun_phrase():
     from benchmarks.fidelity import in_words
 
