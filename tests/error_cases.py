@@ -424,10 +424,13 @@ def user_folder(tmp: Path, *names: str) -> Path:
     return folder
 
 
-def stopped_prior(tmp: Path) -> Path:
-    """A prior folder of ``prior --class-noun dog --num 1`` (seed 0, the tiny model) stopped after its record."""
+def stopped_prior(tmp: Path, complete: bool = False) -> Path:
+    """A prior folder of ``prior --class-noun dog`` (seed 0, the tiny model): image 1 of 2 written, or
+    (``complete``) the whole of ``--num 1``."""
     folder = tmp / "prior"
-    write_png(folder / "00001.png")
+    write_png(folder / ("00000.png" if complete else "00001.png"))
+    if complete:
+        (folder / "captions.txt").write_text("dog\n")
     settings = {"class_noun": "dog", "model": "tiny", "seed": 0, "steps": 50, "cfg": 6.0, "resolution": None}
     (folder / ".latexblend-prior.json").write_text(json.dumps({"settings": settings}))
     return folder
@@ -490,6 +493,10 @@ _SILENT_CASES = [
          "they may be another tool's or an earlier run's; choose an empty or new --out"),
     Case("prior-resume-other-seed", "silent", "`prior --seed 5` continuing a stopped run of seed 0 (used to mix "
          "the two)", lambda t, p: (stopped_prior(t), _prior(t, "--seed", "5", "--num", "2"))[1],
+         "error: prior folder {tmp}/prior holds images made with other settings (different seed); choose another "
+         "--out, or delete the folder to start again"),
+    Case("prior-complete-other-seed", "silent", "`prior --seed 5` on a complete prior folder of seed 0 (used to "
+         "say 'nothing to do')", lambda t, p: (stopped_prior(t, complete=True), _prior(t, "--seed", "5"))[1],
          "error: prior folder {tmp}/prior holds images made with other settings (different seed); choose another "
          "--out, or delete the folder to start again"),
     Case("extract-other-base-model", "silent", "`extract` of a run whose weights were trained on another base model",

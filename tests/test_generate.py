@@ -439,8 +439,8 @@ main()
 
 def test_a_process_failing_while_sampling_stops_the_others(tiny_dir, banks_dir, tmp_path):
     """accelerate launch (2 CPU processes), the second fails at its first image: each process stops with one clear
-    line (not a traceback from a barrier whose peer has gone, nor a wait for it), no metadata.json, and a re-run
-    finishes the folder."""
+    line (not a traceback from a barrier whose peer has gone, nor a wait for it; the others at their next image),
+    no metadata.json, and a re-run finishes the folder."""
     from conftest import launch_two
 
     script = tmp_path / "rank_one_fails.py"
@@ -452,7 +452,7 @@ def test_a_process_failing_while_sampling_stops_the_others(tiny_dir, banks_dir, 
     assert r.returncode != 0
     assert "rank 1 failed on purpose" in r.stderr and "another process failed" in r.stderr, r.stderr[-2000:]
     assert "[rank0]: Traceback" not in r.stderr and "[rank1]: Traceback" not in r.stderr
-    assert not (out / "metadata.json").exists() and (out / ".latexblend-unfinished.json").exists()
+    assert not (out / "metadata.json").exists() and not (out / ".latexblend-stopped").exists()
     r = launch_two(args, timeout=150)
     assert r.returncode == 0, r.stderr[-2000:]
     assert len(json.loads((out / "metadata.json").read_text())["images"]) == 4

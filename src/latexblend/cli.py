@@ -544,17 +544,18 @@ def prior_cmd(
         check_prior_folder,
         check_prior_request,
         generate_prior,
-        prior_complete,
         prior_dir,
+        prior_done,
         prior_settings,
     )
 
     check_prior_request(class_noun, num, steps, cfg, seed)
     out = out or prior_dir(class_noun)
-    if prior_complete(out, num):
+    settings = prior_settings(class_noun, model, seed, steps, cfg)
+    if prior_done(out, num, settings):
         typer.echo(f"{out}: all {num} prior images exist; nothing to do")
         return
-    check_prior_folder(out, prior_settings(class_noun, model, seed, steps, cfg))  # before the model loads
+    check_prior_folder(out, settings)  # before the model loads
     check_output_folder(out, "prior folder")
     _quiet_libraries()
     from latexblend.models import load_pipeline

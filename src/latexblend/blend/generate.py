@@ -22,9 +22,13 @@ from latexblend.blend.options import SCHEDULERS, GenerateConfig
 from latexblend.console import Progress
 from latexblend.device import resolve_device
 from latexblend.errors import LatexBlendError
+from latexblend.fileio import write_text_atomic
 from latexblend.models import load_pipeline
 from latexblend.settings import flat
 from latexblend.tokens import MAX_TOKENS, placeholder_names
+
+OTHER_FAILED = ("stopped: another process failed while sampling (see its error line); run the same command again "
+                "to continue the folder")
 
 
 def set_scheduler(pipe, name: str) -> None:
@@ -127,14 +131,20 @@ class Processes:
         if self.state is not None:
             self.state.wait_for_everyone()
 
-    def any_failed(self, failed: bool) -> bool:
+    def any_failed(self, error: BaseException | None) -> bool:
         """Whether this or any other process failed. Every process calls it (a collective), so a process whose
-        sampling raised does not leave the others waiting for it forever at the next barrier."""
+        sampling raised does not leave the others waiting for it at the next barrier; should the collective
+        itself fail (a timeout, a broken device), this process's own ``error`` is raised, not the collective's."""
         if self.state is None:
-            return failed
-        flag = torch.tensor([int(failed)], device=self.state.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+            return error is not None
+        try:
+            flag = torch.tensor([int(error is not None)], device=self.state.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            return bool(flag.item())
+        except Exception:
+            if error is not None:
+                raise error from None
+            raise
 
 
 def generate(cfg: GenerateConfig, pipe=None) -> Path:
@@ -192,22 +202,28 @@ def _generate_into(out: Path, cfg: GenerateConfig, pipe, procs: Processes, banks
                     num_processes=procs.world)
 
     def save(record, pil, _array, maps):
+        if procs.world > 1 and (out / samples.STOPPED).exists():  # another process failed: stop now, not at the end
+            raise LatexBlendError(OTHER_FAILED)
         if maps is not None:
             record["maps"] = samples.save_heatmaps(out, record, pil, maps)
         samples.save_image(out, record, pil, settings)
 
+    if procs.main:
+        (out / samples.STOPPED).unlink(missing_ok=True)  # an earlier failed run's, in a folder being continued
+    procs.wait()
     error = None
     try:
         images = run_prompts(pipe, cfg, blender, on_image=save, units=work_units(cfg, procs.rank, procs.world))
     except Exception as err:  # noqa: BLE001 - raised again below, once every process knows
         error = err
+        if procs.world > 1:
+            write_text_atomic(out / samples.STOPPED, f"{procs.rank}\n")
     finally:
         blender.remove()
-    if procs.any_failed(error is not None):
-        if error is not None:
-            raise error
-        raise LatexBlendError("stopped: another process failed while sampling (its message is above); "
-                              "run the same command again to continue the folder")
+    if procs.any_failed(error):
+        if procs.main:  # every process has stopped sampling: the marker has done its work
+            (out / samples.STOPPED).unlink(missing_ok=True)
+        raise error or LatexBlendError(OTHER_FAILED)
     samples.write_records(out, procs.rank, images)
     procs.wait()
     if procs.main:

@@ -43,9 +43,11 @@ def metadata_path(folder: str | Path) -> Path:
 #: Written into an output folder while a generation fills it (removed once metadata.json is written): the
 #: settings of that generation, so that a re-run continues only the same one.
 UNFINISHED = ".latexblend-unfinished.json"
+#: Written by a process of a multi-process generation that failed, so that the others stop at their next image.
+STOPPED = ".latexblend-stopped"
 #: Every name a generation writes into its folder (images, maps, grids, records, its lock, temporary files).
 _OURS = re.compile(r"p\d{3,}_s\d{7,}(_map_[A-Za-z0-9_.\-]+)?\.png|p\d{3,}_grid\.png|\.records-\d+\.json|"
-                   r"\.write-test-\d+|\..+\.tmp|" + re.escape(LOCK_FILE) + "|" + re.escape(UNFINISHED))
+                   r"\.write-test-\d+|\..+\.tmp|" + "|".join(map(re.escape, (LOCK_FILE, UNFINISHED, STOPPED))))
 
 
 @contextlib.contextmanager

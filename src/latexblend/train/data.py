@@ -185,9 +185,22 @@ _PRIOR_FILES = re.compile(r"\d{5,}\.png|captions\.txt|\..+\.tmp|" + re.escape(PR
 
 def prior_settings(class_noun: str, model: str | None, seed: int, steps: int, cfg: float,
                    resolution: int | None = None) -> dict:
-    """What decides the prior images of :func:`generate_prior` (``resolution`` None: the model's own)."""
+    """What decides the prior images of :func:`generate_prior` (``resolution`` None: the model's own; a ``model``
+    that is a folder here, as an absolute path)."""
+    if model is not None and Path(model).exists():
+        model = str(Path(model).resolve())
     return {"class_noun": class_noun, "model": model, "seed": seed, "steps": steps, "cfg": cfg,
             "resolution": resolution}
+
+
+def prior_done(out: str | Path, num: int, settings: dict | None = None) -> bool:
+    """All ``num`` prior images and their captions are in ``out`` (nothing to do); refused when the folder's
+    record says that other ``settings`` made them."""
+    if not prior_complete(out, num):
+        return False
+    if (Path(out) / PRIOR_RECORD).is_file():
+        _check_record(Path(out), settings)
+    return True
 
 
 def check_prior_folder(out: str | Path, settings: dict | None = None) -> None:
@@ -207,11 +220,16 @@ def check_prior_folder(out: str | Path, settings: dict | None = None) -> None:
     if PRIOR_RECORD not in names:
         raise LatexBlendError(f"prior folder {out} holds images with no record of what made them ({PRIOR_RECORD}): "
                               "they may be another tool's or an earlier run's; choose an empty or new --out")
+    _check_record(out, settings)
+
+
+def _check_record(out: Path, settings: dict | None) -> None:
+    """The prior record in ``out`` names ``settings`` (a setting that is None on either side is not compared)."""
     recorded = load_data(out / PRIOR_RECORD, "prior record")
     recorded = recorded.get("settings") if isinstance(recorded, dict) else None
     if not isinstance(recorded, dict):
         raise LatexBlendError(f"{out / PRIOR_RECORD} is not a prior record; choose an empty or new --out")
-    differ = [k for k in settings or {} if recorded.get(k) != settings[k]]
+    differ = [k for k, v in (settings or {}).items() if v is not None and recorded.get(k) not in (None, v)]
     if differ:
         raise LatexBlendError(f"prior folder {out} holds images made with other settings (different "
                               f"{', '.join(differ)}); choose another --out, or delete the folder to start again")
@@ -241,9 +259,9 @@ def generate_prior(pipe, class_noun: str, num: int, out: str | Path, seed: int =
 
     check_prior_request(class_noun, num, steps, cfg, seed)
     out = Path(out)
-    if prior_complete(out, num):
-        return 0, out
     settings = prior_settings(class_noun, model, seed, steps, cfg, resolution)
+    if prior_done(out, num, settings):
+        return 0, out
     check_prior_folder(out, settings)
     write_text_atomic(out / PRIOR_RECORD, json.dumps({"settings": settings}, indent=1))
     todo = prior_missing(out, num)
