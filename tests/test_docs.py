@@ -53,3 +53,32 @@ def test_every_file_the_readme_and_docs_link_exists():
 
 def test_the_readme_is_a_short_tour():
     assert len((ROOT / "README.md").read_text(encoding="utf-8").splitlines()) <= 180
+
+
+def test_the_readme_picture_is_drawn_from_a_demo_folder_prompt_by_prompt(tmp_path):
+    """scripts/demo_picture.py: one row per prompt, its images in seed order at 3x, blended left and plain right."""
+    import json
+
+    from PIL import Image
+
+    from conftest import load_script
+
+    picture = load_script("demo_picture")
+    for side, value in (("blended", 200), ("plain", 50)):
+        (tmp_path / side).mkdir()
+        images = []
+        for p in range(2):
+            for seed in (1, 0):  # listed out of order: drawn in seed order
+                name = f"p{p:03d}_s{seed:07d}.png"
+                Image.new("RGB", (32, 32), (value, 10 * seed, 100 * p)).save(tmp_path / side / name)
+                images.append({"file": name, "prompt_index": p, "prompt": f"prompt {p}", "seed": seed})
+        (tmp_path / side / "metadata.json").write_text(json.dumps({"images": images}))
+    canvas = picture.compose(tmp_path / "blended", tmp_path / "plain")
+    side = 32 * picture.SCALE
+    assert canvas.size == (2 * 2 * side + 3 * picture.MARGIN + picture.GAP,
+                           picture.MARGIN + picture.HEADING + 2 * (picture.LINE + side + picture.GAP))
+    y = picture.MARGIN + picture.HEADING + (picture.LINE + side + picture.GAP) + picture.LINE + side // 2
+    left, right = picture.MARGIN, picture.MARGIN + 2 * side + picture.MARGIN + picture.GAP
+    assert canvas.getpixel((left + side // 2, y)) == (200, 0, 100)  # prompt 1, seed 0 first
+    assert canvas.getpixel((left + side + side // 2, y)) == (200, 10, 100)
+    assert canvas.getpixel((right + side // 2, y)) == (50, 0, 100)
