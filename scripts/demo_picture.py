@@ -51,7 +51,11 @@ def main() -> None:
     ap.add_argument("out", type=Path, help="the demo's output folder (holding blended/ and plain/)")
     ap.add_argument("picture", type=Path)
     args = ap.parse_args()
-    compose(args.out / "blended", args.out / "plain").save(args.picture, optimize=True)
+    try:
+        picture = compose(args.out / "blended", args.out / "plain")
+    except (OSError, ValueError, KeyError, IndexError) as err:  # no folder, no metadata.json, a missing image
+        raise SystemExit(f"error: {args.out} is not a finished demo output folder ({err!r})") from None
+    picture.save(args.picture, optimize=True)
     print(f"wrote {args.picture}")
 
 
